@@ -1,0 +1,414 @@
+"""Load, override and validate a neomesh config.
+
+Every key neomesh reads is defined once, in `KEYS` below, with its default and meaning.
+GPT-Neo's JSON configs load unchanged: every key its code read is here, and each has a default
+(several crashed GPT-Neo when absent).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_DIR = Path(__file__).resolve().parent
+CONFIGS_DIR = REPO_DIR / "configs"
+
+
+class ConfigError(ValueError):
+    """A config mistake: the message names the file or key, the value and what is accepted."""
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    kind: str  # int | float | bool | str | list | dict | any; "?" suffix: None is also accepted
+    meaning: str
+
+
+# fmt: off
+KEYS: dict[str, Key] = {
+    # --- model shape -------------------------------------------------------------------------
+    "n_ctx": Key(2048, "int", "context length in tokens (dimension `sequence`)"),
+    "n_embd": Key(768, "int", "width of the residual stream (dimension `embd`)"),
+    "n_head": Key(12, "int", "attention heads (dimension `heads`); n_embd / n_head is `kv`"),
+    "n_layer": Key(12, "int", "number of transformer blocks"),
+    "n_vocab": Key(50257, "int", "rows of the token embedding (dimension `vocab`); may exceed the tokenizer's size"),
+    "attention_types": Key(None, "list?", "[[kinds, repeat], ...] expanded to one kind per layer: global | local | linear | none; absent: all global"),
+    "local_attention_radius": Key(256, "int", "a `local` layer's query attends to itself and the previous radius-1 positions"),
+    "activation_function": Key("gelu", "str", "MLP activation (see models/activations.py for the names)"),
+    "intermediate_size": Key(None, "int?", "MLP hidden width (dimension `intermediate_expanded`); absent: 4 * n_embd"),
+    "layer_norm_epsilon": Key(1e-5, "float", "epsilon of every LayerNorm"),
+    # --- architecture options ----------------------------------------------------------------
+    "scale_by_depth": Key(True, "bool", "scale the init of residual output projections by 1/sqrt(n_layer)"),
+    "scale_by_in": Key(False, "bool", "scale the init of every projection by 1/sqrt(fan_in)"),
+    "no_weight_tie": Key(False, "bool", "separate output projection instead of the tied token embedding"),
+    "rotary_emb": Key(False, "bool", "rotary position embeddings instead of the learned table"),
+    "axial_pos_emb": Key(None, "list?", "[d1, d2] with d1 * d2 = n_ctx: axial position embeddings"),
+    "num_mem_kv": Key(0, "int", "learned memory key/values prepended in global layers"),
+    "scalenorm": Key(False, "bool", "ScaleNorm instead of LayerNorm"),
+    "rezero": Key(False, "bool", "ReZero residual scaling instead of pre-LN"),
+    "macaron": Key(False, "bool", "macaron blocks (half-step MLP before and after attention)"),
+    "mlp_glu": Key(False, "bool", "gated linear unit MLP"),
+    "share_parameters": Key(False, "bool", "share one block's parameters across all layers"),
+    "moe_layers": Key(None, "list?", "0-indexed layers whose MLP is a mixture of experts"),
+    "moe_params": Key(None, "dict?", "mixture-of-experts settings (experts, gating, hidden size)"),
+    "moe_activation": Key("relu", "str", "activation inside the experts"),
+    "entmax_loss": Key(False, "bool", "entmax loss instead of softmax cross-entropy"),
+    "mlm_training": Key(False, "bool", "masked-language-model objective instead of causal LM"),
+    "mlm_mask_id": Key(None, "int?", "token id of the MLM mask token"),
+    "mlm_cls_token_id": Key(None, "int?", "token id of the MLM CLS token"),
+    "mlm_mask_prob": Key(0.15, "float", "MLM: fraction of positions masked"),
+    "mlm_same_token_prob": Key(0.10, "float", "MLM: fraction of masked positions left as they were"),
+    "mlm_random_token_prob": Key(0.0, "float", "MLM: fraction of masked positions replaced by a random token"),
+    "mlm_mask_ignore_ids": Key(None, "list?", "MLM: token ids never masked"),
+    # --- regularisation and loss -------------------------------------------------------------
+    "embed_dropout": Key(0.0, "float", "dropout after the input embedding"),
+    "attn_dropout": Key(0.0, "float", "dropout on attention probabilities"),
+    "res_dropout": Key(0.0, "float", "dropout on each block's attention and MLP outputs"),
+    "z_loss": Key(1e-4, "float", "weight of the log(Z)^2 penalty added to the cross-entropy"),
+    # --- numerics and memory ---------------------------------------------------------------
+    "precision": Key("float32", "str", "float32 | bfloat16 (bf16 compute, float32 master weights)"),
+    "recompute_grad": Key(False, "bool", "rematerialise each block in the backward pass (jax.checkpoint)"),
+    "tokens_per_mb_per_replica": Key(None, "int?", "tokens per microbatch per batch replica; the step accumulates gradients over the microbatches"),
+    # --- mesh ----------------------------------------------------------------------------------
+    "mesh_shape": Key("", "str", 'named device mesh, e.g. "x:4,y:2"; empty: all local devices on the batch'),
+    "layout": Key("", "str", 'tensor dimension -> mesh axis, e.g. "batch:x,heads:y"'),
+    # --- training ------------------------------------------------------------------------------
+    "train_batch_size": Key(8, "int", "sequences per global training batch"),
+    "train_steps": Key(1000, "int", "optimizer steps to train for"),
+    "iterations": Key(100, "int", "steps between progress lines and metric logs"),
+    "steps_per_checkpoint": Key(5000, "int", "steps between checkpoints (and evaluations); --steps_per_checkpoint overrides"),
+    "keep_checkpoints": Key(3, "int", "how many of the newest checkpoints to keep"),
+    "model_path": Key("", "str", "folder (local or gs://) for checkpoints, metrics and samples"),
+    "model": Key("GPT", "str", 'model family: only "GPT"'),
+    "seed": Key(0, "int", "seed of the initialisation, dropout and data order"),
+    "log_grads": Key(False, "bool", "log the global gradient norm"),
+    # --- optimizer -----------------------------------------------------------------------------
+    "opt_name": Key("adam", "str", "adam (decoupled weight decay, skipping norms and biases) | adafactor"),
+    "lr": Key(6e-4, "float", "peak learning rate"),
+    "lr_decay": Key("cosine", "str", "cosine | linear (to 0.1 * lr over lr_decay_end steps) | none"),
+    "lr_decay_end": Key(None, "int?", "step at which the decay reaches 0.1 * lr; absent: train_steps"),
+    "warmup_steps": Key(0, "int", "linear warmup steps"),
+    "beta1": Key(0.9, "float", "Adam beta1"),
+    "beta2": Key(0.95, "float", "Adam beta2"),
+    "epsilon": Key(1e-8, "float", "Adam epsilon"),
+    "ada_epsilon1": Key(1e-30, "float", "Adafactor epsilon added to squared gradients"),
+    "ada_epsilon2": Key(1e-3, "float", "Adafactor parameter-scale floor"),
+    "weight_decay": Key(0.01, "float", "decoupled weight decay (not applied to norms and biases)"),
+    "gradient_clipping": Key(1.0, "float", "clip gradients to this global norm; 0 turns clipping off"),
+    # --- data ----------------------------------------------------------------------------------
+    "datasets": Key([], "list", "[[dataset_id, stitch, sampling_mode, weight], ...]; configs/dataset_configs/<id>.json"),
+    "input_fn": Key("sample_documents", "str", "accepted for GPT-Neo configs; neomesh has one sampler"),
+    "remove_partial_sequences": Key(False, "bool", "accepted for GPT-Neo configs"),
+    "shuffle_input_filenames": Key(True, "bool", "accepted for GPT-Neo configs; neomesh always shuffles"),
+    "padding_id": Key(None, "int?", "padding token id; absent: from the dataset config"),
+    "eos_id": Key(None, "int?", "end-of-text token id; absent: from the dataset config"),
+    # --- evaluation ----------------------------------------------------------------------------
+    "eval_batch_size": Key(8, "int", "sequences per evaluation batch"),
+    "eval_steps": Key(0, "int", "evaluation batches every checkpoint (0: no evaluation while training)"),
+    "eval_tasks": Key([], "list", "extra evaluation tasks (GPT-Neo: lambada)"),
+    # --- sampling ------------------------------------------------------------------------------
+    "predict_batch_size": Key(1, "int", "completions sampled per prompt"),
+    "predict_steps": Key(0, "int", "accepted for GPT-Neo configs"),
+    "predict_max_steps": Key(256, "int", "new tokens per completion (generation also stops at n_ctx)"),
+    "temperature": Key(0.9, "float", "sampling temperature; 0 is greedy"),
+    "top_k": Key(0, "int", "sample among the k most likely tokens; 0 turns it off"),
+    "top_p": Key(1.0, "float", "nucleus sampling: the smallest set with this much probability; 1 turns it off"),
+    "repetition_penalty": Key(1.0, "float", "divide positive (multiply negative) logits of tokens already present; 1 turns it off"),
+    "sampling_seed": Key(0, "int", "seed of the sampler"),
+}
+# fmt: on
+
+ATTENTION_KINDS = ("global", "local", "linear", "none")
+SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
+DATASET_KEYS = {
+    "n_vocab": Key(None, "int?", "token ids must be below this"),
+    "path": Key("", "str", "glob of the training shards (local or gs://)"),
+    "eval_path": Key("", "str", "glob of the evaluation shards"),
+    "tokenizer_is_pretrained": Key(False, "bool", "tokenizer_path names a pretrained tokenizer (e.g. gpt2)"),
+    "tokenizer_path": Key("", "str", "tokenizer.json path or pretrained name"),
+    "eos_id": Key(None, "int?", "end-of-text id, joins stitched documents"),
+    "padding_id": Key(None, "int?", "padding id"),
+}
+
+
+class Config:
+    """A validated config: every key of `KEYS` as an attribute, plus derived values."""
+
+    def __init__(self, values: dict[str, Any], source: str):
+        self.__dict__.update(values)
+        self.source = source
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in KEYS}
+
+    # --- derived values: computed here so that every stage agrees on them -------------------
+    @property
+    def layer_kinds(self) -> list[str]:
+        return expand_attention_types(self.attention_types, self.n_layer)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+    @property
+    def dim_sizes(self) -> dict[str, int]:
+        """Size of every named tensor dimension (design §3)."""
+        return {
+            "vocab": self.n_vocab,
+            "embd": self.n_embd,
+            "heads": self.n_head,
+            "kv": self.head_dim,
+            "intermediate_expanded": self.mlp_width,
+            "embed_sequence": self.n_ctx,
+            "sequence": self.n_ctx,
+            "memory_length": self.n_ctx + self.num_mem_kv,
+            "batch": self.train_batch_size,
+        }
+
+    def replace(self, **changes: Any) -> Config:
+        values = self.to_dict()
+        values.update(changes)
+        return validate(values, self.source)
+
+
+def expand_attention_types(attention_types: list | None, n_layer: int) -> list[str]:
+    if attention_types is None:
+        return ["global"] * n_layer
+    kinds: list[str] = []
+    for entry in attention_types:
+        if (
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 2
+            or not isinstance(entry[0], (list, tuple))
+            or not isinstance(entry[1], int)
+        ):
+            raise ConfigError(
+                f"attention_types: entry {entry!r} is not [[kinds...], repeat], e.g. [[\"global\", \"local\"], 6]"
+            )
+        kinds.extend(list(entry[0]) * entry[1])
+    return kinds
+
+
+def resolve_model_path(model: str) -> Path:
+    """`--model NAME` -> configs/NAME.json; a path ending in .json is used as is."""
+    if model.endswith(".json"):
+        path = Path(model)
+    else:
+        path = CONFIGS_DIR / f"{model}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+        raise ConfigError(f"--model {model}: no config file at {path}; configs here: {', '.join(known)}")
+    return path
+
+
+def load_config(model: str, overrides: list[str] | None = None) -> Config:
+    """Read a model config (a name or a .json path), apply `key=value` overrides, validate."""
+    path = resolve_model_path(model)
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config is a JSON object of keys, not {type(values).__name__}")
+    for override in overrides or []:
+        key, value = parse_override(override)
+        values[key] = value
+    return validate(values, str(path))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value`; the value is read as JSON when it parses, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train_steps=100")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    check_known(key, f"--set {text}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if KEYS[key].kind.startswith("str") and not isinstance(value, str):
+        value = raw  # `--set mesh_shape=8` means the string "8"
+    return key, value
+
+
+def check_known(key: str, where: str) -> None:
+    if key not in KEYS:
+        close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else "; see KEYS in configs.py for the known keys"
+        raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def check_type(key: str, value: Any, kind: str, where: str) -> Any:
+    optional = kind.endswith("?")
+    base = kind.rstrip("?")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: key {key!r} is null; it takes a {base}")
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool) or value in (0, 1),
+        "str": isinstance(value, str),
+        "list": isinstance(value, list),
+        "dict": isinstance(value, dict),
+        "any": True,
+    }[base]
+    if not ok:
+        raise ConfigError(f"{where}: key {key!r} has {value!r} ({type(value).__name__}); it takes a {base}")
+    if base == "float":
+        return float(value)
+    if base == "bool":
+        return bool(value)
+    return value
+
+
+def validate(raw: dict[str, Any], source: str) -> Config:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        check_known(key, source)
+        values[key] = check_type(key, value, KEYS[key].kind, source)
+    for key, spec in KEYS.items():
+        values.setdefault(key, json.loads(json.dumps(spec.default)))
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{source}: key {key!r} = {values[key]!r}: {message}")
+
+    for key in ("n_ctx", "n_embd", "n_head", "n_layer", "n_vocab", "train_batch_size", "eval_batch_size",
+                "predict_batch_size", "iterations", "steps_per_checkpoint", "keep_checkpoints",
+                "local_attention_radius"):
+        if values[key] <= 0:
+            fail(key, "must be a positive integer")
+    for key in ("train_steps", "eval_steps", "warmup_steps", "num_mem_kv", "top_k", "predict_max_steps"):
+        if values[key] < 0:
+            fail(key, "must be zero or more")
+    if values["n_embd"] % values["n_head"]:
+        fail("n_embd", f"must divide evenly by n_head = {values['n_head']} (head size n_embd / n_head)")
+    kinds = expand_attention_types(values["attention_types"], values["n_layer"])
+    unknown = sorted(set(kinds) - set(ATTENTION_KINDS))
+    if unknown:
+        fail("attention_types", f"unknown kind {unknown[0]!r}; accepted: {', '.join(ATTENTION_KINDS)}")
+    if len(kinds) != values["n_layer"]:
+        fail("attention_types", f"expands to {len(kinds)} layers but n_layer = {values['n_layer']}")
+    for key, accepted in (
+        ("precision", ("float32", "bfloat16")),
+        ("opt_name", ("adam", "adafactor")),
+        ("lr_decay", ("cosine", "linear", "none")),
+        ("model", ("GPT",)),
+    ):
+        if values[key] not in accepted:
+            fail(key, f"accepted: {', '.join(accepted)}")
+    from models.activations import ACTIVATIONS
+
+    if values["activation_function"] not in ACTIVATIONS:
+        close = difflib.get_close_matches(values["activation_function"], ACTIVATIONS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        fail("activation_function", f"unknown activation{hint} (accepted: {', '.join(sorted(ACTIVATIONS))})")
+    for key in ("embed_dropout", "attn_dropout", "res_dropout"):
+        if not 0.0 <= values[key] < 1.0:
+            fail(key, "a dropout rate must be in [0, 1)")
+    for key in ("z_loss", "lr", "weight_decay", "gradient_clipping", "temperature"):
+        if values[key] < 0:
+            fail(key, "must be zero or more")
+    if not 0.0 < values["top_p"] <= 1.0:
+        fail("top_p", "must be in (0, 1]")
+    if values["repetition_penalty"] <= 0:
+        fail("repetition_penalty", "must be positive (1 turns it off)")
+    if values["intermediate_size"] is not None and values["intermediate_size"] <= 0:
+        fail("intermediate_size", "must be a positive integer")
+    tokens_per_mb = values["tokens_per_mb_per_replica"]
+    if tokens_per_mb is not None and tokens_per_mb <= 0:
+        fail("tokens_per_mb_per_replica", "must be a positive integer")
+    for entry in values["datasets"]:
+        check_dataset_entry(entry, source)
+
+    from mesh import parse_layout, parse_mesh_shape
+
+    mesh_axes = parse_mesh_shape(values["mesh_shape"], source)
+    parse_layout(values["layout"], mesh_axes, source)
+    return Config(values, source)
+
+
+def check_dataset_entry(entry: Any, source: str) -> None:
+    example = '["mydata", 25, "documents_random", 1.0]'
+    if not isinstance(entry, list) or len(entry) != 4:
+        raise ConfigError(f"{source}: key 'datasets' has entry {entry!r}; each entry is [id, stitch, mode, weight], e.g. {example}")
+    dataset_id, stitch, mode, weight = entry
+    if not isinstance(dataset_id, str) or not dataset_id:
+        raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: the id must be a non-empty string")
+    if not isinstance(stitch, int) or isinstance(stitch, bool) or stitch <= 0:
+        raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: stitch must be a positive integer")
+    if mode not in SAMPLING_MODES:
+        raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: sampling mode {mode!r} is not one of {', '.join(SAMPLING_MODES)}")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+        raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: weight must be a positive number")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    id: str
+    file: str
+    n_vocab: int | None
+    path: str
+    eval_path: str
+    tokenizer_is_pretrained: bool
+    tokenizer_path: str
+    eos_id: int | None
+    padding_id: int | None
+    stitch: int
+    mode: str
+    weight: float
+
+
+def dataset_config_dirs(config: Config) -> list[Path]:
+    """Where dataset configs are looked for: beside the model config, then the repository's."""
+    dirs = []
+    if config.source:
+        dirs.append(Path(config.source).resolve().parent / "dataset_configs")
+    dirs.append(CONFIGS_DIR / "dataset_configs")
+    return list(dict.fromkeys(dirs))
+
+
+def resolve_datasets(config: Config) -> list[DatasetConfig]:
+    """The dataset configs named by `datasets`: a missing one is a ConfigError naming the id."""
+    if not config.datasets:
+        raise ConfigError(f"{config.source}: key 'datasets' is empty; name at least one dataset, e.g. "
+                          '[["mydata", 25, "documents_random", 1.0]] with configs/dataset_configs/mydata.json')
+    resolved = []
+    for dataset_id, stitch, mode, weight in config.datasets:
+        candidates = [d / f"{dataset_id}.json" for d in dataset_config_dirs(config)]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ConfigError(
+                f"{config.source}: key 'datasets' names {dataset_id!r} but no dataset config exists at "
+                f"{' or '.join(str(p) for p in candidates)}"
+            )
+        values = read_json(found)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{found}: a dataset config is a JSON object")
+        checked = {}
+        for key, value in values.items():
+            if key not in DATASET_KEYS:
+                raise ConfigError(f"{found}: unknown key {key!r}; accepted: {', '.join(DATASET_KEYS)}")
+            checked[key] = check_type(key, value, DATASET_KEYS[key].kind, str(found))
+        for key, spec in DATASET_KEYS.items():
+            checked.setdefault(key, spec.default)
+        if not checked["path"]:
+            raise ConfigError(f"{found}: key 'path' is empty; it is the glob of the training shards")
+        # relative paths are relative to the working directory, as in GPT-Neo
+        resolved.append(DatasetConfig(id=dataset_id, file=str(found), stitch=stitch, mode=mode,
+                                      weight=float(weight), **checked))
+    return resolved

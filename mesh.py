@@ -1,0 +1,186 @@
+"""Named device meshes and layouts (design §3).
+
+`mesh_shape: "x:4,y:2"` is a 4 x 2 `jax.sharding.Mesh` with axes x and y; `layout:
+"batch:x,heads:y"` maps tensor dimension names to mesh axes. `MeshLayout.sharding` turns a
+tuple of dimension names into a `NamedSharding`; parameters, optimizer state, batches and
+activation constraints all go through it, so the rules Mesh-TensorFlow enforced hold everywhere:
+a dimension must divide evenly by its mesh axis, and one tensor may not use a mesh axis twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger("neomesh")
+
+DIMENSION_NAMES = (
+    "batch", "sequence", "memory_length", "embd", "heads", "kv", "vocab",
+    "intermediate_expanded", "experts", "embed_sequence",
+)
+DATA_AXIS = "data"  # the axis an empty mesh_shape puts every local device on
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _config_error(message: str) -> Exception:
+    from configs import ConfigError  # configs imports this module; import lazily
+
+    return ConfigError(message)
+
+
+def parse_mesh_shape(text: str, where: str = "config") -> dict[str, int]:
+    """'x:4,y:2' -> {'x': 4, 'y': 2} (ordered)."""
+    axes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, size = part.partition(":")
+        name = name.strip()
+        if not _NAME.match(name) or not size.strip().isdigit() or int(size) <= 0:
+            raise _config_error(
+                f"{where}: key 'mesh_shape' = {text!r}: {part!r} is not name:size with a positive size; "
+                'expected e.g. "x:4,y:2"'
+            )
+        if name in axes:
+            raise _config_error(f"{where}: key 'mesh_shape' = {text!r}: axis {name!r} appears twice")
+        axes[name] = int(size)
+    return axes
+
+
+def parse_layout(text: str, mesh_axes: dict[str, int], where: str = "config") -> dict[str, str]:
+    """'batch:x,heads:y' -> {'batch': 'x', 'heads': 'y'}, checked against the dimension names and mesh axes."""
+    layout: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        dim, _, axis = (s.strip() for s in part.partition(":"))
+        if not dim or not axis:
+            raise _config_error(f"{where}: key 'layout' = {text!r}: {part!r} is not dimension:axis, e.g. \"batch:x\"")
+        if dim not in DIMENSION_NAMES:
+            raise _config_error(
+                f"{where}: key 'layout' = {text!r}: unknown dimension {dim!r}; accepted: {', '.join(DIMENSION_NAMES)}"
+            )
+        if axis not in mesh_axes:
+            known = ", ".join(mesh_axes) or "none: mesh_shape is empty"
+            raise _config_error(
+                f"{where}: key 'layout' = {text!r}: dimension {dim!r} maps to mesh axis {axis!r}, "
+                f"which mesh_shape does not define (axes: {known})"
+            )
+        if dim in layout:
+            raise _config_error(f"{where}: key 'layout' = {text!r}: dimension {dim!r} appears twice")
+        layout[dim] = axis
+    return layout
+
+
+def suggest_mesh_shape(axes: dict[str, int], device_count: int) -> str:
+    """Keep the axis names; put every device on the first axis."""
+    names = list(axes) or ["x"]
+    return ",".join(f"{name}:{device_count if i == 0 else 1}" for i, name in enumerate(names))
+
+
+class MeshLayout:
+    """A device mesh with a layout: the one place that decides how every tensor is placed."""
+
+    def __init__(self, mesh: Mesh, layout: dict[str, str]):
+        self.mesh = mesh
+        self.layout = layout
+
+    @property
+    def batch_axis_size(self) -> int:
+        axis = self.layout.get("batch")
+        return self.mesh.shape[axis] if axis else 1
+
+    def spec(self, dims: Sequence[str | None], shape: Sequence[int] | None = None, name: str = "tensor") -> PartitionSpec:
+        axes: list[str | None] = []
+        for i, dim in enumerate(dims):
+            axis = self.layout.get(dim) if dim else None
+            if axis is not None and axis in axes:
+                other = dims[axes.index(axis)]
+                raise _config_error(
+                    f"layout: tensor {name!r} {tuple(dims)} maps both {other!r} and {dim!r} to mesh axis {axis!r}; "
+                    "a tensor may use each mesh axis once"
+                )
+            if axis is not None and shape is not None and shape[i] % self.mesh.shape[axis]:
+                raise _config_error(
+                    f"layout: tensor {name!r} dimension {dim!r} has size {shape[i]}, which does not divide evenly "
+                    f"by mesh axis {axis!r} of size {self.mesh.shape[axis]}"
+                )
+            axes.append(axis)
+        return PartitionSpec(*axes)
+
+    def sharding(self, dims: Sequence[str | None], shape: Sequence[int] | None = None, name: str = "tensor") -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(dims, shape, name))
+
+    def constrain(self, x: jax.Array, dims: Sequence[str | None]) -> jax.Array:
+        """Pin an activation's sharding inside a jit-compiled function."""
+        if self.mesh.size == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, self.sharding(dims, x.shape, name="activation"))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+def build_mesh_layout(config, devices: Sequence[jax.Device] | None = None) -> MeshLayout:
+    """mesh_shape and layout of a config -> MeshLayout over `devices` (default: all devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    axes = parse_mesh_shape(config.mesh_shape, config.source)
+    layout = parse_layout(config.layout, axes, config.source)
+    if not axes:
+        if len(devices) > 1 and config.train_batch_size % len(devices) == 0:
+            axes, layout = {DATA_AXIS: len(devices)}, {"batch": DATA_AXIS}
+            log.info("mesh_shape is empty: data parallel over all %d devices (batch:%s)", len(devices), DATA_AXIS)
+        else:
+            devices = devices[:1]
+            axes = {DATA_AXIS: 1}
+            log.info("mesh_shape is empty: one device (%s)", devices[0].platform)
+    size = math.prod(axes.values())
+    if size != len(devices):
+        raise _config_error(
+            f"{config.source}: key 'mesh_shape' = {config.mesh_shape!r} needs {size} devices but {len(devices)} "
+            f"are available; try --set mesh_shape={suggest_mesh_shape(axes, len(devices))}"
+        )
+    device_grid = np.asarray(devices, dtype=object).reshape(tuple(axes.values()))
+    try:  # a physical-topology-aware order where JAX knows one (TPU, multi-host GPU)
+        from jax.experimental import mesh_utils
+
+        device_grid = mesh_utils.create_device_mesh(tuple(axes.values()), devices=devices)
+    except Exception:  # noqa: BLE001 - any failure leaves the plain order, which is always valid
+        pass
+    return MeshLayout(Mesh(device_grid, tuple(axes)), layout)
+
+
+def auto_layout(config, device_count: int, device_memory_bytes: float, choose_mesh: bool) -> tuple[str, str]:
+    """A mesh_shape and layout for this many devices: data parallel, plus a model-parallel axis
+    over heads / vocab / intermediate_expanded when the training state would not fit in memory."""
+    sizes = config.dim_sizes
+    params = 12 * config.n_layer * config.n_embd**2 + config.n_vocab * config.n_embd
+    state_bytes = 16 * params  # float32 weights, gradients and two Adam moments
+    if choose_mesh:
+        model = 1
+        while (
+            state_bytes / model > 0.4 * device_memory_bytes
+            and device_count % (model * 2) == 0
+            and all(sizes[d] % (model * 2) == 0 for d in ("heads", "intermediate_expanded"))
+        ):
+            model *= 2
+        data = device_count // model
+        mesh_shape = f"x:{data},y:{model}"
+    else:
+        axes = parse_mesh_shape(config.mesh_shape, config.source)
+        if len(axes) != 2:
+            raise _config_error(f"{config.source}: --auto_layout needs a two-axis mesh_shape (data, model); got {config.mesh_shape!r}")
+        mesh_shape = config.mesh_shape
+    axes = parse_mesh_shape(mesh_shape)
+    (data_axis, data), (model_axis, model) = axes.items()
+    parts = []
+    if data > 1 and config.train_batch_size % data == 0:
+        parts.append(f"batch:{data_axis}")
+    if model > 1:
+        for dim in ("heads", "vocab", "intermediate_expanded"):
+            if sizes[dim] % model == 0:
+                parts.append(f"{dim}:{model_axis}")
+    return mesh_shape, ",".join(parts)

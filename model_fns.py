@@ -1,0 +1,163 @@
+"""Loss, train step and eval step: jit-compiled, sharded by the layout.
+
+The training state is a dict {"step", "params", "opt_state"}. Parameters are sharded by their
+dimension names; optimizer-state leaves shaped like a parameter are sharded like it, the rest
+(step counts, Adafactor's factored moments) are replicated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from configs import ConfigError
+from mesh import MeshLayout
+from models import gpt2
+
+BATCH_DIMS = ("batch", "sequence")
+
+
+def cross_entropy(hidden, out_embedding, labels, z_loss: float):
+    """Mean float32 softmax cross-entropy and mean log(Z)^2 over all positions.
+
+    hidden [batch, sequence, embd], out_embedding [vocab, embd], labels [batch, sequence].
+    """
+    logits = jnp.einsum("bse,ve->bsv", hidden, out_embedding.astype(hidden.dtype)).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jnp.mean(log_z - label_logits), jnp.mean(jnp.square(log_z))
+
+
+def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
+    """Causal LM loss with GPT-Neo's z-loss: (loss, cross_entropy)."""
+    hidden = gpt2.forward(params, inputs, config, layout, dropout_rng)
+    ce, z = cross_entropy(hidden, gpt2.output_embedding(params), labels, config.z_loss)
+    return ce + config.z_loss * z, ce
+
+
+def microbatch_count(config, layout: MeshLayout) -> int:
+    """tokens_per_mb_per_replica -> microbatches per step (GPT-Neo's rule: per batch replica)."""
+    if not config.tokens_per_mb_per_replica:
+        return 1
+    per_replica = config.train_batch_size // layout.batch_axis_size
+    tokens = per_replica * config.n_ctx
+    count = max(1, tokens // config.tokens_per_mb_per_replica)
+    if per_replica % count:
+        raise ConfigError(
+            f"{config.source}: key 'tokens_per_mb_per_replica' = {config.tokens_per_mb_per_replica}: gives {count} "
+            f"microbatches, which do not divide the {per_replica} sequences per batch replica "
+            f"(train_batch_size {config.train_batch_size} / batch mesh axis {layout.batch_axis_size})"
+        )
+    return count
+
+
+def param_shardings(config, layout: MeshLayout):
+    def place(path, weight):
+        name = jax.tree_util.keystr(path)
+        return layout.sharding(weight.dims, gpt2.shape_of(weight, config), name=name)
+
+    return jax.tree_util.tree_map_with_path(place, gpt2.weights(config), is_leaf=gpt2.is_weight)
+
+
+def state_shardings(config, layout: MeshLayout, optimizer):
+    params = param_shardings(config, layout)
+    by_path = {path: s for path, s in jax.tree_util.tree_flatten_with_path(params)[0]}
+    shapes = jax.eval_shape(lambda: gpt2.init_params(config, jax.random.key(0)))
+    shape_by_path = {path: s.shape for path, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+
+    def place(path, leaf):
+        for start in range(len(path)):  # the parameter whose path ends this leaf's path
+            suffix = tuple(path[start:])
+            if suffix in by_path and shape_by_path[suffix] == leaf.shape:
+                return by_path[suffix]
+        return layout.replicated()
+
+    opt = jax.tree_util.tree_map_with_path(place, opt_shapes)
+    return {"step": layout.replicated(), "params": params, "opt_state": opt}
+
+
+def init_state(config, layout: MeshLayout, optimizer, shardings):
+    """A fresh state, each device creating only its own shards; the same values on every mesh."""
+
+    def init():
+        params = gpt2.init_params(config, jax.random.key(config.seed))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def make_train_step(config, layout: MeshLayout, optimizer, shardings):
+    """(state, inputs, labels) -> (state, metrics); inputs and labels [batch, sequence]."""
+    microbatches = microbatch_count(config, layout)
+    batch_sharding = layout.sharding(BATCH_DIMS, (config.train_batch_size, config.n_ctx), name="batch")
+    dropout_on = max(config.embed_dropout, config.attn_dropout, config.res_dropout) > 0
+
+    def grads_of(params, inputs, labels, rng):
+        (loss, ce), grads = jax.value_and_grad(lm_loss, has_aux=True)(params, inputs, labels, config, layout, rng)
+        return loss, ce, grads
+
+    def step_fn(state, inputs, labels):
+        rng = jax.random.fold_in(jax.random.key(config.seed), state["step"]) if dropout_on else None
+        params = state["params"]
+        if microbatches == 1:
+            loss, ce, grads = grads_of(params, inputs, labels, rng)
+        else:
+            # microbatch i takes rows i, i + m, i + 2m, ...: every device keeps its own rows
+            def split(x):
+                x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+                return layout.constrain(x, (None, *BATCH_DIMS))
+
+            def accumulate(carry, micro):
+                index, mb_inputs, mb_labels = micro
+                mb_rng = jax.random.fold_in(rng, index) if rng is not None else None
+                loss, ce, grads = grads_of(params, mb_inputs, mb_labels, mb_rng)
+                return jax.tree.map(jnp.add, carry, (loss, ce, grads)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            micro = (jnp.arange(microbatches), split(inputs), split(labels))
+            total, _ = jax.lax.scan(accumulate, zeros, micro)
+            loss, ce, grads = jax.tree.map(lambda x: x / microbatches, total)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": optax.global_norm(grads)}
+        return new_state, metrics
+
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding, batch_sharding),
+        out_shardings=(shardings, layout.replicated()),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):
+    """(params, inputs, labels) -> (loss, cross_entropy), no dropout."""
+    batch_sharding = layout.sharding(BATCH_DIMS, (batch_size, config.n_ctx), name="eval batch")
+
+    def eval_fn(params, inputs, labels):
+        return lm_loss(params, inputs, labels, config, layout)
+
+    return jax.jit(eval_fn, in_shardings=(shardings["params"], batch_sharding, batch_sharding))
+
+
+def flops_per_token(config) -> float:
+    """Useful training FLOPs per token: 6 per matmul weight (forward and backward; the position
+    table is a lookup, the tied token embedding a matmul at the output) plus the q.k and probs.v
+    products over the positions each layer's causal mask lets a query see, on average."""
+    matmul_weights = sum(
+        math.prod(gpt2.shape_of(w, config))
+        for w in jax.tree.leaves(gpt2.weights(config), is_leaf=gpt2.is_weight)
+        if len(w.dims) >= 2 and w.dims[0] != "embed_sequence"
+    )
+    attended = 0.0
+    for kind in config.layer_kinds:
+        if kind == "global":
+            attended += (config.n_ctx + 1) / 2
+        elif kind == "local":
+            radius = min(config.local_attention_radius, config.n_ctx)
+            attended += radius - radius * (radius - 1) / (2 * config.n_ctx)
+    return 6 * matmul_weights + 12 * attended * config.n_embd

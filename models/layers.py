@@ -1,0 +1,140 @@
+"""The parts of a GPT-Neo block: LayerNorm, attention (global / local / none), MLP.
+
+Each part has a `*_weights(config)` that names every parameter's dimensions next to its init,
+and a function that applies it. Shapes are never written by hand: they come from the dimension
+names and `config.dim_sizes`, so a weight cannot disagree with its sharding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from models.activations import ACTIVATIONS
+
+MASK_VALUE = -1e9  # finite, so a fully masked row (never built here) could not produce NaN
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A parameter: its dimension names and how to initialise it."""
+
+    dims: tuple[str, ...]
+    init: str | float  # "zeros", "ones", or the standard deviation of a normal
+
+
+def projection_std(config, fan_in: int, residual_output: bool = False) -> float:
+    std = 0.02
+    if residual_output and config.scale_by_depth:
+        std /= math.sqrt(config.n_layer)
+    if config.scale_by_in:
+        std /= math.sqrt(fan_in)
+    return std
+
+
+# --- LayerNorm ------------------------------------------------------------------------------
+
+
+def layer_norm_weights() -> dict[str, Weight]:
+    return {"scale": Weight(("embd",), "ones"), "bias": Weight(("embd",), "zeros")}
+
+
+def layer_norm(p, x, epsilon: float):
+    """Normalise over `embd` in float32 whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+def attention_weights(config) -> dict[str, Weight]:
+    std = projection_std(config, config.n_embd)
+    return {
+        "q": Weight(("embd", "heads", "kv"), std),
+        "k": Weight(("embd", "heads", "kv"), std),
+        "v": Weight(("embd", "heads", "kv"), std),
+        "out": Weight(("heads", "kv", "embd"), projection_std(config, config.n_embd, residual_output=True)),
+        "out_bias": Weight(("embd",), "zeros"),
+    }
+
+
+def project_qkv(p, x):
+    """x [batch, sequence, embd] -> q, k, v, each [batch, sequence, heads, kv]."""
+    q = jnp.einsum("bse,ehk->bshk", x, p["q"])
+    k = jnp.einsum("bse,ehk->bshk", x, p["k"])
+    v = jnp.einsum("bse,ehk->bshk", x, p["v"])
+    return q, k, v
+
+
+def attention_mask(query_positions, key_positions, kind: str, radius: int):
+    """[sequence, memory_length] booleans: causal, and for `local` within the last `radius` positions
+    (query i sees key j when 0 <= i - j < radius, Hugging Face GPTNeo's window_size)."""
+    distance = query_positions[:, None] - key_positions[None, :]
+    allowed = distance >= 0
+    if kind == "local":
+        allowed &= distance < radius
+    return allowed
+
+
+def attend(q, k, v, mask, dropout_rng=None, dropout_rate: float = 0.0):
+    """Softmax attention without 1/sqrt(kv) scaling (GPT-Neo and HF GPTNeo do not scale).
+
+    q [batch, sequence, heads, kv], k and v [batch, memory_length, heads, kv],
+    mask broadcastable to [batch, heads, sequence, memory_length] -> [batch, sequence, heads, kv].
+    """
+    scores = jnp.einsum("bqhk,bmhk->bhqm", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if dropout_rng is not None and dropout_rate > 0:
+        probs = dropout(dropout_rng, probs, dropout_rate)
+    return jnp.einsum("bhqm,bmhk->bqhk", probs, v)
+
+
+def project_out(p, attended):
+    """[batch, sequence, heads, kv] -> [batch, sequence, embd]."""
+    return jnp.einsum("bqhk,hke->bqe", attended, p["out"]) + p["out_bias"]
+
+
+def attention(p, x, kind: str, config, layout, dropout_rng=None):
+    q, k, v = project_qkv(p, x)
+    if layout is not None:
+        q, k, v = (layout.constrain(t, ("batch", "sequence", "heads", "kv")) for t in (q, k, v))
+    positions = jnp.arange(x.shape[1])
+    mask = attention_mask(positions, positions, kind, config.local_attention_radius)
+    attended = attend(q, k, v, mask, dropout_rng, config.attn_dropout)
+    return project_out(p, attended)
+
+
+# --- MLP ------------------------------------------------------------------------------------
+
+
+def mlp_weights(config) -> dict[str, Weight]:
+    return {
+        "fc": Weight(("embd", "intermediate_expanded"), projection_std(config, config.n_embd)),
+        "fc_bias": Weight(("intermediate_expanded",), "zeros"),
+        "proj": Weight(("intermediate_expanded", "embd"), projection_std(config, config.mlp_width, residual_output=True)),
+        "proj_bias": Weight(("embd",), "zeros"),
+    }
+
+
+def mlp(p, x, config, layout):
+    h = jnp.einsum("bse,ei->bsi", x, p["fc"]) + p["fc_bias"]
+    if layout is not None:
+        h = layout.constrain(h, ("batch", "sequence", "intermediate_expanded"))
+    h = ACTIVATIONS[config.activation_function](h)
+    return jnp.einsum("bsi,ie->bse", h, p["proj"]) + p["proj_bias"]
+
+
+# --- dropout --------------------------------------------------------------------------------
+
+
+def dropout(rng, x, rate: float):
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))

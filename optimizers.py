@@ -1,0 +1,61 @@
+"""optax chains for GPT-Neo's optimizer keys: adam with decoupled weight decay, or adafactor;
+GPT-Neo's learning-rate schedule; global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate(config):
+    """lr x linear warmup over warmup_steps x decay (cosine or linear to 0.1 * lr at lr_decay_end).
+
+    As in GPT-Neo the decay runs from step 0 and is multiplied by the warmup, not started after it.
+    """
+    decay_end = max(config.lr_decay_end or config.train_steps, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warmup = jnp.minimum(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        progress = jnp.minimum(step, decay_end) / decay_end
+        if config.lr_decay == "cosine":
+            decay = 0.1 + 0.9 * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        elif config.lr_decay == "linear":
+            decay = 1.0 - 0.9 * progress
+        else:
+            decay = 1.0
+        return config.lr * warmup * decay
+
+    return schedule
+
+
+def decays(path) -> bool:
+    """Weight decay skips LayerNorm parameters and biases (GPT-Neo's rule, by name)."""
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    return not any(n.startswith("ln") or n.endswith("bias") or n in ("scale",) for n in names)
+
+
+def weight_decay_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    schedule = learning_rate(config)
+    if config.opt_name == "adam":
+        update = optax.adamw(
+            schedule, b1=config.beta1, b2=config.beta2, eps=config.epsilon,
+            weight_decay=config.weight_decay, mask=weight_decay_mask,
+        )
+    else:
+        # optax.adafactor's own pieces, so that ada_epsilon2 reaches the parameter-scale floor
+        update = optax.chain(
+            optax.scale_by_factored_rms(epsilon=config.ada_epsilon1),
+            optax.scale_by_learning_rate(schedule, flip_sign=False),
+            optax.scale_by_param_block_rms(min_scale=config.ada_epsilon2),
+            optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+            optax.scale(-1.0),
+        )
+    if config.gradient_clipping > 0:
+        return optax.chain(optax.clip_by_global_norm(config.gradient_clipping), update)
+    return update
