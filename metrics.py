@@ -1,0 +1,129 @@
+"""What a run shows its user: the progress line, TensorBoard scalars, metrics.jsonl, the loss
+curve, and the peak FLOP/s that MFU is measured against."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak FLOP/s per device of the compute dtype a run uses (vendor figures).
+PEAK_FLOPS = {
+    # device_kind substring: (float32, bfloat16)
+    "H200": (494.7e12, 989.4e12),  # float32 through TF32 tensor cores
+    "H100": (494.7e12, 989.4e12),
+    "A100": (156e12, 312e12),
+    "L4": (60e12, 121e12),
+    "TPU v6": (918e12, 918e12),
+    "TPU v5p": (459e12, 459e12),
+    "TPU v5": (197e12, 197e12),
+    "TPU v4": (275e12, 275e12),
+    "TPU v3": (123e12, 123e12),
+}
+
+
+def matmul_roofline(size: int = 2048, repeats: int = 8, dtype=jnp.float32) -> float:
+    """FLOP/s of a large jit-compiled matrix multiply on the default device: the best this
+    machine does, against which MFU on a CPU is measured."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+@functools.cache
+def peak_flops_per_device(precision: str) -> tuple[float, str]:
+    """(FLOP/s, where the figure comes from)."""
+    device = jax.devices()[0]
+    for kind, (f32, bf16) in PEAK_FLOPS.items():
+        if kind in device.device_kind:
+            return (bf16 if precision == "bfloat16" else f32), f"{device.device_kind} datasheet"
+    if device.platform == "cpu":
+        # every simulated CPU device shares the same cores: measure the whole machine once
+        return matmul_roofline() / jax.device_count(), "measured matmul roofline"
+    return float("nan"), f"unknown peak for {device.device_kind}"
+
+
+def format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class RunLog:
+    """Progress lines on stdout; TensorBoard scalars and metrics.jsonl in model_path (process 0 only)."""
+
+    def __init__(self, model_path: str, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(model_path, "metrics.jsonl")
+        self.writer = None
+        if enabled:
+            os.makedirs(model_path, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(model_path, "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def progress_line(step: int, total: int, values: dict[str, float], seconds_per_step: float) -> str:
+    parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}",
+             f"{values['tokens_per_sec']:,.0f} tok/s"]
+    if values.get("mfu") == values.get("mfu"):  # not NaN
+        parts.append(f"MFU {100 * values['mfu']:.1f}%")
+    parts.append(f"ETA {format_eta((total - step) * seconds_per_step)}")
+    return " | ".join(parts)
+
+
+def read_metrics(model_path: str) -> list[dict]:
+    path = os.path.join(model_path, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(model_path: str) -> str | None:
+    """model_path/loss_curve.png from metrics.jsonl (training and evaluation loss)."""
+    records = read_metrics(model_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(model_path, "loss_curve.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
