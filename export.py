@@ -1,0 +1,495 @@
+"""Hugging Face interop: export a checkpoint to GPTNeoForCausalLM, import one from it.
+
+    python export.py --model M --to_hf OUT_DIR [--step N] [--set key=value ...]
+    python export.py --from_hf HF_DIR --model_path OUT_DIR --config_out configs/NAME.json
+
+Export writes `config.json`, `model.safetensors` and the tokenizer (`tokenizer.json`,
+`tokenizer_config.json`) that `GPTNeoForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load. Import turns such a folder (for example EleutherAI's released
+125M / 1.3B / 2.7B weights) into a step-0, parameters-only checkpoint in model_path, the tokenizer
+beside it, and a config from which training, fine-tuning and `--predict` continue.
+
+The two models are the same architecture (design §6): HF GPTNeo's `window_size` is our
+`local_attention_radius` (query i sees key j when 0 <= i - j < window), neither scales q.k by
+1/sqrt(d), the output projection is the token embedding. What differs is only how each stores a
+weight: the `MAPPING` table below is the whole correspondence.
+
+Vocabulary padded for speed (n_vocab larger than the tokenizer): every row is exported, and the
+HF config's `vocab_size` is n_vocab, so import(export(x)) is bitwise and HF's logits have the same
+width as ours. The tokenizer never produces the extra ids; HF's tokenizer and `generate` accept a
+vocab_size above the tokenizer's length (EleutherAI's own models differ by design in the same way).
+
+Only safetensors are read or written: a `pytorch_model.bin` (a pickle) is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from configs import Config, ConfigError, load_config, validate
+
+log = logging.getLogger("neomesh")
+
+# --- the mapping ------------------------------------------------------------------------------
+# One row per parameter: our path in the parameter tree (models/gpt2.py `weights`; `{i}` is the
+# block), the Hugging Face tensor name, and how the array changes on the way to HF:
+#   same       identical array
+#   linear     ours [in, out]            <-> HF nn.Linear weight [out, in]            (transpose)
+#   heads_in   ours [embd, heads, kv]    <-> HF [heads*kv, embd] (q, k, v projections)
+#   heads_out  ours [heads, kv, embd]    <-> HF [embd, heads*kv] (attention output projection)
+# HF's lm_head.weight is not stored: it is tied to transformer.wte.weight, as our output is to wte.
+
+# fmt: off
+MAPPING = [
+    ("wte",                      "transformer.wte.weight",                          "same"),
+    ("wpe",                      "transformer.wpe.weight",                          "same"),
+    ("blocks.{i}.ln_1.scale",    "transformer.h.{i}.ln_1.weight",                   "same"),
+    ("blocks.{i}.ln_1.bias",     "transformer.h.{i}.ln_1.bias",                     "same"),
+    ("blocks.{i}.attn.q",        "transformer.h.{i}.attn.attention.q_proj.weight",  "heads_in"),
+    ("blocks.{i}.attn.k",        "transformer.h.{i}.attn.attention.k_proj.weight",  "heads_in"),
+    ("blocks.{i}.attn.v",        "transformer.h.{i}.attn.attention.v_proj.weight",  "heads_in"),
+    ("blocks.{i}.attn.out",      "transformer.h.{i}.attn.attention.out_proj.weight", "heads_out"),
+    ("blocks.{i}.attn.out_bias", "transformer.h.{i}.attn.attention.out_proj.bias",  "same"),
+    ("blocks.{i}.ln_2.scale",    "transformer.h.{i}.ln_2.weight",                   "same"),
+    ("blocks.{i}.ln_2.bias",     "transformer.h.{i}.ln_2.bias",                     "same"),
+    ("blocks.{i}.mlp.fc",        "transformer.h.{i}.mlp.c_fc.weight",               "linear"),
+    ("blocks.{i}.mlp.fc_bias",   "transformer.h.{i}.mlp.c_fc.bias",                 "same"),
+    ("blocks.{i}.mlp.proj",      "transformer.h.{i}.mlp.c_proj.weight",             "linear"),
+    ("blocks.{i}.mlp.proj_bias", "transformer.h.{i}.mlp.c_proj.bias",               "same"),
+    ("ln_f.scale",               "transformer.ln_f.weight",                         "same"),
+    ("ln_f.bias",                "transformer.ln_f.bias",                           "same"),
+]
+# fmt: on
+
+# (to HF, from HF given our shape); every one only transposes and reshapes, so bits are kept
+TRANSFORMS = {
+    "same": (lambda x: x, lambda x, shape: x),
+    "linear": (lambda x: x.T, lambda x, shape: x.T),
+    "heads_in": (lambda x: x.reshape(x.shape[0], -1).T, lambda x, shape: x.T.reshape(shape)),
+    "heads_out": (lambda x: x.reshape(-1, x.shape[-1]).T, lambda x, shape: x.T.reshape(shape)),
+}
+
+# activation_function: ours -> HF (ACT2FN names), checked numerically in tests/test_export.py
+ACTIVATIONS_TO_HF = {
+    "gelu": "gelu_new",  # both the tanh form
+    "relu": "relu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "silu": "silu",
+    "swish": "swish",
+    "mish": "mish",
+    "id": "linear",
+    "lrelu001": "leaky_relu",  # torch's default slope, 0.01
+}
+# HF -> ours: the inverse, plus HF's other names for the tanh-form GELU
+ACTIVATIONS_FROM_HF = {hf: ours for ours, hf in ACTIVATIONS_TO_HF.items()} | {
+    "gelu_pytorch_tanh": "gelu",
+    "gelu_fast": "gelu",
+    "gelu_python_tanh": "gelu",
+}
+
+# buffers some HF checkpoints store; they are rebuilt from the config, not weights
+HF_BUFFER_SUFFIXES = (".attn.attention.bias", ".attn.attention.masked_bias")
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as written
+
+
+class ExportError(ConfigError):
+    """A model HF GPTNeo cannot express, or an HF folder neomesh cannot read: names what and why."""
+
+
+def expanded_mapping(config) -> list[tuple[tuple, str, str]]:
+    """MAPPING with `{i}` expanded over the blocks: (our path as keys, HF name, transform)."""
+    rows = []
+    for ours, hf, transform in MAPPING:
+        layers = range(config.n_layer) if "{i}" in ours else [None]
+        for i in layers:
+            path = tuple(int(part) if part.isdigit() else part for part in ours.format(i=i).split("."))
+            rows.append((path, hf.format(i=i), transform))
+    return rows
+
+
+def get_path(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree, path, value) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+# --- what HF GPTNeo can express ------------------------------------------------------------------
+
+
+def check_exportable(config) -> None:
+    """Refuse, by name, every feature GPTNeoForCausalLM has no place for."""
+    features = {
+        "rotary_emb": "rotary position embeddings (HF GPTNeo has a learned position table only)",
+        "axial_pos_emb": "axial position embeddings (HF GPTNeo has a learned position table only)",
+        "num_mem_kv": "memory key/values",
+        "moe_layers": "mixture-of-experts layers",
+        "no_weight_tie": "an untied output projection (HF GPTNeo ties lm_head to wte)",
+        "scalenorm": "ScaleNorm",
+        "rezero": "ReZero",
+        "macaron": "macaron blocks",
+        "mlp_glu": "a gated (GLU) MLP",
+        "share_parameters": "parameters shared across layers",
+        "mlm_training": "a masked-LM objective (GPTNeoForCausalLM is causal)",
+        "entmax_loss": "entmax outputs (HF samples with softmax)",
+    }
+    for key, what in features.items():
+        value = getattr(config, key)
+        if value:
+            raise ExportError(
+                f"{config.source}: key {key!r} = {value!r}: Hugging Face GPTNeo cannot express {what}; "
+                "this model cannot be exported"
+            )
+    for layer, kind in enumerate(config.layer_kinds):
+        if kind not in ("global", "local"):
+            raise ExportError(
+                f"{config.source}: key 'attention_types': layer {layer} has {kind!r} attention, which Hugging Face "
+                "GPTNeo cannot express (it has global and local attention only); this model cannot be exported"
+            )
+    if config.activation_function not in ACTIVATIONS_TO_HF:
+        raise ExportError(
+            f"{config.source}: key 'activation_function' = {config.activation_function!r} has no Hugging Face "
+            f"equivalent; exportable: {', '.join(ACTIVATIONS_TO_HF)}"
+        )
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+
+def export_to_hf(config, out_dir, step: int | None = None) -> Path:
+    """The newest (or a given) checkpoint in config.model_path -> an HF GPTNeoForCausalLM folder."""
+    import jax
+    from safetensors.numpy import save_file
+
+    from checkpoints import restore_params
+    from mesh import build_mesh_layout
+
+    check_exportable(config)
+    single = config.replace(mesh_shape="", layout="")  # export gathers everything on one device
+    params, step = restore_params(single, build_mesh_layout(single, jax.devices()[:1]), step)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tensors = {}
+    for path, hf_name, transform in expanded_mapping(config):
+        to_hf, _ = TRANSFORMS[transform]
+        tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(get_path(params, path), dtype=np.float32)))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    _, eos_id, padding_id = export_tokenizer(config, out)
+    (out / "config.json").write_text(json.dumps(hf_config(config, eos_id, padding_id), indent=2) + "\n")
+    log.info("exported step %d of %s to %s", step, config.model_path, out)
+    return out
+
+
+def hf_config(config, eos_id: int | None, padding_id: int | None) -> dict:
+    """Our config -> GPTNeoConfig's config.json."""
+    return {
+        "architectures": ["GPTNeoForCausalLM"],
+        "model_type": "gpt_neo",
+        "vocab_size": config.n_vocab,
+        "max_position_embeddings": config.n_ctx,
+        "hidden_size": config.n_embd,
+        "num_layers": config.n_layer,
+        "num_heads": config.n_head,
+        "attention_types": config.attention_types or [[["global"], config.n_layer]],
+        "window_size": config.local_attention_radius,
+        "intermediate_size": config.mlp_width,
+        "activation_function": ACTIVATIONS_TO_HF[config.activation_function],
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "embed_dropout": config.embed_dropout,
+        "attention_dropout": config.attn_dropout,
+        "resid_dropout": config.res_dropout,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": padding_id,
+        "dtype": "float32",
+    }
+
+
+def export_tokenizer(config, out: Path):
+    """Write the config's dataset tokenizer as tokenizer.json + tokenizer_config.json.
+
+    Returns (tokenizer or None, eos_id, padding_id); a model without a findable tokenizer is still
+    exported (weights and config), with a warning."""
+    from configs import resolve_datasets
+    from encoders import load_dataset_tokenizer
+
+    eos_id, padding_id = config.eos_id, config.padding_id
+    try:
+        dataset = resolve_datasets(config)[0]
+        tokenizer = load_dataset_tokenizer(config)
+    except ConfigError as err:
+        log.warning("no tokenizer exported (%s); config.json and model.safetensors are written", err)
+        return None, eos_id, padding_id
+    eos_id = eos_id if eos_id is not None else dataset.eos_id if dataset.eos_id is not None else tokenizer.eos_id
+    padding_id = padding_id if padding_id is not None else dataset.padding_id
+    if tokenizer.vocab_size > config.n_vocab:
+        raise ExportError(
+            f"{config.source}: key 'n_vocab' = {config.n_vocab} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens ({dataset.tokenizer_path})"
+        )
+    tokenizer.tokenizer.save(str(out / "tokenizer.json"))
+    token = tokenizer.tokenizer.id_to_token
+    settings = {
+        "tokenizer_class": TOKENIZER_CLASS,
+        "model_max_length": config.n_ctx,
+        "clean_up_tokenization_spaces": False,
+    }
+    if eos_id is not None:
+        settings |= {"eos_token": token(eos_id), "bos_token": token(eos_id)}
+    if padding_id is not None:
+        settings["pad_token"] = token(padding_id)
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return tokenizer, eos_id, padding_id
+
+
+# --- import ----------------------------------------------------------------------------------------
+
+
+def import_from_hf(hf_dir, model_path, config_out) -> Config:
+    """An HF GPTNeo folder -> a step-0 checkpoint in model_path, its tokenizer there, and a config at
+    config_out (with a dataset config beside it that names the tokenizer); returns the config."""
+    import jax
+    import jax.numpy as jnp
+
+    from checkpoints import Checkpoints
+    from models import gpt2
+
+    hf_dir, config_out = Path(hf_dir), Path(config_out)
+    hf = read_hf_config(hf_dir)
+    checkpoints_dir = Path(model_path) / "checkpoints"
+    if checkpoints_dir.is_dir() and any(p.name.isdigit() for p in checkpoints_dir.iterdir()):
+        raise ExportError(f"--model_path {model_path}: {checkpoints_dir} already holds checkpoints; import into "
+                          "an empty folder so that step 0 is the newest checkpoint")
+
+    values = config_values(hf, hf_dir, str(model_path))
+    tensors = read_safetensors(hf_dir)  # refuses a pickle before anything is written
+    tokenizer_name = "tokenizer.json" if has_tokenizer(hf_dir) else None
+    if tokenizer_name:  # a dataset config beside config_out names the tokenizer, for --predict
+        dataset_id = config_out.stem
+        values["datasets"] = [[dataset_id, max(1, math.ceil(values["n_ctx"] / 100)), "documents_random", 1.0]]
+    config = validate(values, str(config_out))
+
+    described = gpt2.weights(config)
+    params = jax.tree.map(lambda weight: None, described, is_leaf=gpt2.is_weight)  # filled below
+    for path, hf_name, transform in expanded_mapping(config):
+        if hf_name not in tensors:
+            raise ExportError(f"{hf_dir}: the safetensors hold no tensor {hf_name!r}, which config.json's shape needs")
+        to_hf, from_hf = TRANSFORMS[transform]
+        shape = gpt2.shape_of(get_path(described, path), config)
+        array = tensors.pop(hf_name)
+        expected_hf = to_hf(np.empty(shape, np.float32)).shape
+        if tuple(array.shape) != tuple(expected_hf):
+            raise ExportError(f"{hf_dir}: tensor {hf_name!r} has shape {tuple(array.shape)}; config.json implies "
+                              f"{tuple(expected_hf)}")
+        set_path(params, path, jnp.asarray(from_hf(array, shape)))
+    check_leftovers(tensors, params, hf_dir)
+
+    if tokenizer_name:
+        import_tokenizer(hf_dir, Path(model_path) / tokenizer_name)
+        write_dataset_config(config_out.parent / "dataset_configs" / f"{dataset_id}.json", values,
+                             str(Path(model_path) / tokenizer_name))
+    else:
+        log.warning("%s has no tokenizer (tokenizer.json, or vocab.json + merges.txt); --predict needs one: "
+                    "name it as tokenizer_path in a dataset config", hf_dir)
+    config_out.parent.mkdir(parents=True, exist_ok=True)
+    config_out.write_text(json.dumps(values, indent=2) + "\n")
+    checkpoints = Checkpoints(str(model_path), asynchronous=False)
+    meta = {"step": 0, "seed": config.seed, "config": config.to_dict(), "imported_from": str(hf_dir.resolve())}
+    checkpoints.save(0, {"params": params, "opt_state": None}, meta)
+    checkpoints.close()
+    log.info("imported %s into %s (step 0); config %s", hf_dir, model_path, config_out)
+    return load_config(str(config_out))
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ExportError(f"--from_hf {hf_dir}: no config.json; expected a folder written by save_pretrained")
+    hf = json.loads(path.read_text())
+    if hf.get("model_type") != "gpt_neo":
+        raise ExportError(f"{path}: model_type is {hf.get('model_type')!r}; only GPTNeo ('gpt_neo') imports")
+    return hf
+
+
+def config_values(hf: dict, hf_dir: Path, model_path: str) -> dict:
+    """GPTNeoConfig's config.json -> our config keys (the shape, attention, activation and eps)."""
+    where = hf_dir / "config.json"
+    if not hf.get("tie_word_embeddings", True):
+        raise ExportError(f"{where}: tie_word_embeddings is false; neomesh's model ties lm_head to wte")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS_FROM_HF:
+        why = " (HF's 'gelu' is the exact erf form; neomesh's gelu is the tanh form, HF's 'gelu_new')"
+        raise ExportError(f"{where}: activation_function {activation!r} has no neomesh equivalent"
+                          f"{why if activation == 'gelu' else ''}; importable: {', '.join(ACTIVATIONS_FROM_HF)}")
+    n_embd = hf.get("hidden_size", 2048)
+    values = {
+        "n_vocab": hf.get("vocab_size", 50257),
+        "n_ctx": hf.get("max_position_embeddings", 2048),
+        "n_embd": n_embd,
+        "n_layer": hf.get("num_layers", 24),
+        "n_head": hf.get("num_heads", 16),
+        "attention_types": hf.get("attention_types") or [[["global", "local"], 12]],
+        "local_attention_radius": hf.get("window_size", 256),
+        "activation_function": ACTIVATIONS_FROM_HF[activation],
+        "intermediate_size": hf.get("intermediate_size"),
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
+        "embed_dropout": hf.get("embed_dropout", 0.0),
+        "attn_dropout": hf.get("attention_dropout", 0.0),
+        "res_dropout": hf.get("resid_dropout", 0.0),
+        "model_path": model_path,
+        "eos_id": hf.get("eos_token_id"),
+        "padding_id": hf.get("pad_token_id"),
+    }
+    if values["intermediate_size"] == 4 * n_embd:
+        values["intermediate_size"] = None  # our default, said once
+    if isinstance(values["eos_id"], list):
+        values["eos_id"] = values["eos_id"][0]
+    return values
+
+
+def read_safetensors(hf_dir: Path) -> dict:
+    """Every tensor of model.safetensors (or its shards) as a float32 numpy array, by HF name."""
+    from safetensors import safe_open
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({hf_dir / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (hf_dir / "model.safetensors").is_file():
+        files = [hf_dir / "model.safetensors"]
+    else:
+        pickles = [p.name for p in hf_dir.glob("*.bin")] + [p.name for p in hf_dir.glob("*.pt")]
+        found = f" (found {', '.join(pickles)}: a pickle, which neomesh never loads)" if pickles else ""
+        raise ExportError(
+            f"--from_hf {hf_dir}: no model.safetensors{found}. Convert it once where you trust the file: "
+            "GPTNeoForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
+        )
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="np") as f:
+            names = list(f.keys())
+            numpy_names = [n for n in names if f.get_slice(n).get_dtype() != "BF16"]
+            for name in numpy_names:
+                tensors[name] = f.get_tensor(name).astype(np.float32, copy=False)
+        if len(numpy_names) < len(names):  # numpy has no bfloat16: read those through jax
+            import jax.numpy as jnp
+
+            with safe_open(str(file), framework="flax") as f:
+                for name in set(names) - set(numpy_names):
+                    tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+    # a checkpoint of GPTNeoModel (no LM head) names its tensors without the "transformer." prefix
+    return {name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": array
+            for name, array in tensors.items()}
+
+
+def check_leftovers(tensors: dict, params: dict, hf_dir: Path) -> None:
+    """Tensors the mapping did not take: buffers are fine, a tied lm_head must equal wte, others refuse."""
+    for name in list(tensors):
+        if name.endswith(HF_BUFFER_SUFFIXES):
+            del tensors[name]
+    head = tensors.pop("lm_head.weight", None)
+    if head is not None and not np.array_equal(head, np.asarray(params["wte"])):
+        raise ExportError(f"{hf_dir}: lm_head.weight differs from transformer.wte.weight; neomesh's output "
+                          "projection is tied to the token embedding")
+    if tensors:
+        raise ExportError(f"{hf_dir}: tensors that GPTNeo's layout does not have: {', '.join(sorted(tensors)[:5])}")
+
+
+def has_tokenizer(hf_dir: Path) -> bool:
+    return (hf_dir / "tokenizer.json").is_file() or all((hf_dir / f).is_file() for f in ("vocab.json", "merges.txt"))
+
+
+def import_tokenizer(hf_dir: Path, target: Path) -> None:
+    """Write the HF folder's tokenizer to target (a tokenizer.json): copied when the folder has one,
+    else built from vocab.json + merges.txt the way HF's GPT-2 tokenizer builds it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if (hf_dir / "tokenizer.json").is_file():
+        shutil.copyfile(hf_dir / "tokenizer.json", target)
+        return
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    settings_file = hf_dir / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    add_prefix_space = bool(settings.get("add_prefix_space", False))
+    tokenizer = Tokenizer(models.BPE.from_file(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt")))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = []
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = settings.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token and tokenizer.token_to_id(token) is not None and token not in specials:
+            specials.append(token)
+    if tokenizer.token_to_id("<|endoftext|>") is not None and "<|endoftext|>" not in specials:
+        specials.append("<|endoftext|>")
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in specials])
+    tokenizer.save(str(target))
+
+
+def write_dataset_config(path: Path, values: dict, tokenizer_path: str) -> None:
+    """A dataset config naming the imported tokenizer, so --predict finds it; `path` is where
+    fine-tuning shards go (none yet: training says so until shards are there or `path` is edited)."""
+    dataset = {
+        "n_vocab": values["n_vocab"],
+        "path": str(Path(values["model_path"]) / "data" / "*.tfrecords"),
+        "eval_path": "",
+        "tokenizer_is_pretrained": False,
+        "tokenizer_path": tokenizer_path,
+        "eos_id": values["eos_id"],
+        "padding_id": values["padding_id"],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataset, indent=2) + "\n")
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="config name (configs/NAME.json) or a .json path, for --to_hf")
+    parser.add_argument("--to_hf", metavar="OUT_DIR", help="export the newest checkpoint of --model to this folder")
+    parser.add_argument("--step", type=int, help="export this step instead of the newest")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--from_hf", metavar="HF_DIR", help="import an HF GPTNeo folder (safetensors)")
+    parser.add_argument("--model_path", help="for --from_hf: where the imported checkpoint goes")
+    parser.add_argument("--config_out", help="for --from_hf: the config to write, e.g. configs/neo125m.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.to_hf and args.model and not args.from_hf:
+            out = export_to_hf(load_config(args.model, args.set), args.to_hf, args.step)
+            print(f"exported to {out}")
+        elif args.from_hf and args.model_path and args.config_out and not args.to_hf:
+            import_from_hf(args.from_hf, args.model_path, args.config_out)
+            print(f"imported to {args.model_path}; train, fine-tune or predict with --model {args.config_out}")
+        else:
+            parser.error("use either --model M --to_hf OUT_DIR, or --from_hf HF_DIR --model_path DIR --config_out FILE")
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
