@@ -1,0 +1,502 @@
+"""Autoregressive sampling with a per-layer key/value cache (`main.py --predict`).
+
+One compiled call does everything: a prefill pass over the (padded) prompt fills each attention
+layer's key/value cache, then a `lax.while_loop` adds one position per step, running the model
+on that position only. Shapes never depend on the prompt: prompts are left-padded to one of a
+few length buckets, so a new prompt reuses a compiled program unless it falls in a new bucket.
+
+The cache, per attention layer, in the dimension names of models/layers.py:
+  global  k, v [batch, memory_length, heads, kv]  memory_length = every slot of the sequence
+  local   k, v [batch, memory_length, heads, kv]  memory_length = local_attention_radius: a ring
+          buffer where slot s lives at index s % radius, so a step reads only the keys it can see
+  none    no attention, no cache
+
+Slots and positions: row b of the batch is left-padded by pad[b] slots, so every row's newest
+token sits in the same slot (one dynamic_update_slice writes the whole batch) while its
+position embedding is slot - pad[b]. Padding slots are masked out of every attention.
+
+Letters in einsums follow models/layers.py: b batch, s sequence, e embd, h heads, k kv,
+m memory_length, v vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import ConfigError
+from mesh import MeshLayout
+from models import gpt2
+from models.layers import attend, attention_mask, layer_norm, mlp, project_out, project_qkv
+
+log = logging.getLogger("neomesh")
+
+DEFAULT_PROMPT = "In a shocking finding, scientists discovered"
+SMALLEST_PROMPT_BUCKET = 16  # prompts are padded to 16, 32, 64, ... tokens (at most n_ctx)
+CACHE_ROUNDING = 64  # cache slots are rounded up to a multiple of this, so nearby lengths share a program
+CACHE_DIMS = ("batch", "memory_length", "heads", "kv")
+
+
+# --- logit filters: pure functions of logits [batch, vocab] -----------------------------------
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """Make tokens already present less likely: a positive logit is divided by `penalty`, a
+    negative one multiplied by it (CTRL's rule, as in Hugging Face). seen [batch, vocab] bool."""
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def apply_temperature(logits, temperature: float):
+    """Divide by a positive temperature: below 1 sharpens, above 1 flattens."""
+    return logits / temperature
+
+
+def apply_top_k(logits, k: int):
+    """Keep the k largest logits of each row (and any tied with the k-th); the rest become -inf.
+    k = 0, or k >= vocab, keeps everything."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth_largest, logits, -jnp.inf)
+
+
+def apply_top_p(logits, p: float):
+    """Nucleus filter: keep the most likely tokens whose probabilities first sum to at least p
+    (the most likely token always stays), and any tied with the least likely kept one; the rest
+    become -inf. p = 1 keeps everything."""
+    if p >= 1.0:
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the tokens ranked above
+    kept_count = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # >= 1: the first has mass_before 0
+    threshold = jnp.take_along_axis(sorted_logits, kept_count - 1, axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How a token is chosen from logits; hashable, so a compiled program is kept per setting."""
+
+    temperature: float = 0.9  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def check(self, where: str) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"{where}: temperature = {self.temperature}: must be zero (greedy) or more")
+        if self.top_k < 0:
+            raise ConfigError(f"{where}: top_k = {self.top_k}: must be zero (off) or more")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{where}: top_p = {self.top_p}: must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"{where}: repetition_penalty = {self.repetition_penalty}: must be positive (1 is off)")
+
+
+def choose_tokens(logits, seen, rng, settings: SamplingSettings):
+    """logits [batch, vocab] float32 -> token ids [batch]: penalty, temperature, top-k, top-p,
+    then a draw (or the argmax when temperature is 0), in Hugging Face's order."""
+    if settings.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = apply_temperature(logits, settings.temperature)
+    logits = apply_top_k(logits, settings.top_k)
+    logits = apply_top_p(logits, settings.top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# --- the model on cached keys and values -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """The static shape of one compiled generation program."""
+
+    batch: int
+    prompt_slots: int  # the prompt bucket: prompts are left-padded to this many slots
+    cache_slots: int  # prompt_slots + room for the new tokens, rounded up
+
+    def window(self, kind: str, config) -> int:
+        """memory_length of a layer's cache: every slot (global) or the local radius (local)."""
+        if kind == "local":
+            return min(config.local_attention_radius, self.cache_slots)
+        return self.cache_slots
+
+
+def init_cache(config, shape: DecodeShape, dtype) -> list[dict]:
+    """Zeroed k, v [batch, memory_length, heads, kv] per attention layer; {} for a `none` layer."""
+    cache = []
+    for kind in config.layer_kinds:
+        if kind == "none":
+            cache.append({})
+            continue
+        dims = (shape.batch, shape.window(kind, config), config.n_head, config.head_dim)
+        cache.append({"k": jnp.zeros(dims, dtype), "v": jnp.zeros(dims, dtype)})
+    return cache
+
+
+def embed(params, tokens, positions):
+    """tokens, positions [batch, sequence] -> [batch, sequence, embd]."""
+    return params["wte"][tokens] + params["wpe"][positions]
+
+
+def prefill_layer_cache(k, v, kind: str, window: int, cache_slots: int):
+    """The prompt's keys and values [batch, sequence, heads, kv] placed where decoding expects
+    them: slots 0..sequence-1 of a global cache, or the last `window` slots in a local ring."""
+    prompt_slots = k.shape[1]
+    if kind == "local" and window < cache_slots:
+        if prompt_slots >= window:
+            # slot s goes to ring index s % window: the last `window` slots, rotated into place
+            shift = (prompt_slots - window) % window
+            return jnp.roll(k[:, -window:], shift, axis=1), jnp.roll(v[:, -window:], shift, axis=1)
+        room = window - prompt_slots
+    else:
+        room = cache_slots - prompt_slots
+    padding = ((0, 0), (0, room), (0, 0), (0, 0))
+    return jnp.pad(k, padding), jnp.pad(v, padding)
+
+
+def block_step(p, x, kind: str, layer_cache: dict, attend_fn, config, layout):
+    """One pre-LN block over the new positions x [batch, sequence, embd]; `attend_fn(q, k, v,
+    layer_cache) -> (attended, layer_cache)` stores the new keys and attends over the cache."""
+    if kind != "none":
+        q, k, v = project_qkv(p["attn"], layer_norm(p["ln_1"], x, config.layer_norm_epsilon))
+        attended, layer_cache = attend_fn(q, k, v, layer_cache)
+        x = x + project_out(p["attn"], attended)
+    x = x + mlp(p["mlp"], layer_norm(p["ln_2"], x, config.layer_norm_epsilon), config, layout)
+    return x, layer_cache
+
+
+def prefill(params, prompt, pad, config, layout: MeshLayout, shape: DecodeShape):
+    """prompt [batch, prompt_slots] left-padded by pad [batch] -> (logits of the last slot
+    [batch, vocab], cache)."""
+    slots = jnp.arange(shape.prompt_slots)
+    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)  # padding slots reuse position 0
+    x = layout.constrain(embed(params, prompt, positions), ("batch", "sequence", "embd"))
+    not_padding = slots[None, None, None, :] >= pad[:, None, None, None]  # [batch, 1, 1, memory_length]
+    cache = []
+    for kind, p in zip(config.layer_kinds, params["blocks"]):
+        window = shape.window(kind, config)
+
+        def attend_prompt(q, k, v, _, kind=kind, window=window):
+            mask = attention_mask(slots, slots, kind, config.local_attention_radius)[None, None] & not_padding
+            cached_k, cached_v = prefill_layer_cache(k, v, kind, window, shape.cache_slots)
+            cached = {"k": layout.constrain(cached_k, CACHE_DIMS), "v": layout.constrain(cached_v, CACHE_DIMS)}
+            return attend(q, k, v, mask), cached
+
+        x, layer_cache = block_step(p, x, kind, {}, attend_prompt, config, layout)
+        cache.append(layer_cache)
+    return last_logits(params, x[:, -1:], config), cache
+
+
+def decode_step(params, cache, tokens, slot, pad, config, layout: MeshLayout, shape: DecodeShape):
+    """tokens [batch] at `slot` (a traced scalar, the same for every row) -> (logits [batch,
+    vocab], cache with this slot's keys and values)."""
+    positions = (slot - pad)[:, None]  # [batch, 1]
+    x = layout.constrain(embed(params, tokens[:, None], positions), ("batch", "sequence", "embd"))
+    new_cache = []
+    for kind, p, layer_cache in zip(config.layer_kinds, params["blocks"], cache):
+        window = shape.window(kind, config)
+        index = slot % window  # global: window = cache_slots > slot, so index = slot
+        # the slot held at each cache index: itself (global), or the newest slot = index mod window (ring)
+        # (negative for an index not written yet); every held slot is within the local radius
+        held = slot - (slot - jnp.arange(window)) % window
+        visible = held[None, :] >= pad[:, None]  # [batch, memory_length]: not padding, not unwritten
+
+        def attend_new(q, k, v, layer_cache, index=index, visible=visible):
+            layer_cache = {
+                name: layout.constrain(jax.lax.dynamic_update_slice(layer_cache[name], new, (0, index, 0, 0)),
+                                       CACHE_DIMS)
+                for name, new in (("k", k), ("v", v))
+            }
+            return attend(q, layer_cache["k"], layer_cache["v"], visible[:, None, None, :]), layer_cache
+
+        x, layer_cache = block_step(p, x, kind, layer_cache, attend_new, config, layout)
+        new_cache.append(layer_cache)
+    return last_logits(params, x, config), new_cache
+
+
+def last_logits(params, x, config):
+    """x [batch, 1, embd] -> float32 logits [batch, vocab] through ln_f and the tied embedding."""
+    hidden = layer_norm(params["ln_f"], x[:, 0], config.layer_norm_epsilon)
+    return jnp.einsum("be,ve->bv", hidden, gpt2.output_embedding(params)).astype(jnp.float32)
+
+
+def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout, shape, settings):
+    """The whole generation, compiled once per (shape, settings): prefill, then one token per
+    step until `new_tokens` (a traced scalar) are made or every row has emitted eos_id (-1: never).
+
+    Returns the new tokens [batch, cache_slots - prompt_slots] (after a row's eos: eos_id) and
+    how many steps ran.
+    """
+    params = jax.tree.map(lambda w: w.astype(gpt2.compute_dtype(config)), params)
+    batch_rows = jnp.arange(shape.batch)
+    capacity = shape.cache_slots - shape.prompt_slots
+    rng = jax.random.key(seed)
+
+    seen = jnp.zeros((shape.batch, config.n_vocab), bool)
+    if settings.repetition_penalty != 1.0:  # the prompt counts as already present
+        not_padding = jnp.arange(shape.prompt_slots)[None, :] >= pad[:, None]
+        seen = seen.at[batch_rows[:, None], prompt].max(not_padding)
+
+    logits, cache = prefill(params, prompt, pad, config, layout, shape)
+    first = choose_tokens(logits, seen, jax.random.fold_in(rng, 0), settings)
+    generated = jnp.full((shape.batch, capacity), jnp.maximum(eos_id, 0), jnp.int32)
+
+    def emit(step, token, generated, seen, finished):
+        token = jnp.where(finished, eos_id, token)  # a finished row keeps emitting eos
+        generated = generated.at[:, step].set(token)
+        seen = seen.at[batch_rows, token].set(True) if settings.repetition_penalty != 1.0 else seen
+        return generated, seen, finished | (token == eos_id)
+
+    generated, seen, finished = emit(0, first, generated, seen, jnp.zeros(shape.batch, bool))
+
+    def keep_going(carry):
+        step, _, _, _, finished = carry
+        return (step < new_tokens) & ~jnp.all(finished)
+
+    def one_token(carry):
+        step, cache, generated, seen, finished = carry
+        slot = shape.prompt_slots + step - 1  # the slot of the token chosen at the previous step
+        logits, cache = decode_step(params, cache, generated[:, step - 1], slot, pad, config, layout, shape)
+        token = choose_tokens(logits, seen, jax.random.fold_in(rng, step), settings)
+        generated, seen, finished = emit(step, token, generated, seen, finished)
+        return step + 1, cache, generated, seen, finished
+
+    steps, _, generated, _, _ = jax.lax.while_loop(keep_going, one_token, (1, cache, generated, seen, finished))
+    return generated, steps
+
+
+# --- planning shapes, compiling, and the public entry point ----------------------------------
+
+
+def prompt_bucket(length: int, n_ctx: int) -> int:
+    """The smallest of 16, 32, 64, ... (capped at n_ctx) that holds `length` tokens."""
+    bucket = SMALLEST_PROMPT_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, n_ctx)
+
+
+def sampling_layout(layout: MeshLayout | None, batch: int) -> MeshLayout:
+    """The layout for sampling: one device when none is given; a batch the batch axis does not
+    divide (predict_batch_size 1 on a data-parallel mesh) is replicated instead of refused."""
+    if layout is None:
+        from jax.sharding import Mesh
+
+        return MeshLayout(Mesh(np.asarray(jax.devices()[:1]), ("data",)), {})
+    axis = layout.layout.get("batch")
+    if axis is not None and batch % layout.mesh.shape[axis]:
+        log.info("sampling: batch %d does not divide over mesh axis %r (size %d); the batch is replicated",
+                 batch, axis, layout.mesh.shape[axis])
+        return MeshLayout(layout.mesh, {d: a for d, a in layout.layout.items() if d != "batch"})
+    return layout
+
+
+_COMPILED: dict = {}
+
+
+def compiled_decode_loop(config, layout: MeshLayout, shape: DecodeShape, settings: SamplingSettings):
+    """A jit-compiled `decode_loop`, kept per config, mesh, layout, shape and settings."""
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=str), layout.mesh, tuple(sorted(layout.layout.items())),
+           shape, settings)
+    if key not in _COMPILED:
+        from model_fns import param_shardings
+
+        def batch_sharding(*trailing):
+            return layout.sharding(("batch", *trailing), (shape.batch,) + (1,) * len(trailing), name="sampling batch")
+
+        _COMPILED[key] = jax.jit(
+            functools.partial(decode_loop, config=config, layout=layout, shape=shape, settings=settings),
+            in_shardings=(param_shardings(config, layout), batch_sharding(None), batch_sharding(),
+                          layout.replicated(), layout.replicated(), layout.replicated()),
+            out_shardings=(batch_sharding(None), layout.replicated()),
+        )
+    return _COMPILED[key]
+
+
+@dataclasses.dataclass
+class Samples:
+    """What `generate` returns: per prompt row, the prompt ids as used (after truncation), the new
+    token ids (ending at the first eos, which is kept), and the new text when a tokenizer was given."""
+
+    prompt_tokens: list[list[int]]
+    tokens: list[list[int]]
+    texts: list[str] | None = None
+
+
+def as_token_rows(prompt, tokenizer) -> list[list[int]]:
+    """A text, one token-id sequence, or several -> a list of token-id rows."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("generate: a text prompt needs tokenizer=...; or pass token ids")
+        return [list(tokenizer.encode(prompt))]
+    rows = list(prompt)
+    if rows and all(isinstance(t, (int, np.integer)) for t in rows):
+        return [[int(t) for t in rows]]
+    if rows and all(isinstance(r, str) for r in rows):
+        if tokenizer is None:
+            raise ValueError("generate: text prompts need tokenizer=...; or pass token ids")
+        return [list(tokenizer.encode(r)) for r in rows]
+    try:
+        return [[int(t) for t in row] for row in rows]
+    except TypeError:
+        raise ValueError("generate: prompt must be a text, a sequence of token ids, or a sequence of those") from None
+
+
+def check_prompts(rows: list[list[int]], config) -> list[list[int]]:
+    if not rows or any(len(row) == 0 for row in rows):
+        raise ValueError("generate: every prompt needs at least one token (an empty prompt has nothing to continue)")
+    for i, row in enumerate(rows):
+        bad = [t for t in row if not 0 <= t < config.n_vocab]
+        if bad:
+            raise ValueError(f"generate: prompt {i} has token id {bad[0]}, outside [0, n_vocab = {config.n_vocab})")
+    longest = max(len(row) for row in rows)
+    if longest >= config.n_ctx:
+        log.warning("prompt of %d tokens is longer than n_ctx - 1 = %d: keeping its last %d tokens",
+                    longest, config.n_ctx - 1, config.n_ctx - 1)
+        rows = [row[-(config.n_ctx - 1):] for row in rows]
+    return rows
+
+
+def generate(
+    params,
+    config,
+    prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    tokenizer=None,
+    layout: MeshLayout | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+) -> Samples:
+    """Continue each prompt row by up to max_new_tokens tokens (default: predict_max_steps),
+    stopping a row at eos_id (default: the config's, else the tokenizer's; none: never) and every
+    row at n_ctx. Sampling settings default to the config's; temperature 0 is greedy. Rows of
+    different lengths are fine. `params` is the float32 tree of gpt2.init_params, placed on any
+    devices (they are resharded per the layout)."""
+    gpt2.check_supported(config)
+    rows = check_prompts(as_token_rows(prompt, tokenizer), config)
+    settings = SamplingSettings(
+        temperature=config.temperature if temperature is None else float(temperature),
+        top_k=config.top_k if top_k is None else int(top_k),
+        top_p=config.top_p if top_p is None else float(top_p),
+        repetition_penalty=config.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
+    )
+    settings.check("generate")
+    if eos_id is None:
+        eos_id = config.eos_id if config.eos_id is not None else getattr(tokenizer, "eos_id", None)
+    seed = config.sampling_seed if seed is None else int(seed)
+    requested = config.predict_max_steps if max_new_tokens is None else int(max_new_tokens)
+    if requested < 0:
+        raise ValueError(f"generate: max_new_tokens = {requested}: must be zero or more")
+
+    longest = max(len(row) for row in rows)
+    new_tokens = min(requested, config.n_ctx - longest)  # no position past n_ctx - 1
+    if new_tokens < requested:
+        log.info("generation stops at n_ctx = %d: %d new tokens instead of %d", config.n_ctx, new_tokens, requested)
+    if new_tokens == 0:
+        return Samples(rows, [[] for _ in rows], [""] * len(rows) if tokenizer is not None else None)
+
+    bucket = prompt_bucket(longest, config.n_ctx)
+    cache_slots = bucket + math.ceil(new_tokens / CACHE_ROUNDING) * CACHE_ROUNDING
+    shape = DecodeShape(batch=len(rows), prompt_slots=bucket, cache_slots=cache_slots)
+    layout = sampling_layout(layout, shape.batch)
+    padded = np.zeros((shape.batch, bucket), np.int32)
+    for i, row in enumerate(rows):
+        padded[i, bucket - len(row):] = row
+    pad = np.asarray([bucket - len(row) for row in rows], np.int32)
+
+    run = compiled_decode_loop(config, layout, shape, settings)
+    from model_fns import param_shardings
+
+    params = jax.device_put(params, param_shardings(config, layout))  # a no-op when already placed so
+    generated, _ = run(params, padded, pad, np.int32(new_tokens), np.int32(-1 if eos_id is None else eos_id),
+                       np.uint32(seed % 2**32))
+    generated = np.asarray(jax.device_get(generated))[:, :new_tokens]
+
+    completions = []
+    for row in generated.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        completions.append(row)
+    texts = None
+    if tokenizer is not None:
+        texts = [tokenizer.decode(row[:-1] if row and row[-1] == eos_id else row) for row in completions]
+    return Samples(rows, completions, texts)
+
+
+# --- main.py --predict -----------------------------------------------------------------------
+
+
+def read_prompt(prompt_file: str | None) -> str:
+    """The prompt text of --prompt FILE, or DEFAULT_PROMPT without one."""
+    if prompt_file is None:
+        log.info("no --prompt given: using the default prompt %r", DEFAULT_PROMPT)
+        return DEFAULT_PROMPT
+    path = Path(prompt_file)
+    if not path.is_file():
+        raise ConfigError(f"--prompt {prompt_file}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ConfigError(f"--prompt {prompt_file}: the prompt file is empty; write the text to continue into it")
+    return text
+
+
+def dataset_eos_id(config, tokenizer) -> int | None:
+    """eos_id from the config, else from the first dataset config, else the tokenizer's."""
+    if config.eos_id is not None:
+        return config.eos_id
+    from configs import resolve_datasets
+
+    dataset_eos = resolve_datasets(config)[0].eos_id
+    return dataset_eos if dataset_eos is not None else tokenizer.eos_id
+
+
+def sample_header(i: int) -> str:
+    return "=" * 40 + f" SAMPLE {i} " + "=" * 40
+
+
+def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: str = "nosacred") -> Path:
+    """`main.py --predict`: sample predict_batch_size completions of the prompt from the newest
+    checkpoint in model_path, print them, and write them to
+    model_path/predictions_<sacred_id>_<step>.txt (one `SAMPLE i` section per completion)."""
+    from checkpoints import restore_params
+    from encoders import load_dataset_tokenizer
+
+    text = read_prompt(prompt_file)  # before the slow parts: a bad prompt file fails at once
+    tokenizer = load_dataset_tokenizer(config)
+    prompt = tokenizer.encode(text)
+    if not prompt:
+        raise ConfigError(f"--prompt {prompt_file}: the prompt encodes to no tokens")
+    params, step = restore_params(config, layout)
+    samples = generate(params, config, [prompt] * config.predict_batch_size, tokenizer=tokenizer, layout=layout,
+                       eos_id=dataset_eos_id(config, tokenizer))
+
+    prompt_text = tokenizer.decode(samples.prompt_tokens[0])
+    sections = [f"{sample_header(i)}\n{prompt_text}{completion}\n{'=' * 80}\n"
+                for i, completion in enumerate(samples.texts)]
+    path = Path(config.model_path) / f"predictions_{sacred_id}_{step}.txt"
+    if jax.process_index() == 0:
+        print(f"prompt ({len(prompt)} tokens):\n{prompt_text}\n")
+        print("".join(sections), end="", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(sections), encoding="utf-8")
+        log.info("wrote %d samples to %s", len(sections), path)
+    return path
