@@ -96,7 +96,7 @@ ACTIVATIONS_FROM_HF = {hf: ours for ours, hf in ACTIVATIONS_TO_HF.items()} | {
     "gelu_python_tanh": "gelu",
 }
 
-# buffers some HF checkpoints store; they are rebuilt from the config, not weights
+# buffers some HF checkpoints store (the attention masks): rebuilt from the config, never read
 HF_BUFFER_SUFFIXES = (".attn.attention.bias", ".attn.attention.masked_bias")
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as written
 
@@ -184,13 +184,12 @@ def export_to_hf(config, out_dir, step: int | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    _, eos_id, padding_id = export_tokenizer(config, out)
     tensors = {}
     for path, hf_name, transform in expanded_mapping(config):
         to_hf, _ = TRANSFORMS[transform]
         tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(get_path(params, path), dtype=np.float32)))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-
-    _, eos_id, padding_id = export_tokenizer(config, out)
     (out / "config.json").write_text(json.dumps(hf_config(config, eos_id, padding_id), indent=2) + "\n")
     log.info("exported step %d of %s to %s", step, config.model_path, out)
     return out
@@ -313,7 +312,8 @@ def import_from_hf(hf_dir, model_path, config_out) -> Config:
     config_out.parent.mkdir(parents=True, exist_ok=True)
     config_out.write_text(json.dumps(values, indent=2) + "\n")
     checkpoints = Checkpoints(str(model_path), asynchronous=False)
-    meta = {"step": 0, "seed": config.seed, "config": config.to_dict(), "imported_from": str(hf_dir.resolve())}
+    meta = {"step": 0, "seed": config.seed, "data_position": 0, "config": config.to_dict(),
+            "imported_from": str(hf_dir.resolve())}
     checkpoints.save(0, {"params": params, "opt_state": None}, meta)
     checkpoints.close()
     log.info("imported %s into %s (step 0); config %s", hf_dir, model_path, config_out)
@@ -385,7 +385,7 @@ def read_safetensors(hf_dir: Path) -> dict:
     tensors = {}
     for file in files:
         with safe_open(str(file), framework="np") as f:
-            names = list(f.keys())
+            names = [name for name in f.keys() if not name.endswith(HF_BUFFER_SUFFIXES)]
             numpy_names = [n for n in names if f.get_slice(n).get_dtype() != "BF16"]
             for name in numpy_names:
                 tensors[name] = f.get_tensor(name).astype(np.float32, copy=False)
@@ -401,10 +401,7 @@ def read_safetensors(hf_dir: Path) -> dict:
 
 
 def check_leftovers(tensors: dict, params: dict, hf_dir: Path) -> None:
-    """Tensors the mapping did not take: buffers are fine, a tied lm_head must equal wte, others refuse."""
-    for name in list(tensors):
-        if name.endswith(HF_BUFFER_SUFFIXES):
-            del tensors[name]
+    """Tensors the mapping did not take: a tied lm_head must equal wte; any other refuses."""
     head = tensors.pop("lm_head.weight", None)
     if head is not None and not np.array_equal(head, np.asarray(params["wte"])):
         raise ExportError(f"{hf_dir}: lm_head.weight differs from transformer.wte.weight; neomesh's output "

@@ -7,6 +7,7 @@ a tokenizer of ~300 tokens trained here, and n_vocab 320 (a vocabulary padded pa
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -21,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import Checkpoints, restore_params  # noqa: E402
 from configs import load_config  # noqa: E402
-from encoders import load_tokenizer  # noqa: E402
+from encoders import load_dataset_tokenizer, load_tokenizer  # noqa: E402
 from export import ACTIVATIONS_TO_HF, ExportError, export_to_hf, import_from_hf  # noqa: E402
 from mesh import build_mesh_layout  # noqa: E402
 from models import gpt2  # noqa: E402
@@ -163,6 +164,8 @@ def test_export_then_import_preserves_every_parameter_bitwise(exported, workdir)
     assert tree_in == tree_out
     for a, b in zip(flat_in, flat_out):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    text = "the mesh <|endoftext|> neo"
+    assert load_dataset_tokenizer(imported).encode(text) == load_dataset_tokenizer(config).encode(text)
 
 
 def test_exported_tokenizer_loads_in_autotokenizer_and_encodes_as_ours(exported, tokenizer_file):
@@ -238,13 +241,11 @@ def test_a_window_off_by_one_would_be_caught(imported, radius):
 
 
 def test_imported_tokenizer_encodes_as_hf_and_is_found_through_the_config(imported, hf_folder):
-    from encoders import load_dataset_tokenizer
-
     config, _, _ = imported
     folder, _ = hf_folder
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     ours = load_dataset_tokenizer(config)  # the dataset config written beside the imported config
-    text = "the mesh  named axis\nlayout neo gamma"
+    text = "the mesh  named ﬁ axis 2048\nlayout <|endoftext|> neo gamma"
     assert ours.encode(text) == hf_tokenizer.encode(text)
     assert ours.eos_id == 0
 
@@ -282,3 +283,50 @@ def test_activation_names_mean_the_same_function_in_hf(ours):
     x = np.linspace(-6, 6, 241, dtype=np.float32)
     theirs = transformers.activations.ACT2FN[ACTIVATIONS_TO_HF[ours]](torch.tensor(x)).numpy()
     assert np.max(np.abs(np.asarray(ACTIVATIONS[ours](jnp.asarray(x))) - theirs)) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def cli_imported(hf_folder, workdir):
+    """`python export.py --from_hf ...`, run through its command-line entry point."""
+    import export
+
+    folder, model = hf_folder
+    config_path = workdir / "configs" / "neo_cli.json"
+    assert export.main(["--from_hf", str(folder), "--model_path", str(workdir / "neo-cli"),
+                        "--config_out", str(config_path)]) == 0
+    return config_path, folder, model
+
+
+def test_predict_at_temperature_zero_continues_an_imported_model_as_hf_generate_does(cli_imported, workdir):
+    """The user's path: import on the command line, then `main.py --predict` (its tokenizer found through
+    the written config) against HF's tokenizer + greedy generate, compared as text."""
+    import main
+
+    config_path, folder, model = cli_imported
+    prompt_file = workdir / "prompt.txt"
+    prompt_file.write_text("the mesh named axis layout")
+    assert main.main(["--model", str(config_path), "--predict", "--prompt", str(prompt_file),
+                      "--set", "temperature=0", "--set", "predict_max_steps=30"]) == 0
+    predictions = (workdir / "neo-cli" / "predictions_nosacred_0.txt").read_text()
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prompt = hf_tokenizer.encode(prompt_file.read_text())
+    with torch.no_grad():
+        new = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30, eos_token_id=0,
+                             pad_token_id=1)[0, len(prompt):].tolist()
+    new = new[:-1] if new[-1] == 0 else new
+    decode = functools.partial(hf_tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert len(new) > 2 * WINDOW
+    assert f"\n{decode(prompt)}{decode(new)}\n" in predictions
+
+
+def test_main_export_of_an_imported_model_gives_back_hf_logits(cli_imported, workdir):
+    """HF -> neomesh (export.py --from_hf) -> HF (main.py --export, default folder model_path/hf)."""
+    import main
+
+    config_path, _, model = cli_imported
+    assert main.main(["--model", str(config_path), "--export"]) == 0
+    again, info, warnings = load_hf(workdir / "neo-cli" / "hf")
+    assert not any(info.values()) and warnings == []
+    tokens = random_tokens(4)
+    assert np.max(np.abs(hf_logits(again, tokens) - hf_logits(model, tokens))) == 0.0  # bitwise, both in torch
