@@ -184,7 +184,7 @@ def export_to_hf(config, out_dir, step: int | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    _, eos_id, padding_id = export_tokenizer(config, out)
+    eos_id, padding_id = export_tokenizer(config, out)
     tensors = {}
     for path, hf_name, transform in expanded_mapping(config):
         to_hf, _ = TRANSFORMS[transform]
@@ -223,11 +223,10 @@ def hf_config(config, eos_id: int | None, padding_id: int | None) -> dict:
     }
 
 
-def export_tokenizer(config, out: Path):
-    """Write the config's dataset tokenizer as tokenizer.json + tokenizer_config.json.
-
-    Returns (tokenizer or None, eos_id, padding_id); a model without a findable tokenizer is still
-    exported (weights and config), with a warning."""
+def export_tokenizer(config, out: Path) -> tuple[int | None, int | None]:
+    """Write the config's dataset tokenizer as tokenizer.json + tokenizer_config.json; returns
+    (eos_id, padding_id). A model without a findable tokenizer is still exported (weights and
+    config), with a warning."""
     from configs import resolve_datasets
     from encoders import load_dataset_tokenizer
 
@@ -237,7 +236,7 @@ def export_tokenizer(config, out: Path):
         tokenizer = load_dataset_tokenizer(config)
     except ConfigError as err:
         log.warning("no tokenizer exported (%s); config.json and model.safetensors are written", err)
-        return None, eos_id, padding_id
+        return eos_id, padding_id
     eos_id = eos_id if eos_id is not None else dataset.eos_id if dataset.eos_id is not None else tokenizer.eos_id
     padding_id = padding_id if padding_id is not None else dataset.padding_id
     if tokenizer.vocab_size > config.n_vocab:
@@ -257,7 +256,7 @@ def export_tokenizer(config, out: Path):
     if padding_id is not None:
         settings["pad_token"] = token(padding_id)
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-    return tokenizer, eos_id, padding_id
+    return eos_id, padding_id
 
 
 # --- import ----------------------------------------------------------------------------------------
@@ -279,12 +278,16 @@ def import_from_hf(hf_dir, model_path, config_out) -> Config:
         raise ExportError(f"--model_path {model_path}: {checkpoints_dir} already holds checkpoints; import into "
                           "an empty folder so that step 0 is the newest checkpoint")
 
+    dataset_config = config_out.parent / "dataset_configs" / f"{config_out.stem}.json"
+    for existing in (config_out, dataset_config):
+        if existing.exists():
+            raise ExportError(f"--config_out {config_out}: {existing} exists; choose another name or remove it")
+
     values = config_values(hf, hf_dir, str(model_path))
     tensors = read_safetensors(hf_dir)  # refuses a pickle before anything is written
     tokenizer_name = "tokenizer.json" if has_tokenizer(hf_dir) else None
     if tokenizer_name:  # a dataset config beside config_out names the tokenizer, for --predict
-        dataset_id = config_out.stem
-        values["datasets"] = [[dataset_id, max(1, math.ceil(values["n_ctx"] / 100)), "documents_random", 1.0]]
+        values["datasets"] = [[dataset_config.stem, max(1, math.ceil(values["n_ctx"] / 100)), "documents_random", 1.0]]
     config = validate(values, str(config_out))
 
     described = gpt2.weights(config)
@@ -304,8 +307,7 @@ def import_from_hf(hf_dir, model_path, config_out) -> Config:
 
     if tokenizer_name:
         import_tokenizer(hf_dir, Path(model_path) / tokenizer_name)
-        write_dataset_config(config_out.parent / "dataset_configs" / f"{dataset_id}.json", values,
-                             str(Path(model_path) / tokenizer_name))
+        write_dataset_config(dataset_config, values, str(Path(model_path) / tokenizer_name))
     else:
         log.warning("%s has no tokenizer (tokenizer.json, or vocab.json + merges.txt); --predict needs one: "
                     "name it as tokenizer_path in a dataset config", hf_dir)

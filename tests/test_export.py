@@ -330,3 +330,53 @@ def test_main_export_of_an_imported_model_gives_back_hf_logits(cli_imported, wor
     assert not any(info.values()) and warnings == []
     tokens = random_tokens(4)
     assert np.max(np.abs(hf_logits(again, tokens) - hf_logits(model, tokens))) == 0.0  # bitwise, both in torch
+
+
+def test_import_reads_bfloat16_mask_buffers_and_a_tied_lm_head_as_older_checkpoints_store_them(hf_folder, workdir):
+    """Released folders may hold bfloat16 or float16 weights, the attention mask buffers and a copy of
+    the tied lm_head; each weight arrives as the float32 of what was stored, the rest is dropped."""
+    from safetensors.torch import save_file
+
+    folder, model = hf_folder
+    legacy = workdir / "hf-legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((folder / "config.json").read_text())
+    state = {name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    for i in range(3):
+        state[f"transformer.h.{i}.attn.attention.bias"] = torch.ones(1, 1, N_CTX, N_CTX, dtype=torch.bool)
+        state[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(state, str(legacy / "model.safetensors"), metadata={"format": "pt"})
+    config = import_from_hf(legacy, workdir / "from-legacy", workdir / "configs" / "legacy.json")
+    params, _ = restore(config)
+    assert np.array_equal(np.asarray(params["wte"]), state["transformer.wte.weight"].float().numpy())
+    q = state["transformer.h.1.attn.attention.q_proj.weight"].float().numpy()
+    assert np.array_equal(np.asarray(params["blocks"][1]["attn"]["q"]).reshape(N_EMBD, N_EMBD).T, q)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"activation_function": "gelu"}, "exact erf"),
+        ({"tie_word_embeddings": False}, "tie_word_embeddings"),
+        ({"model_type": "gpt2"}, "model_type"),
+    ],
+)
+def test_import_refuses_what_neomesh_cannot_run_by_name(hf_folder, workdir, change, named):
+    folder, _ = hf_folder
+    refused = workdir / f"hf-refused-{named.replace(' ', '-')}"
+    refused.mkdir()
+    (refused / "config.json").write_text(json.dumps(json.loads((folder / "config.json").read_text()) | change))
+    (refused / "model.safetensors").symlink_to(folder / "model.safetensors")
+    with pytest.raises(ExportError, match=named):
+        import_from_hf(refused, workdir / "refused-out", workdir / "configs" / "import_refused.json")
+    assert not (workdir / "refused-out").exists()
+
+
+def test_import_never_overwrites_a_config_or_a_checkpoint(cli_imported, workdir):
+    config_path, folder, _ = cli_imported
+    with pytest.raises(ExportError, match="exists"):
+        import_from_hf(folder, workdir / "elsewhere", config_path)
+    with pytest.raises(ExportError, match="already holds checkpoints"):
+        import_from_hf(folder, workdir / "neo-cli", workdir / "configs" / "other.json")
+    assert not (workdir / "elsewhere").exists() and not (workdir / "configs" / "other.json").exists()
