@@ -17,7 +17,7 @@ weight: the `MAPPING` table below is the whole correspondence.
 Vocabulary padded for speed (n_vocab larger than the tokenizer): every row is exported, and the
 HF config's `vocab_size` is n_vocab, so import(export(x)) is bitwise and HF's logits have the same
 width as ours. The tokenizer never produces the extra ids; HF's tokenizer and `generate` accept a
-vocab_size above the tokenizer's length (EleutherAI's own models differ by design in the same way).
+vocab_size above the tokenizer's length (tests/test_export.py runs both on such a model).
 
 Only safetensors are read or written: a `pytorch_model.bin` (a pickle) is refused.
 """
@@ -333,7 +333,8 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 
 def config_values(hf: dict, hf_dir: Path, model_path: str) -> dict:
-    """GPTNeoConfig's config.json -> our config keys (the shape, attention, activation and eps)."""
+    """GPTNeoConfig's config.json -> our config keys (the shape, attention, activation and eps); a key
+    config.json leaves out takes GPTNeoConfig's default, as from_pretrained would."""
     where = hf_dir / "config.json"
     if not hf.get("tie_word_embeddings", True):
         raise ExportError(f"{where}: tie_word_embeddings is false; neomesh's model ties lm_head to wte")
@@ -358,7 +359,7 @@ def config_values(hf: dict, hf_dir: Path, model_path: str) -> dict:
         "attn_dropout": hf.get("attention_dropout", 0.0),
         "res_dropout": hf.get("resid_dropout", 0.0),
         "model_path": model_path,
-        "eos_id": hf.get("eos_token_id"),
+        "eos_id": hf.get("eos_token_id", 50256),
         "padding_id": hf.get("pad_token_id"),
     }
     if values["intermediate_size"] == 4 * n_embd:
@@ -474,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_path", help="for --from_hf: where the imported checkpoint goes")
     parser.add_argument("--config_out", help="for --from_hf: the config to write, e.g. configs/neo125m.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # orbax's and jax's INFO lines stay quiet
+    log.setLevel(logging.INFO)
     try:
         if args.to_hf and args.model and not args.from_hf:
             out = export_to_hf(load_config(args.model, args.set), args.to_hf, args.step)
