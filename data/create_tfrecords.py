@@ -1,0 +1,372 @@
+"""Tokenize a corpus into TFRecord shards (GPT-Neo's command line and shard format).
+
+    python data/create_tfrecords.py --input_dir corpus/ --name mydata --output_dir tfrecords/ \\
+        --encoder_path tok/byte-level-bpe.tokenizer.json --minimum_size 100
+
+Each record is a tf.train.Example with one int64 feature `text`. Two layouts (--mode):
+
+  chunks     GPT-Neo's: documents joined by the separator, cut into records of chunk_size + 1
+             tokens; a document's tail carries over into the next chunk (across files too), and
+             only the very last record of the corpus may be shorter.
+  documents  one record per document (its tokens, then the separator): what the sampler's
+             documents_random / documents_fixed modes stitch together.
+
+Shards are named `{name}_{i}_{count}.tfrecords`, count being their number of records. The
+output depends only on the inputs and the flags, not on --processes. Each shard is written
+atomically and progress is recorded after each one, so an interrupted run, rerun with the same
+flags, continues where it stopped and ends with exactly the shards of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.corpus import LM_DATAFORMAT_NAMES, LM_DATAFORMAT_SUFFIXES, find_files, read_documents  # noqa: E402
+from tfrecord import write_shard  # noqa: E402
+
+DEFAULT_SUFFIXES = (*LM_DATAFORMAT_SUFFIXES, ".txt", ".xz")
+DOCUMENTS_PER_TASK = 64  # documents per unit of work sent to an encoding process
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", required=True, help="folder searched recursively for the corpus (or one file)")
+    parser.add_argument("--file_type", default=None,
+                        help="read only files with this extension (any extension, e.g. py, is read as plain text); "
+                             "default: every lm_dataformat format plus txt and xz")
+    parser.add_argument("--name", default="data", help="shard name prefix (default: data)")
+    parser.add_argument("--output_dir", default="./tfrecords", help="where the shards go (default: ./tfrecords)")
+    parser.add_argument("--encoder_path", default="gpt2",
+                        help="a tokenizer.json (or a folder holding one), or a pretrained tokenizer name found in the "
+                             "local Hugging Face cache (default: gpt2)")
+    parser.add_argument("--separator", default=None,
+                        help="token id appended after every document (default: the tokenizer's <|endoftext|> id)")
+    parser.add_argument("--minimum_size", type=int, default=100, help="drop documents shorter than this many tokens")
+    parser.add_argument("--chunk_size", type=int, default=2048, help="chunks mode: records hold chunk_size + 1 tokens")
+    parser.add_argument("--files_per", type=int, default=100000, help="records per shard")
+    parser.add_argument("--mode", choices=("chunks", "documents"), default="chunks",
+                        help="chunks (GPT-Neo's, for the chunks sampling mode) or documents (one record per document, "
+                             "for documents_random / documents_fixed); default: chunks")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
+    parser.add_argument("--no_ftfy", dest="ftfy", action="store_false", help="do not repair text with ftfy (on by default)")
+    parser.add_argument("--wikitext_detokenize", "--wikitext-detokenize", action="store_true",
+                        help="undo WikiText's tokenization (' @-@ ', ' , ', ...); off by default: it mangles code")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    for name in ("minimum_size", "chunk_size", "files_per", "processes"):
+        if getattr(args, name) < (0 if name == "minimum_size" else 1):
+            parser.error(f"--{name} {getattr(args, name)}: must be a positive number")
+    return args
+
+
+# --- text cleaning (runs in the encoding processes) ----------------------------------------------
+
+# Printable ASCII except '&', plus tab and newline: text made only of these is exactly what ftfy
+# returns unchanged (no mojibake, entities, control characters or odd line breaks are possible),
+# so the slow repair is skipped for it — most source code and much English prose.
+_NEEDS_FTFY = re.compile(r"[^\t\n\x20-\x25\x27-\x7e]")
+
+
+def fix_text(text: str) -> str:
+    if not _NEEDS_FTFY.search(text):
+        return text
+    import ftfy
+
+    return ftfy.fix_text(text, normalization="NFKC")
+
+
+_WIKITEXT_RULES = [
+    (re.compile(r" @([-.,])@ "), r"\1"),
+    (re.compile(r"(\S) ([.,:;!?])(?= |\n|$)"), r"\1\2"),
+    (re.compile(r"([(\[{]) "), r"\1"),
+    (re.compile(r" ([)\]}])"), r"\1"),
+    (re.compile(r" (n't|'s|'re|'ve|'m|'ll|'d)\b"), r"\1"),
+    (re.compile(r"(=+) (?==)"), r"\1"),
+    (re.compile(r" \n"), "\n"),
+    (re.compile(r"\n "), "\n"),
+]
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenization: ' @-@ ' -> '-', ' , ' -> ', ', '( x )' -> '(x)', '= = =' -> '==='."""
+    for pattern, replacement in _WIKITEXT_RULES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+_worker_tokenizer = None
+_worker_options: dict = {}
+
+
+def _init_worker(encoder_path: str, is_pretrained: bool, use_ftfy: bool, wikitext: bool) -> None:
+    global _worker_tokenizer, _worker_options
+    from encoders import load_tokenizer
+
+    _worker_tokenizer = load_tokenizer(encoder_path, is_pretrained)
+    _worker_options = {"ftfy": use_ftfy, "wikitext": wikitext}
+
+
+def _encode_documents(texts: list[str]) -> list[np.ndarray]:
+    if _worker_options["wikitext"]:
+        texts = [wikitext_detokenize(text) for text in texts]
+    if _worker_options["ftfy"]:
+        texts = [fix_text(text) for text in texts]
+    return [np.asarray(ids, dtype=np.int32) for ids in _worker_tokenizer.encode_batch(texts)]
+
+
+# --- the ordered document stream ---------------------------------------------------------------
+
+
+def input_files(input_dir: str, file_type: str | None) -> list[Path]:
+    files = find_files(input_dir, file_type)
+    if file_type is None:
+        files = [p for p in files if p.name.endswith(DEFAULT_SUFFIXES) or p.name in LM_DATAFORMAT_NAMES]
+    return files
+
+
+def document_stream(files: list[Path], start_file: int, start_document: int) -> Iterator[tuple[int, int, str]]:
+    """(file index, document index, text) from a position onwards, in corpus order."""
+    for file_index in range(start_file, len(files)):
+        skip = start_document if file_index == start_file else 0
+        for document_index, text in enumerate(read_documents(files[file_index])):
+            if document_index >= skip:
+                yield file_index, document_index, text
+
+
+def batched(stream: Iterator[tuple[int, int, str]], size: int) -> Iterator[list[tuple[int, int, str]]]:
+    batch = []
+    for item in stream:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --- progress: what an interrupted run needs to continue exactly --------------------------------
+
+
+@dataclass
+class Progress:
+    settings: dict
+    shards_written: int = 0
+    next_file: int = 0  # the first document not yet turned into records
+    next_document: int = 0
+    documents: int = 0
+    tokens: int = 0
+    skipped_documents: int = 0
+    complete: bool = False
+    shard_names: list = field(default_factory=list)
+
+
+def progress_path(output_dir: Path, name: str) -> Path:
+    return output_dir / f".{name}.progress.npz"
+
+
+def save_progress(output_dir: Path, name: str, progress: Progress, pending: list[np.ndarray], carry: np.ndarray) -> None:
+    """Atomically record the progress and the tokens already read but not yet in a shard."""
+    path = progress_path(output_dir, name)
+    temporary = path.with_suffix(".tmp.npz")
+    lengths = np.asarray([len(r) for r in pending], dtype=np.int64)
+    flat = np.concatenate(pending) if pending else np.zeros(0, dtype=np.int32)
+    np.savez(temporary, state=np.array(json.dumps(asdict(progress))), pending_lengths=lengths,
+             pending_tokens=flat.astype(np.int32), carry=carry.astype(np.int32))
+    os.replace(temporary, path)
+
+
+def load_progress(output_dir: Path, name: str) -> tuple[Progress, list[np.ndarray], np.ndarray] | None:
+    path = progress_path(output_dir, name)
+    if not path.exists():
+        return None
+    with np.load(path) as saved:
+        progress = Progress(**json.loads(str(saved["state"])))
+        pending = np.split(saved["pending_tokens"], np.cumsum(saved["pending_lengths"])[:-1]) \
+            if len(saved["pending_lengths"]) else []
+        return progress, list(pending), saved["carry"]
+
+
+def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, separator: int) -> dict:
+    return {
+        "files": [[str(p), p.stat().st_size] for p in files],
+        "tokenizer": tokenizer_id,
+        "separator": separator,
+        "minimum_size": args.minimum_size,
+        "chunk_size": args.chunk_size,
+        "files_per": args.files_per,
+        "mode": args.mode,
+        "ftfy": args.ftfy,
+        "wikitext_detokenize": args.wikitext_detokenize,
+        "documents_per_task": DOCUMENTS_PER_TASK,
+    }
+
+
+def tokenizer_identity(encoder_path: str, is_pretrained: bool, tokenizer) -> str:
+    if is_pretrained:
+        return f"pretrained:{encoder_path}"
+    return "sha256:" + hashlib.sha256(Path(tokenizer.source).read_bytes()).hexdigest()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def parse_separator(text: str | None, tokenizer) -> int:
+    if text is None:
+        if tokenizer.eos_id is None:
+            raise SystemExit(f"--separator: the tokenizer {tokenizer.source} has no <|endoftext|> token; "
+                             "give the separator id explicitly, e.g. --separator 0")
+        return tokenizer.eos_id
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if isinstance(value, list) and len(value) == 1:  # GPT-Neo wrote it as a one-element list
+        value = value[0]
+    if not isinstance(value, int) or value < 0:
+        raise SystemExit(f"--separator {text!r}: expected one non-negative token id, e.g. --separator 0")
+    return value
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    from configs import ConfigError
+    from encoders import load_tokenizer
+
+    is_pretrained = not Path(args.encoder_path).exists()
+    try:
+        tokenizer = load_tokenizer(args.encoder_path, is_pretrained)
+    except ConfigError as err:
+        raise SystemExit(f"--encoder_path: {err}") from None
+    separator = parse_separator(args.separator, tokenizer)
+    try:
+        files = input_files(args.input_dir, args.file_type)
+    except FileNotFoundError as err:
+        raise SystemExit(f"--input_dir: {err}") from None
+    if not files:
+        raise SystemExit(f"--input_dir {args.input_dir}: no input files found (searched recursively"
+                         + (f" for *.{args.file_type})" if args.file_type else
+                            f" for {', '.join(DEFAULT_SUFFIXES)}); set --file_type for other extensions"))
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings = settings_of(args, files, tokenizer_identity(args.encoder_path, is_pretrained, tokenizer), separator)
+    saved = load_progress(output_dir, args.name)
+    if saved is None:
+        progress, pending, carry = Progress(settings=settings), [], np.zeros(0, dtype=np.int32)
+    else:
+        progress, pending, carry = saved
+        if progress.settings != settings:
+            changed = sorted(k for k in settings if progress.settings.get(k) != settings[k])
+            raise SystemExit(
+                f"{output_dir} holds a run named {args.name!r} made with different inputs or flags "
+                f"({', '.join(changed)} differ). Rerun with the same ones to continue it, or choose another "
+                "--name or --output_dir."
+            )
+        if progress.complete:
+            print(f"{output_dir}: {args.name!r} is already complete ({progress.shards_written} shards, "
+                  f"{progress.tokens} tokens); nothing to do")
+            return [output_dir / n for n in progress.shard_names]
+        print(f"resuming {args.name!r}: {progress.shards_written} shards written, continuing at file "
+              f"{progress.next_file + 1}/{len(files)}, document {progress.next_document}")
+    for stale in output_dir.glob(f"{args.name}_*.tfrecords.tmp-*"):
+        stale.unlink()  # a shard an interrupted run had not finished; it is rewritten below
+
+    record_length = args.chunk_size + 1
+    separator_array = np.asarray([separator], dtype=np.int32)
+
+    def write_next_shard(records: list[np.ndarray]) -> None:
+        shard = output_dir / f"{args.name}_{progress.shards_written}_{len(records)}.tfrecords"
+        write_shard(str(shard), records)
+        progress.shards_written += 1
+        progress.shard_names.append(shard.name)
+
+    stream = document_stream(files, progress.next_file, progress.next_document)
+    tasks = batched(stream, DOCUMENTS_PER_TASK)
+    processes = max(1, args.processes)
+    worker_args = (args.encoder_path, is_pretrained, args.ftfy, args.wikitext_detokenize)
+    pool = None
+    if processes > 1:
+        # spawn, not fork: a tokenizer that already ran its threads in this process (training one, say)
+        # leaves a forked child deadlocked
+        pool = multiprocessing.get_context("spawn").Pool(processes, _init_worker, worker_args)
+        results = pool.imap(_encode_batch_task, tasks, chunksize=1)
+    else:
+        _init_worker(*worker_args)
+        results = map(_encode_batch_task, tasks)
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" docs", desc=args.name, dynamic_ncols=True, mininterval=0.5)
+    start, run_tokens = time.perf_counter(), 0
+    try:
+        for batch_positions, encoded in results:
+            for (file_index, document_index), ids in zip(batch_positions, encoded):
+                progress.next_file, progress.next_document = file_index, document_index + 1
+                if len(ids) < args.minimum_size:
+                    progress.skipped_documents += 1
+                    continue
+                progress.documents += 1
+                progress.tokens += len(ids)
+                run_tokens += len(ids)
+                if args.mode == "documents":
+                    pending.append(np.concatenate([ids, separator_array]))
+                else:
+                    carry = np.concatenate([carry, ids, separator_array])
+                    full = len(carry) // record_length * record_length
+                    if full:
+                        pending.extend(carry[:full].reshape(-1, record_length))
+                        carry = carry[full:]
+                while len(pending) >= args.files_per:
+                    write_next_shard(pending[: args.files_per])
+                    pending = pending[args.files_per:]
+                    save_progress(output_dir, args.name, progress, pending, carry)
+            if bar is not None:
+                bar.update(len(encoded))
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{run_tokens / elapsed:,.0f} tokens/s, {progress.shards_written} shards",
+                                    refresh=False)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+
+    if len(carry):  # the corpus's last tokens: a shorter record rather than lost text
+        pending.append(carry)
+        carry = carry[:0]
+    if pending:
+        write_next_shard(pending)
+        pending = []
+    progress.next_file, progress.next_document = len(files), 0
+    progress.complete = True
+    save_progress(output_dir, args.name, progress, pending, carry)
+    elapsed = time.perf_counter() - start
+    print(f"{args.name}: {progress.shards_written} shards in {output_dir}, {progress.documents} documents, "
+          f"{progress.tokens} tokens ({progress.skipped_documents} documents under --minimum_size "
+          f"{args.minimum_size} skipped); this run: {run_tokens / max(elapsed, 1e-9):,.0f} tokens/s")
+    return [output_dir / n for n in progress.shard_names]
+
+
+def _encode_batch_task(batch: list[tuple[int, int, str]]) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
+    positions = [(file_index, document_index) for file_index, document_index, _ in batch]
+    return positions, _encode_documents([text for _, _, text in batch])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Train a byte-level BPE tokenizer on a corpus (GPT-Neo's command line).
+
+    python data/train_tokenizer.py --base_dir corpus/ --output_dir tok/ --file_type txt --vocab_size 50257
+
+Writes `byte-level-bpe.tokenizer.json` and `dataset_config.json` (a dataset config to copy into
+configs/dataset_configs/) into --output_dir. Special tokens: `<|endoftext|>` is id 0 and
+`<|padding|>` id 1. Every matching file is used, and an existing tokenizer is only overwritten
+after asking (or with --overwrite); nothing else in the folder is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tokenizers import ByteLevelBPETokenizer  # noqa: E402
+
+from data.corpus import find_files, read_documents  # noqa: E402
+
+TOKENIZER_FILE = "byte-level-bpe.tokenizer.json"
+DATASET_CONFIG_FILE = "dataset_config.json"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]  # ids 0 and 1, in this order
+PLAIN_TEXT_TYPES = ("txt",)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_dir", required=True, help="folder searched recursively for input files (or one file)")
+    parser.add_argument("--output_dir", default="tokenizers", help="where the tokenizer is written (default: tokenizers)")
+    parser.add_argument("--file_type", default="txt",
+                        help="extension of the input files: txt, jsonl, jsonl.zst, xz, tar.gz, ...; any other "
+                             "(e.g. py) is read as plain text, one document per file (default: txt)")
+    parser.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size, special tokens included")
+    parser.add_argument("--min_frequency", type=int, default=2, help="merges seen fewer times are not learned")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer without asking")
+    return parser.parse_args(argv)
+
+
+def confirm_overwrite(path: Path, overwrite: bool) -> None:
+    if not path.exists() or overwrite:
+        return
+    if sys.stdin.isatty():
+        answer = input(f"{path} exists. Overwrite it? [y/N] ")
+        if answer.strip().lower() in ("y", "yes"):
+            return
+    raise SystemExit(f"{path} exists; not overwriting it. Pass --overwrite to replace it, or pick another --output_dir.")
+
+
+def documents(files: list[Path]) -> Iterator[str]:
+    for path in files:
+        yield from read_documents(path)
+
+
+def is_plain_text(file_type: str) -> bool:
+    # the Rust trainer reads plain-text files itself, in parallel; everything else is streamed
+    from data.corpus import LM_DATAFORMAT_SUFFIXES
+
+    suffix = "." + file_type.lstrip(".")
+    return file_type in PLAIN_TEXT_TYPES or not (suffix.endswith(LM_DATAFORMAT_SUFFIXES) or suffix.endswith(".xz"))
+
+
+def train_tokenizer(files: list[Path], file_type: str, vocab_size: int, min_frequency: int = 2) -> ByteLevelBPETokenizer:
+    tokenizer = ByteLevelBPETokenizer(add_prefix_space=True, unicode_normalizer="nfkc")
+    options = dict(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                   show_progress=sys.stderr.isatty())
+    if is_plain_text(file_type):
+        tokenizer.train([str(p) for p in files], **options)
+    else:
+        tokenizer.train_from_iterator(documents(files), **options)
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    if args.vocab_size <= len(SPECIAL_TOKENS):
+        raise SystemExit(f"--vocab_size {args.vocab_size}: must exceed the {len(SPECIAL_TOKENS)} special tokens")
+    try:
+        files = find_files(args.base_dir, args.file_type)
+    except FileNotFoundError as err:
+        raise SystemExit(f"--base_dir: {err}") from None
+    if not files:
+        raise SystemExit(f"--base_dir {args.base_dir}: no files ending in .{args.file_type.lstrip('.')} "
+                         "(searched recursively); set --file_type to the corpus's extension")
+    output_dir = Path(args.output_dir)
+    tokenizer_path = output_dir / TOKENIZER_FILE
+    confirm_overwrite(tokenizer_path, args.overwrite)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    total_bytes = sum(p.stat().st_size for p in files)
+    print(f"training a {args.vocab_size}-token byte-level BPE on {len(files)} files ({total_bytes / 1e6:.1f} MB)")
+    tokenizer = train_tokenizer(files, args.file_type, args.vocab_size, args.min_frequency)
+    tokenizer.save(str(tokenizer_path))
+
+    eos_id = tokenizer.token_to_id(SPECIAL_TOKENS[0])
+    padding_id = tokenizer.token_to_id(SPECIAL_TOKENS[1])
+    vocab_size = tokenizer.get_vocab_size()
+    dataset_config = {
+        "n_vocab": vocab_size,
+        "path": "REPLACE/WITH/YOUR/tfrecords/*.tfrecords",
+        "eval_path": "",
+        "tokenizer_is_pretrained": False,
+        "tokenizer_path": str(tokenizer_path),
+        "eos_id": eos_id,
+        "padding_id": padding_id,
+    }
+    (output_dir / DATASET_CONFIG_FILE).write_text(json.dumps(dataset_config, indent=2) + "\n")
+    print(f"saved {tokenizer_path} (vocabulary {vocab_size})")
+    print(f"{SPECIAL_TOKENS[0]} id {eos_id}; {SPECIAL_TOKENS[1]} id {padding_id}")
+    print(f"suggested dataset config: {output_dir / DATASET_CONFIG_FILE}")
+    return tokenizer_path
+
+
+if __name__ == "__main__":
+    main()
