@@ -64,6 +64,10 @@ def _cached_pretrained_file(name: str) -> Path | None:
 def _from_transformers_cache(name: str) -> Tokenizer | None:
     """Pretrained tokenizers stored without a tokenizer.json (vocab.json + merges.txt) via transformers."""
     try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(name, f), str) for f in ("vocab.json", "tokenizer_config.json")):
+            return None  # nothing cached: spare the slow transformers import
         from transformers import AutoTokenizer
     except ImportError:
         return None
