@@ -474,3 +474,25 @@ def test_check_dataset_reports_id_range_and_decoded_samples(document_shards, tok
     config = config.replace(n_vocab=300)
     report = check_dataset(config)
     assert "TOO LARGE" in report and "PROBLEMS" in report
+
+
+def test_shards_on_another_filesystem_take_the_same_path(tmp_path):
+    """fsspec's in-memory filesystem stands in for gs://: same glob, open, seek and read calls."""
+    for i in range(2):
+        write_shard(f"memory://bucket/mem_{i}_3.tfrecords", [np.arange(i * 100, i * 100 + 40)] * 3)
+    sampler = sampler_for(tmp_path, "memory://bucket/mem_*.tfrecords", "chunks")
+    paths = sampler.datasets[0].paths
+    assert len(paths) == 2 and all(p.startswith("memory://") and "bucket/mem_" in p for p in paths)
+    rows = sampler.rows(0, range(6), 6)
+    assert sorted(rows[:, 0].tolist()) == [0, 0, 0, 100, 100, 100]
+
+
+def test_ftfy_shortcut_changes_nothing_ftfy_would_not(tmp_path):
+    import ftfy
+
+    samples = [(STDLIB / name).read_text() for name in SOURCE_MODULES] + [
+        "plain ascii\tand newline\n", "caf\u00c3\u00a9 mojibake", "a &amp; b", "line\r\nbreak", "ctrl\x07char",
+        "\ufb01 ligature", "\u201ccurly\u201d", "form\x0cfeed",
+    ]
+    for text in samples:
+        assert create_tfrecords.fix_text(text) == ftfy.fix_text(text, normalization="NFKC")
