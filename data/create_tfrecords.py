@@ -202,7 +202,9 @@ def load_progress(output_dir: Path, name: str) -> tuple[Progress, list[np.ndarra
 
 def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, separator: int) -> dict:
     return {
-        "files": [[str(p), p.stat().st_size] for p in files],
+        # relative to --input_dir, so that a run may be continued from another working directory
+        "files": [[str(p.relative_to(args.input_dir)) if p.is_relative_to(args.input_dir) else p.name,
+                   p.stat().st_size] for p in files],
         "tokenizer": tokenizer_id,
         "separator": separator,
         "minimum_size": args.minimum_size,
