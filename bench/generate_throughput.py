@@ -1,0 +1,136 @@
+"""Generation speed: neomesh's KV-cached sampler against Hugging Face GPTNeo on PyTorch.
+
+Both run greedy decoding of the same new-token count after the same prompt, in float32 on this
+machine's CPU, with the same weights: a randomly initialised HF GPTNeoForCausalLM at GPT-Neo
+125M's shape, copied into our parameter tree through export.py's mapping. Reported per batch
+size: new tokens/s (after a warm-up that compiles) and time to first token (a one-token
+generation: the prompt pass plus one sampling step), and the ratios ours / HF.
+
+    PYTHONPATH=. .venv/bin/python bench/generate_throughput.py            # 125M, batches 1 and 8
+    PYTHONPATH=. .venv/bin/python bench/generate_throughput.py --small    # a quick check of the script
+
+The last line of the output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from configs import validate  # noqa: E402
+from export import TRANSFORMS, expanded_mapping, get_path, set_path  # noqa: E402
+from models import gpt2  # noqa: E402
+from sample import generate  # noqa: E402
+
+SHAPE_125M = dict(n_layer=12, n_embd=768, n_head=12, n_ctx=2048, n_vocab=50257, local_attention_radius=256)
+SHAPE_SMALL = dict(n_layer=4, n_embd=128, n_head=4, n_ctx=512, n_vocab=2048, local_attention_radius=32)
+
+
+def build_models(shape: dict):
+    """A random HF GPTNeoForCausalLM and our config and params holding the same weights."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(0)
+    hf_config = GPTNeoConfig(
+        vocab_size=shape["n_vocab"], max_position_embeddings=shape["n_ctx"], hidden_size=shape["n_embd"],
+        num_layers=shape["n_layer"], num_heads=shape["n_head"], window_size=shape["local_attention_radius"],
+        attention_types=[[["global", "local"], shape["n_layer"] // 2]], activation_function="gelu_new",
+        embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, layer_norm_epsilon=1e-5,
+    )
+    hf_model = GPTNeoForCausalLM(hf_config).eval()
+
+    config = validate(dict(shape, attention_types=[[["global", "local"], shape["n_layer"] // 2]],
+                           activation_function="gelu", precision="float32"), "bench/generate_throughput.py")
+    hf_tensors = {name: t.detach().numpy() for name, t in hf_model.state_dict().items()}
+    params = jax.tree.map(lambda x: x, jax.eval_shape(lambda: gpt2.init_params(config, jax.random.key(0))))
+    for path, hf_name, transform in expanded_mapping(config):
+        our_shape = get_path(params, path).shape
+        set_path(params, path, np.ascontiguousarray(TRANSFORMS[transform][1](hf_tensors[hf_name], our_shape)))
+    params = jax.device_put(params)
+    return hf_model, config, params
+
+
+def time_ours(params, config, prompt, new_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
+    """Best wall time of `repeats` generations (after one that compiles), and the tokens."""
+    samples = generate(params, config, prompt, max_new_tokens=new_tokens, temperature=0.0)  # compiles
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        samples = generate(params, config, prompt, max_new_tokens=new_tokens, temperature=0.0)
+        best = min(best, time.perf_counter() - start)
+    return best, samples.tokens
+
+
+def time_hf(model, prompt, new_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
+    input_ids = torch.tensor(prompt)
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(input_ids, **dict(kwargs, max_new_tokens=2, min_new_tokens=2))  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            output = model.generate(input_ids, **kwargs)
+            best = min(best, time.perf_counter() - start)
+    return best, output[:, input_ids.shape[1]:].tolist()
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy generations share (float32 rounding may split them later)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="a small model, to check the script quickly")
+    parser.add_argument("--prompt_tokens", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement; the best counts")
+    args = parser.parse_args()
+
+    shape = SHAPE_SMALL if args.small else SHAPE_125M
+    hf_model, config, params = build_models(shape)
+    print(f"model: {shape}, alternating global/local; float32; jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, best of {args.repeats}")
+
+    rng = np.random.default_rng(0)
+    results = {"model": "125M" if not args.small else "small", "prompt_tokens": args.prompt_tokens,
+               "new_tokens": args.new_tokens}
+    for batch in args.batches:
+        prompt = rng.integers(0, shape["n_vocab"], (batch, args.prompt_tokens)).tolist()
+        ours_s, ours_tokens = time_ours(params, config, prompt, args.new_tokens, args.repeats)
+        hf_s, hf_tokens = time_hf(hf_model, prompt, args.new_tokens, args.repeats)
+        ours_ttft, _ = time_ours(params, config, prompt, 1, args.repeats)
+        hf_ttft, _ = time_hf(hf_model, prompt, 1, args.repeats)
+        ours_rate = batch * args.new_tokens / ours_s
+        hf_rate = batch * args.new_tokens / hf_s
+        agree = min(agreeing_prefix(a, b) for a, b in zip(ours_tokens, hf_tokens))
+        print(f"batch {batch}: neomesh {ours_rate:8.1f} new tokens/s, first token {ours_ttft * 1e3:7.1f} ms | "
+              f"HF {hf_rate:8.1f} new tokens/s, first token {hf_ttft * 1e3:7.1f} ms | "
+              f"ratio {ours_rate / hf_rate:.2f}x tokens/s, {hf_ttft / ours_ttft:.2f}x first token | "
+              f"greedy tokens agree for the first {agree} of {args.new_tokens}")
+        results[f"batch_{batch}"] = {
+            "neomesh_tokens_per_s": round(ours_rate, 2), "hf_tokens_per_s": round(hf_rate, 2),
+            "tokens_per_s_ratio": round(ours_rate / hf_rate, 3),
+            "neomesh_first_token_ms": round(ours_ttft * 1e3, 2), "hf_first_token_ms": round(hf_ttft * 1e3, 2),
+            "first_token_speedup": round(hf_ttft / ours_ttft, 3), "greedy_agreeing_prefix": agree,
+        }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Sampling (sample.py): the KV cache against full recomputation, the logit filters, seeds,
+sharding, and `--predict` end to end with a real checkpoint and a real tokenizer.
+
+Models are tiny (n_ctx 64, n_embd 32) so every test runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from checkpoints import Checkpoints
+from configs import ConfigError, load_config, validate
+from encoders import load_dataset_tokenizer
+from mesh import build_mesh_layout
+from models import gpt2
+from sample import (
+    SamplingSettings,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    choose_tokens,
+    generate,
+    run_predict,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MIXED_KINDS = [[["global", "local", "none", "local"], 1]]
+
+
+def tiny_config(**overrides):
+    values = {"n_layer": 4, "n_embd": 32, "n_head": 4, "n_ctx": 64, "n_vocab": 128, "attention_types": MIXED_KINDS,
+              "local_attention_radius": 8, "layer_norm_epsilon": 1e-5}
+    return validate(values | overrides, "tests/test_sample.py")
+
+
+def peaked_params(config, seed: int = 0):
+    """Random parameters scaled up, so that logits are far apart and greedy choices are never
+    near-ties that float rounding could flip between two correct implementations."""
+    params = gpt2.init_params(config, jax.random.key(seed))
+    return jax.tree.map(lambda w: 8.0 * w, params)
+
+
+def full_recompute_greedy(params, config, prompt: list[int], new_tokens: int) -> list[int]:
+    """The reference: rerun the whole model over the sequence for every new token, no cache.
+    The sequence is right-padded to n_ctx so one compiled program serves every length (causal
+    attention: the padding after the last real token cannot change its logits)."""
+    all_logits = jax.jit(lambda tokens: gpt2.logits(params, tokens, config))
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        padded = np.zeros((1, config.n_ctx), np.int32)
+        padded[0, : len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(all_logits(padded)[0, len(tokens) - 1])))
+    return tokens[len(prompt):]
+
+
+# --- the cache --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("radius", [8, 24])  # 8: prompts longer than the ring; 24: a ring longer than the prompt bucket
+def test_cached_greedy_decoding_equals_full_recompute_for_global_local_and_none_layers(radius):
+    config = tiny_config(local_attention_radius=radius)
+    params = peaked_params(config)
+    prompts = [[5, 6, 7], list(range(1, 19))]  # different lengths in one batch: left padding, per-row positions
+    samples = generate(params, config, prompts, max_new_tokens=40, temperature=0.0)
+    for prompt, tokens in zip(prompts, samples.tokens):
+        assert tokens == full_recompute_greedy(params, config, prompt, 40)
+
+
+def test_generation_stops_at_n_ctx_and_a_long_prompt_is_left_truncated(caplog):
+    config = tiny_config()
+    params = peaked_params(config)
+    near_the_end = generate(params, config, list(range(60)), max_new_tokens=40, temperature=0.0)
+    assert len(near_the_end.tokens[0]) == config.n_ctx - 60
+    assert near_the_end.tokens[0] == full_recompute_greedy(params, config, list(range(60)), 4)
+
+    too_long = [i % 100 for i in range(90)]
+    with caplog.at_level("WARNING", logger="neomesh"):
+        truncated = generate(params, config, too_long, max_new_tokens=5, temperature=0.0)
+    assert "longer than n_ctx" in caplog.text
+    assert truncated.prompt_tokens[0] == too_long[-(config.n_ctx - 1):]
+    assert truncated.tokens[0] == full_recompute_greedy(params, config, too_long[-(config.n_ctx - 1):], 1)
+
+
+def test_a_row_stops_at_eos_and_keeps_it():
+    config = tiny_config()
+    params = peaked_params(config)
+    free_running = generate(params, config, [3, 4, 5], max_new_tokens=12, temperature=0.0).tokens[0]
+    eos = free_running[5]
+    stopped = generate(params, config, [3, 4, 5], max_new_tokens=12, temperature=0.0, eos_id=eos).tokens[0]
+    assert stopped == free_running[: free_running.index(eos) + 1]
+
+
+def test_bad_prompts_are_clear_errors():
+    config = tiny_config()
+    params = gpt2.init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(params, config, [])
+    with pytest.raises(ValueError, match="token id 500"):
+        generate(params, config, [1, 500])
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        generate(params, config, "some text")
+
+
+# --- logit filters ------------------------------------------------------------------------------
+
+VOCAB = 12
+finite_logits = arrays(np.float32, (3, VOCAB), elements=st.floats(-20, 20, width=32, allow_subnormal=False))  # XLA flushes subnormals
+
+
+@settings(max_examples=60, deadline=None)
+@given(finite_logits, st.integers(0, VOCAB + 2))
+def test_top_k_keeps_the_k_largest_of_each_row(logits, k):
+    filtered = np.asarray(apply_top_k(jnp.asarray(logits), k))
+    kept = np.isfinite(filtered)
+    if k == 0 or k >= VOCAB:
+        np.testing.assert_array_equal(filtered, logits)
+        return
+    for row, keep in zip(logits, kept):
+        assert keep.sum() >= k  # more only through ties with the k-th largest
+        assert keep.sum() == k or np.sort(row)[::-1][k - 1] == np.sort(row)[::-1][k]
+        assert row[keep].min() >= row[~keep].max(initial=-np.inf)
+    np.testing.assert_array_equal(filtered[kept], logits[kept])
+
+
+@settings(max_examples=60, deadline=None)
+@given(finite_logits, st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_most_likely_set_with_mass_p(logits, p):
+    filtered = np.asarray(apply_top_p(jnp.asarray(logits), p))
+    kept = np.isfinite(filtered)
+    if p >= 1.0:
+        np.testing.assert_array_equal(filtered, logits)
+        return
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1), np.float64)
+    for row, prob, keep in zip(logits, probs, kept):
+        assert keep[np.argmax(row)]  # the most likely token always stays
+        assert row[keep].min() >= row[~keep].max(initial=-np.inf)  # the kept set is a top set
+        assert prob[keep].sum() >= p - 1e-5  # it holds at least p
+        smallest_kept = row[keep].min()
+        assert prob[row > smallest_kept].sum() < p + 1e-5  # without its least likely member(s) it would not
+    np.testing.assert_array_equal(filtered[kept], logits[kept])
+
+
+@settings(max_examples=60, deadline=None)
+@given(finite_logits, st.floats(0.05, 5.0))
+def test_temperature_rescales_logits_and_keeps_their_order(logits, temperature):
+    scaled = np.asarray(apply_temperature(jnp.asarray(logits), temperature))
+    np.testing.assert_allclose(scaled * temperature, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.argsort(scaled, axis=-1, kind="stable"), np.argsort(logits, axis=-1, kind="stable"))
+    probs, base = jax.nn.softmax(scaled, axis=-1), jax.nn.softmax(logits, axis=-1)
+    top = np.argmax(logits, axis=-1)[:, None]
+    top_prob, base_top = np.take_along_axis(np.asarray(probs), top, -1), np.take_along_axis(np.asarray(base), top, -1)
+    if temperature < 1:  # sharpening: the most likely token gains probability; flattening loses it
+        assert np.all(top_prob >= base_top - 1e-6)
+    else:
+        assert np.all(top_prob <= base_top + 1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(finite_logits, arrays(bool, (3, VOCAB)), st.floats(0.1, 10.0))
+def test_repetition_penalty_lowers_only_seen_tokens_by_the_penalty(logits, seen, penalty):
+    penalised = np.asarray(apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), penalty))
+    np.testing.assert_array_equal(penalised[~seen], logits[~seen])
+    expected = np.where(logits > 0, logits / np.float32(penalty), logits * np.float32(penalty))
+    np.testing.assert_allclose(penalised[seen], expected[seen], rtol=1e-6)
+    if penalty >= 1:
+        assert np.all(penalised <= logits)
+    np.testing.assert_array_equal(np.asarray(apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.0)),
+                                  logits)
+
+
+@settings(max_examples=25, deadline=None)
+@given(finite_logits, st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_sampled_tokens_come_from_the_filtered_set_and_greedy_is_the_argmax(logits, k, seed):
+    seen = jnp.zeros(logits.shape, bool)
+    rng = jax.random.key(seed)
+    sampled = np.asarray(choose_tokens(jnp.asarray(logits), seen, rng, SamplingSettings(temperature=1.0, top_k=k)))
+    allowed = np.isfinite(np.asarray(apply_top_k(jnp.asarray(logits), k)))
+    assert allowed[np.arange(3), sampled].all()
+    greedy = np.asarray(choose_tokens(jnp.asarray(logits), seen, rng, SamplingSettings(temperature=0.0)))
+    np.testing.assert_array_equal(greedy, np.argmax(logits, axis=-1))
+
+
+# --- seeds --------------------------------------------------------------------------------------
+
+
+def test_the_same_seed_gives_the_same_samples_and_different_seeds_differ():
+    config = tiny_config(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2)
+    params = gpt2.init_params(config, jax.random.key(0))  # near-uniform logits: samples vary a lot
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    first = generate(params, config, prompts, max_new_tokens=20, seed=7).tokens
+    again = generate(params, config, prompts, max_new_tokens=20, seed=7).tokens
+    other = generate(params, config, prompts, max_new_tokens=20, seed=8).tokens
+    assert first == again
+    assert first != other
+    assert first[0] != first[1]  # rows draw independently
+
+
+# --- sharding -----------------------------------------------------------------------------------
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax
+    sys.path.insert(0, os.getcwd())
+    from configs import validate
+    from mesh import build_mesh_layout
+    from models import gpt2
+    from sample import generate
+    config = validate({"n_layer": 4, "n_embd": 32, "n_head": 4, "n_ctx": 64, "n_vocab": 128,
+                       "attention_types": [[["global", "local", "none", "local"], 1]], "local_attention_radius": 8,
+                       "mesh_shape": "x:2,y:4", "layout": "batch:x,heads:y"}, "sharded")
+    layout = build_mesh_layout(config)
+    assert jax.device_count() == 8
+    params = jax.tree.map(lambda w: 8.0 * w, gpt2.init_params(config, jax.random.key(0)))
+    prompts = [[5, 6, 7], list(range(1, 19))]
+    result = {}
+    for name, lay in (("one_device", None), ("sharded", layout)):
+        result[name] = {
+            "greedy": generate(params, config, prompts, layout=lay, max_new_tokens=30, temperature=0.0).tokens,
+            "sampled": generate(params, config, prompts, layout=lay, max_new_tokens=30, temperature=1.0,
+                                top_k=20, seed=3).tokens,
+            "batch_of_one": generate(params, config, prompts[:1], layout=lay, max_new_tokens=30,
+                                     temperature=0.0).tokens,
+        }
+    print(json.dumps(result))
+""")
+
+
+def test_sharded_decoding_on_8_devices_gives_the_tokens_of_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sharded"] == result["one_device"]
+    assert result["one_device"]["batch_of_one"][0] == result["one_device"]["greedy"][0]
+
+
+# --- main.py --predict --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predict_setup(tmp_path_factory):
+    """A real tokenizer trained here, dataset and model configs pointing at it, and a checkpoint
+    at step 7 of random parameters saved with Checkpoints."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    workdir = tmp_path_factory.mktemp("predict")
+    corpus = ["the named mesh shards every tensor by its dimension names", "a layout maps heads to a mesh axis",
+              "sampling keeps a cache of keys and values for every layer"] * 20
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer_file = workdir / "tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+
+    (workdir / "configs" / "dataset_configs").mkdir(parents=True)
+    (workdir / "configs" / "dataset_configs" / "tiny.json").write_text(json.dumps(
+        {"path": str(workdir / "shards" / "*.tfrecords"), "tokenizer_path": str(tokenizer_file), "eos_id": 0}))
+    model_config = {"n_layer": 2, "n_embd": 32, "n_head": 4, "n_ctx": 64, "n_vocab": 320,
+                    "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
+                    "model_path": str(workdir / "model"), "datasets": [["tiny", 1, "documents_random", 1.0]],
+                    "predict_batch_size": 3, "predict_max_steps": 12}
+    config_file = workdir / "configs" / "tiny_model.json"
+    config_file.write_text(json.dumps(model_config))
+    config = load_config(str(config_file))
+
+    params = gpt2.init_params(config, jax.random.key(0))
+    checkpoints = Checkpoints(config.model_path, asynchronous=False)
+    checkpoints.save(7, {"params": params, "opt_state": None}, {"step": 7})
+    checkpoints.close()
+    return workdir, config, params
+
+
+def test_predict_writes_sample_sections_continuing_the_prompt(predict_setup, capsys):
+    workdir, config, params = predict_setup
+    prompt_file = workdir / "prompt.txt"
+    prompt_file.write_text("the named mesh")
+    layout = build_mesh_layout(config, jax.devices()[:1])
+
+    path = run_predict(config, layout, str(prompt_file))
+
+    assert path == Path(config.model_path) / "predictions_nosacred_7.txt"
+    written = path.read_text()
+    tokenizer = load_dataset_tokenizer(config)
+    expected = generate(params, config, [tokenizer.encode("the named mesh")] * 3, tokenizer=tokenizer, eos_id=0)
+    prompt_text = tokenizer.decode(tokenizer.encode("the named mesh"))
+    for i, completion in enumerate(expected.texts):
+        assert f" SAMPLE {i} " in written
+        assert f"\n{prompt_text}{completion}\n" in written
+    assert " SAMPLE 3 " not in written
+    assert written.strip() and written.split("\n", 1)[1] in capsys.readouterr().out
+
+
+def test_predict_without_a_prompt_uses_the_default_and_names_the_sacred_id(predict_setup):
+    workdir, config, _ = predict_setup
+    path = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), None, sacred_id="run42")
+    assert path.name == "predictions_run42_7.txt"
+    assert "SAMPLE 0" in path.read_text()
+
+
+def test_predict_refuses_an_empty_prompt_file_by_name(predict_setup):
+    workdir, config, _ = predict_setup
+    empty = workdir / "empty_prompt.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ConfigError, match="empty_prompt.txt.*empty"):
+        run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(empty))
+    with pytest.raises(ConfigError, match="missing.txt: no such file"):
+        run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(workdir / "missing.txt"))
