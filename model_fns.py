@@ -123,7 +123,7 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
             loss, ce, grads = jax.tree.map(lambda x: x / microbatches, total)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-        metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
 
     return jax.jit(

@@ -1,0 +1,131 @@
+"""Training throughput: neomesh's train step against Hugging Face transformers' GPTNeoForCausalLM
+(PyTorch, AdamW, float32, same shape and batch) in the same run, and MFU against a float32
+matrix-multiply roofline measured on the same machine.
+
+    python bench/train_throughput.py              # both shapes
+    python bench/train_throughput.py --shapes small --steps 5
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {
+    "small": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_ctx": 256, "n_vocab": 50257, "train_batch_size": 8},
+    "125M": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_ctx": 512, "n_vocab": 50257, "train_batch_size": 4},
+}
+
+
+def config_for(shape: dict, precision: str = "float32"):
+    from configs import validate
+
+    values = dict(shape, precision=precision, warmup_steps=10, train_steps=1000, lr=1e-4,
+                  mesh_shape="", layout="", z_loss=1e-4)
+    return validate(values, "bench")
+
+
+def time_steps(run_step, steps: int, warmup: int = 2) -> float:
+    """Seconds per step: the median over `steps` timed steps after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run_step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def neomesh_seconds_per_step(config, steps: int) -> float:
+    import jax
+    import numpy as np
+
+    import model_fns
+    from mesh import build_mesh_layout
+    from optimizers import make_optimizer
+
+    layout = build_mesh_layout(config, jax.devices()[:1])
+    optimizer = make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    state = {"s": model_fns.init_state(config, layout, optimizer, shardings)}
+    train_step = model_fns.make_train_step(config, layout, optimizer, shardings)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.n_vocab, (config.train_batch_size, config.n_ctx + 1), dtype=np.int32)
+    inputs, labels = jax.numpy.asarray(tokens[:, :-1]), jax.numpy.asarray(tokens[:, 1:])
+
+    def run_step():
+        state["s"], metrics = train_step(state["s"], inputs, labels)
+        metrics["loss"].block_until_ready()
+
+    return time_steps(run_step, steps)
+
+
+def hf_seconds_per_step(config, steps: int) -> float:
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(0)
+    hf_config = GPTNeoConfig(
+        vocab_size=config.n_vocab, max_position_embeddings=config.n_ctx, hidden_size=config.n_embd,
+        num_layers=config.n_layer, num_heads=config.n_head, attention_types=[[["global"], config.n_layer]],
+        intermediate_size=4 * config.n_embd, activation_function="gelu_new",
+        embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
+    )
+    model = GPTNeoForCausalLM(hf_config).float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    tokens = torch.randint(0, config.n_vocab, (config.train_batch_size, config.n_ctx))
+
+    def run_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return time_steps(run_step, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--skip_hf", action="store_true", help="only neomesh (e.g. on a GPU machine)")
+    args = parser.parse_args()
+
+    import jax
+
+    import model_fns
+    from metrics import matmul_roofline
+
+    roofline = matmul_roofline(2048 if jax.default_backend() == "cpu" else 8192,
+                               dtype=jax.numpy.bfloat16 if args.precision == "bfloat16" else jax.numpy.float32)
+    print(f"device: {jax.devices()[0].device_kind}; matmul roofline {roofline / 1e9:,.1f} GFLOP/s ({args.precision})")
+    results = {"roofline_gflops": roofline / 1e9, "device": jax.devices()[0].device_kind, "precision": args.precision}
+    for name in args.shapes:
+        config = config_for(SHAPES[name], args.precision)
+        tokens = config.train_batch_size * config.n_ctx
+        ours = tokens / neomesh_seconds_per_step(config, args.steps)
+        mfu = ours * model_fns.flops_per_token(config) / roofline
+        row = {"neomesh_tokens_per_sec": ours, "mfu_vs_roofline": mfu}
+        line = f"{name}: neomesh {ours:,.0f} tok/s, MFU {100 * mfu:.1f}% of roofline"
+        if not args.skip_hf:
+            hf = tokens / hf_seconds_per_step(config, args.steps)
+            row |= {"hf_tokens_per_sec": hf, "ratio": ours / hf}
+            line += f" | HF GPTNeo (PyTorch) {hf:,.0f} tok/s | ratio {ours / hf:.2f}x"
+        print(line, flush=True)
+        results[name] = row
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Config loading, overrides and validation: every mistake is a ConfigError naming the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import KEYS, ConfigError, load_config, parse_override, resolve_datasets, validate
+from models import gpt2
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gpt-neo-configs"
+REFERENCE_CONFIGS = sorted(REFERENCE.glob("*.json"))
+SMALL = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2, "n_vocab": 64, "attention_types": None}
+
+
+@pytest.mark.skipif(not REFERENCE_CONFIGS, reason="reference configs not beside the repository")
+@pytest.mark.parametrize("path", REFERENCE_CONFIGS, ids=lambda p: p.stem)
+def test_reference_gpt_neo_configs_load_unchanged(path):
+    raw = json.loads(path.read_text())
+    config = load_config(str(path))
+    for key, value in raw.items():
+        assert getattr(config, key) == value
+    assert len(config.layer_kinds) == config.n_layer
+
+
+def test_every_key_has_a_default_and_a_meaning():
+    config = validate({}, "empty")
+    for key, spec in KEYS.items():
+        assert spec.meaning, key
+        assert getattr(config, key) == spec.default
+
+
+def test_model_name_resolves_under_configs_and_json_path_is_used_as_is(tmp_path):
+    assert load_config("demo").source.endswith("configs/demo.json")
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(SMALL))
+    assert load_config(str(path)).n_embd == 32
+    with pytest.raises(ConfigError, match="no_such_model"):
+        load_config("no_such_model")
+
+
+def test_overrides_are_typed():
+    config = load_config("demo", ["train_steps=7", "lr=1e-3", "mesh_shape=x:1", 'layout=batch:x',
+                                  'attention_types=[[["local"], 2]]', "n_layer=2", "recompute_grad=true"])
+    assert config.train_steps == 7 and isinstance(config.train_steps, int)
+    assert config.lr == 1e-3
+    assert config.mesh_shape == "x:1"
+    assert config.layer_kinds == ["local", "local"]
+    assert config.recompute_grad is True
+    assert parse_override("model_path=runs/a=b") == ("model_path", "runs/a=b")
+
+
+BAD = [
+    ("n_layers=4", "n_layer"),                       # unknown key, with a suggestion
+    ("n_layer=four", "n_layer"),                     # wrong type
+    ("n_layer=0", "n_layer"),                        # not positive
+    ("n_head=5", "n_embd"),                          # n_embd not divisible by n_head
+    ('attention_types=[[["global"], 3]]', "attention_types"),   # expands to 3 layers, not 2
+    ('attention_types=[[["sparse"], 2]]', "attention_types"),   # unknown kind
+    ('attention_types=[["global", 2]]', "attention_types"),     # malformed entry
+    ("mesh_shape=x4", "mesh_shape"),                 # malformed mesh
+    ("mesh_shape=x:0", "mesh_shape"),                # empty axis
+    ("layout=batch", "layout"),                      # malformed layout
+    ("layout=batches:x", "layout"),                  # unknown dimension
+    ("layout=batch:z", "layout"),                    # axis not in the mesh
+    ("precision=float16", "precision"),
+    ("opt_name=sgd", "opt_name"),
+    ("lr_decay=step", "lr_decay"),
+    ("activation_function=gelux", "activation_function"),
+    ("attn_dropout=1.5", "attn_dropout"),
+    ("top_p=0", "top_p"),
+    ('datasets=[["mydata", 25, "documents_random"]]', "datasets"),           # three fields, not four
+    ('datasets=[["mydata", 25, "documents_sorted", 1.0]]', "datasets"),      # unknown sampling mode
+    ("tokens_per_mb_per_replica=-1", "tokens_per_mb_per_replica"),
+    ("train_steps", "train_steps"),                  # --set without a value
+]
+
+
+@pytest.mark.parametrize("override,key", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_a_config_error_naming_the_key(override, key):
+    overrides = [f"{k}={json.dumps(v)}" for k, v in SMALL.items()] + ["mesh_shape=x:1"]
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", overrides + [override])
+    assert key in str(err.value)
+
+
+def test_unknown_key_suggests_the_closest_known_key(tmp_path):
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({**SMALL, "warmup_step": 10}))
+    with pytest.raises(ConfigError, match="did you mean 'warmup_steps'") as err:
+        load_config(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_invalid_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "n_layer": 2,\n  "n_embd": \n}')
+    with pytest.raises(ConfigError, match=r"broken.json: not valid JSON at line 4"):
+        load_config(str(path))
+
+
+def test_dataset_id_without_dataset_config_names_the_id(tmp_path):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({**SMALL, "datasets": [["nowhere", 4, "documents_random", 1.0]]}))
+    config = load_config(str(path))  # the model itself is valid: --dry_run needs no data
+    with pytest.raises(ConfigError, match="'datasets' names 'nowhere'"):
+        resolve_datasets(config)
+
+
+def test_dataset_config_beside_the_model_config_is_found(tmp_path):
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "mine.json").write_text(json.dumps({"n_vocab": 64, "path": "x/*.tfrecords",
+                                                                         "eos_id": 0}))
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({**SMALL, "datasets": [["mine", 3, "chunks", 2.0]]}))
+    (dataset,) = resolve_datasets(load_config(str(path)))
+    assert (dataset.id, dataset.stitch, dataset.mode, dataset.weight, dataset.eos_id) == ("mine", 3, "chunks", 2.0, 0)
+
+
+def test_activation_function_is_honoured():
+    """GPT-Neo read another key and always used GELU; here the configured activation changes the model."""
+    tokens = jnp.arange(16)[None] % 64
+    outputs = {}
+    for name in ("gelu", "relu"):
+        config = validate({**SMALL, "activation_function": name}, "test")
+        outputs[name] = gpt2.logits(gpt2.init_params(config, jax.random.key(0)), tokens, config)
+    assert float(jnp.max(jnp.abs(outputs["gelu"] - outputs["relu"]))) > 1e-4
+
+
+def test_unimplemented_architecture_options_refuse_by_name():
+    for key, value in [("rotary_emb", True), ("moe_layers", [0]), ("no_weight_tie", True)]:
+        config = validate({**SMALL, key: value}, "test")
+        with pytest.raises(ConfigError, match=key):
+            gpt2.check_supported(config)
+    config = validate({**SMALL, "attention_types": [[["linear"], 2]]}, "test")
+    with pytest.raises(ConfigError, match="linear"):
+        gpt2.check_supported(config)

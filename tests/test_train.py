@@ -1,0 +1,241 @@
+"""The sharded train step, microbatching, the optimizer, and main.py's training loop with real
+TFRecord shards and real orbax checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model_fns
+from configs import validate
+from mesh import build_mesh_layout
+from optimizers import learning_rate, make_optimizer
+from tfrecord import write_shard
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO.parent / "shared" / "reference" / "gpt-neo-configs"
+TINY = {
+    "n_ctx": 32, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_vocab": 256, "train_batch_size": 8,
+    "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
+    "lr": 1e-3, "warmup_steps": 2, "train_steps": 3, "lr_decay_end": 8,  # the schedule must not depend on train_steps
+}
+LAYOUTS = [
+    ("", ""),
+    ("x:4,y:2", "batch:x,heads:y,vocab:y,intermediate_expanded:y"),
+    ("x:2,y:4", "batch:x,embd:y"),
+]
+
+
+def run_steps(config, devices, batches):
+    layout = build_mesh_layout(config, devices)
+    optimizer = make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    state = model_fns.init_state(config, layout, optimizer, shardings)
+    step = model_fns.make_train_step(config, layout, optimizer, shardings)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, jnp.asarray(batch[:, :-1]), jnp.asarray(batch[:, 1:]))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(state["params"])
+
+
+def random_batches(config, count, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, config.n_vocab, (count, config.train_batch_size, config.n_ctx + 1), dtype=np.int32)
+
+
+def assert_same_params(a, b, rtol):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        relative = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12)
+        assert relative <= rtol, (jax.tree_util.keystr(path), relative)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    config = validate({**TINY, "mesh_shape": "", "layout": ""}, "test")
+    return run_steps(config, jax.devices()[:1], random_batches(config, 3))
+
+
+@pytest.mark.parametrize("mesh_shape,layout", LAYOUTS, ids=["empty", "x4y2-heads", "x2y4-embd"])
+def test_sharded_loss_equals_single_device_loss(single_device_run, mesh_shape, layout):
+    assert jax.device_count() == 8
+    config = validate({**TINY, "mesh_shape": mesh_shape, "layout": layout}, "test")
+    losses, params = run_steps(config, jax.devices(), random_batches(config, 3))
+    expected_losses, expected_params = single_device_run
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    assert_same_params(params, expected_params, rtol=1e-5)
+    assert losses[-1] < losses[0]
+
+
+def test_four_microbatches_give_the_same_update_as_one():
+    one = validate({**TINY, "mesh_shape": "x:2", "layout": "batch:x"}, "test")
+    # 8 rows over 2 replicas = 4 rows x 32 tokens per replica; 32 tokens per microbatch -> 4 microbatches
+    four = one.replace(tokens_per_mb_per_replica=32)
+    layout = build_mesh_layout(four, jax.devices()[:2])
+    assert model_fns.microbatch_count(four, layout) == 4
+    batches = random_batches(one, 2)
+    losses_one, params_one = run_steps(one, jax.devices()[:2], batches)
+    losses_four, params_four = run_steps(four, jax.devices()[:2], batches)
+    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+    assert_same_params(params_four, params_one, rtol=1e-5)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    config = validate({**TINY, "weight_decay": 0.5, "gradient_clipping": 0.0}, "test")
+    params = {"wte": jnp.ones((4, 2)), "ln_f": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+              "mlp": {"fc": jnp.ones((2, 2)), "fc_bias": jnp.ones(2)}}
+    optimizer = make_optimizer(config)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+    assert float(updates["wte"][0, 0]) < 0 and float(updates["mlp"]["fc"][0, 0]) < 0
+    for leaf in (updates["ln_f"]["scale"], updates["ln_f"]["bias"], updates["mlp"]["fc_bias"]):
+        assert float(jnp.abs(leaf).max()) == 0.0
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_schedule_warms_up_then_decays_to_a_tenth(decay):
+    config = validate({**TINY, "lr": 1.0, "warmup_steps": 10, "train_steps": 100, "lr_decay_end": None,
+                       "lr_decay": decay}, "test")
+    schedule = learning_rate(config)
+    warm = [float(schedule(s)) for s in range(10)]
+    assert all(a < b for a, b in zip(warm, warm[1:]))
+    assert float(schedule(100)) == pytest.approx(0.1, rel=1e-5)
+    assert float(schedule(500)) == pytest.approx(0.1, rel=1e-5)
+    middle = 1.0 - 0.9 * 0.5 if decay == "linear" else 0.1 + 0.9 * 0.5
+    assert float(schedule(50)) == pytest.approx(middle, rel=1e-4)
+
+
+# --- main.py end to end -------------------------------------------------------------------------
+
+
+def write_dataset(folder: Path, n_vocab: int, documents: int = 60, max_id: int | None = None, seed: int = 0) -> Path:
+    """Shards of random documents, and a model config beside a dataset config naming them."""
+    rng = np.random.default_rng(seed)
+    shards = folder / "shards"
+    shards.mkdir(parents=True)
+    top = max_id if max_id is not None else n_vocab - 1
+    docs = [rng.integers(2, top + 1, rng.integers(20, 90)) for _ in range(documents)]
+    docs[0][0] = top
+    half = documents // 2
+    write_shard(str(shards / f"tiny_0_{half}.tfrecords"), docs[:half])
+    write_shard(str(shards / f"tiny_1_{documents - half}.tfrecords"), docs[half:])
+    (folder / "dataset_configs").mkdir()
+    (folder / "dataset_configs" / "tiny.json").write_text(json.dumps({
+        "n_vocab": n_vocab, "path": str(shards / "*.tfrecords"), "eval_path": str(shards / "tiny_1_*.tfrecords"),
+        "eos_id": 0, "padding_id": 1, "tokenizer_path": ""}))
+    config = {**TINY, "datasets": [["tiny", 2, "documents_random", 1.0]], "iterations": 2,
+              "steps_per_checkpoint": 3, "mesh_shape": "", "layout": "", "embed_dropout": 0.1,
+              "res_dropout": 0.1, "eval_steps": 1, "eval_batch_size": 4}
+    path = folder / "model.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def main_py(*args, check=True, devices=1, background=False):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, str(REPO / "main.py"), *args]
+    if background:
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def final_params(model_path: Path, model_config: Path):
+    from checkpoints import restore_params
+    from configs import load_config
+
+    config = load_config(str(model_config), [f"model_path={model_path}", "mesh_shape=", "layout="])
+    return restore_params(config, build_mesh_layout(config, jax.devices()[:1]))
+
+
+def logged(model_path: Path, key: str) -> dict[int, float]:
+    lines = (model_path / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+def test_resume_in_a_new_process_is_exact(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main_py("--model", str(model_config), "--set", f"model_path={straight}", "--set", "train_steps=6")
+    first = main_py("--model", str(model_config), "--set", f"model_path={resumed}", "--set", "train_steps=3")
+    second = main_py("--model", str(model_config), "--set", f"model_path={resumed}", "--set", "train_steps=6")
+    assert "resumed" in second.stdout and "at step 3" in second.stdout
+    assert "step 2/3 | loss" in first.stdout and "tok/s" in first.stdout and "ETA" in first.stdout
+
+    straight_loss, resumed_loss = logged(straight, "loss"), logged(resumed, "loss")
+    assert straight_loss[6] == pytest.approx(resumed_loss[6], rel=1e-6)
+    assert logged(straight, "eval_loss")[6] == pytest.approx(logged(resumed, "eval_loss")[6], rel=1e-6)
+    (params_a, step_a), (params_b, step_b) = final_params(straight, model_config), final_params(resumed, model_config)
+    assert step_a == step_b == 6
+    assert_same_params(params_b, params_a, rtol=1e-6)
+
+    record = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "loss", "lr", "tokens_per_sec"} <= record.keys()
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert (straight / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    model_path = tmp_path / "run"
+    overrides = ["--set", f"model_path={model_path}", "--set", "steps_per_checkpoint=1000", "--set", "eval_steps=0"]
+    process = main_py("--model", str(model_config), *overrides, "--set", "train_steps=100000", background=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (model_path / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    saved = sorted(int(p.name) for p in (model_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] >= 2, output
+    result = main_py("--model", str(model_config), *overrides, "--set", f"train_steps={saved[-1] + 2}")
+    assert f"at step {saved[-1]}" in result.stdout
+
+
+def test_new_refuses_without_a_terminal_unless_yes(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    model_path = tmp_path / "run"
+    main_py("--model", str(model_config), "--set", f"model_path={model_path}", "--set", "train_steps=1",
+            "--set", "eval_steps=0")
+    refused = main_py("--model", str(model_config), "--set", f"model_path={model_path}", "--new", check=False)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert (model_path / "checkpoints" / "1").exists()
+    main_py("--model", str(model_config), "--set", f"model_path={model_path}", "--set", "train_steps=2",
+            "--set", "eval_steps=0", "--new", "--yes")
+    assert sorted(logged(model_path, "loss")) == [2]  # started afresh: step 1 was logged by the deleted run only
+
+
+def test_training_refuses_token_ids_at_or_above_n_vocab(tmp_path):
+    model_config = write_dataset(tmp_path, n_vocab=TINY["n_vocab"], max_id=290)  # the config claims 256; a shard holds 290
+    result = main_py("--model", str(model_config), "--set", f"model_path={tmp_path / 'run'}", check=False)
+    assert result.returncode == 2
+    assert "tiny" in result.stderr and "290" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_override_on_the_command_line_is_one_clear_line(tmp_path):
+    result = main_py("--model", "demo", "--set", "n_head=5", check=False)
+    assert result.returncode == 2
+    assert "n_embd" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not (REFERENCE / "gpt3_small_256.json").exists(), reason="reference configs not present")
+def test_dry_run_on_gpt3_small_reports_about_125m_parameters():
+    result = main_py("--model", str(REFERENCE / "gpt3_small_256.json"), "--dry_run", "--set", "mesh_shape=x:2,y:1",
+                     "--set", "train_batch_size=2", devices=2)
+    count = int(result.stdout.split("parameters: ")[1].split(" ")[0].replace(",", ""))
+    assert 120e6 < count < 130e6
+    assert "per-device memory:" in result.stdout
