@@ -22,14 +22,14 @@ def absolute(path: str) -> str:
 
 
 class Checkpoints:
-    def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True):
+    def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
         if not model_path:
             raise ValueError("model_path is empty: set it in the config or with --set model_path=DIR")
         self.directory = os.path.join(absolute(model_path), "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
+                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=not read_only,
             ),
         )
 
@@ -77,10 +77,14 @@ def restore_params(config, layout, step: int | None = None) -> tuple[dict, int]:
     from model_fns import param_shardings
     from models import gpt2
 
-    checkpoints = Checkpoints(config.model_path)
+    directory = os.path.join(absolute(config.model_path), "checkpoints") if config.model_path else "model_path ''"
+    missing = f"no checkpoint in {directory}: train first, or import one with export.py --from_hf"
+    if "://" not in directory and not os.path.isdir(directory):
+        raise FileNotFoundError(missing)
+    checkpoints = Checkpoints(config.model_path, read_only=True)
     step = checkpoints.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}: train first, or import one with export.py --from_hf")
+        raise FileNotFoundError(missing)
     shapes = jax.eval_shape(lambda: gpt2.init_params(config, jax.random.key(0)))
     abstract = {"params": abstract_tree(param_shardings(config, layout), shapes)}
     state, _ = checkpoints.restore(step, abstract)

@@ -68,7 +68,11 @@ def select_devices(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # neomesh's own lines; libraries keep their default (warnings only)
+    log.propagate = False
     from configs import ConfigError, load_config
 
     try:
