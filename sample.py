@@ -146,18 +146,6 @@ class DecodeShape:
         return self.cache_slots
 
 
-def init_cache(config, shape: DecodeShape, dtype) -> list[dict]:
-    """Zeroed k, v [batch, heads, memory_length, kv] per attention layer; {} for a `none` layer."""
-    cache = []
-    for kind in config.layer_kinds:
-        if kind == "none":
-            cache.append({})
-            continue
-        dims = (shape.batch, config.n_head, shape.window(kind, config), config.head_dim)
-        cache.append({"k": jnp.zeros(dims, dtype), "v": jnp.zeros(dims, dtype)})
-    return cache
-
-
 def embed(params, tokens, positions):
     """tokens, positions [batch, sequence] -> [batch, sequence, embd]."""
     return params["wte"][tokens] + params["wpe"][positions]
