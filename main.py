@@ -117,6 +117,12 @@ def run(args, config) -> int:
     if args.export is not None:
         import export
 
+        if jax.process_count() > 1:
+            from configs import ConfigError
+
+            raise ConfigError("--export is a one-host job (it gathers every parameter onto one device): "
+                              "run `python export.py --model M --to_hf DIR` on one machine")
+
         out_dir = args.export or os.path.join(config.model_path, "hf")
         print(f"Hugging Face model written to {export.export_to_hf(config, out_dir)}")
         return 0
