@@ -43,6 +43,10 @@ class Checkpoints:
         folder = Path(self.directory) / str(step)
         return {p.name for p in folder.iterdir()} if folder.is_dir() else {"params", "opt_state", "meta"}
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The JSON item alone: cheap, and readable whatever the shapes of the arrays beside it."""
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
     def save(self, step: int, state: dict, meta: dict[str, Any]) -> None:
         items = {"params": ocp.args.StandardSave(state["params"]), "meta": ocp.args.JsonSave(meta)}
         if state.get("opt_state") is not None:

@@ -85,7 +85,7 @@ KEYS: dict[str, Key] = {
     "model_path": Key("", "str", "folder (local or gs://) for checkpoints, metrics and samples"),
     "model": Key("GPT", "str", 'model family: only "GPT"'),
     "seed": Key(0, "int", "seed of the initialisation, dropout and data order"),
-    "log_grads": Key(False, "bool", "log the global gradient norm"),
+    "log_grads": Key(False, "bool", "accepted for GPT-Neo configs; the global gradient norm is always logged"),
     # --- optimizer -----------------------------------------------------------------------------
     "opt_name": Key("adam", "str", "adam (decoupled weight decay, skipping norms and biases) | adafactor"),
     "lr": Key(6e-4, "float", "peak learning rate"),

@@ -475,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_path", help="for --from_hf: where the imported checkpoint goes")
     parser.add_argument("--config_out", help="for --from_hf: the config to write, e.g. configs/neo125m.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # orbax's and jax's INFO lines stay quiet
-    log.setLevel(logging.INFO)
+    from metrics import setup_logging
+
+    setup_logging()
     try:
         if args.to_hf and args.model and not args.from_hf:
             out = export_to_hf(load_config(args.model, args.set), args.to_hf, args.step)

@@ -68,12 +68,11 @@ def select_devices(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)  # neomesh's own lines; libraries keep their default (warnings only)
-    log.propagate = False
     from configs import ConfigError, load_config
+    from metrics import setup_logging
+    from tfrecord import DataError
+
+    setup_logging()
 
     try:
         overrides = list(args.set)
@@ -82,14 +81,9 @@ def main(argv=None) -> int:
         config = load_config(args.model, overrides)
         select_devices(args)
         return run(args, config)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # data errors carry their file and offset; show them plainly
-        if type(err).__name__ == "DataError":
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
 
 
 def run(args, config) -> int:
@@ -108,6 +102,9 @@ def run(args, config) -> int:
 
         print(inputs.check_dataset(config))
         return 0
+    from models import gpt2
+
+    gpt2.check_supported(config)
     layout = build_mesh_layout(config)
     if args.predict:
         import sample
@@ -158,7 +155,9 @@ def require_model_path(config) -> None:
                           "e.g. --set model_path=runs/mymodel")
 
 
-SHAPE_KEYS = ("n_ctx", "n_embd", "n_head", "n_layer", "n_vocab", "attention_types", "intermediate_size")
+# keys that change the shape of the parameters or of the optimizer state
+SHAPE_KEYS = ("n_ctx", "n_embd", "n_head", "n_layer", "n_vocab", "attention_types", "intermediate_size",
+              "opt_name", "gradient_clipping")
 
 
 def check_same_model(config, saved: dict, where: str) -> None:
@@ -166,8 +165,11 @@ def check_same_model(config, saved: dict, where: str) -> None:
     from configs import ConfigError
 
     saved_config = saved.get("config", {})
-    differ = [f"{k}: checkpoint {saved_config[k]!r}, config {getattr(config, k)!r}"
-              for k in SHAPE_KEYS if k in saved_config and saved_config[k] != getattr(config, k)]
+    def structure(key, value):  # clipping on or off changes the optimizer state; its threshold does not
+        return value > 0 if key == "gradient_clipping" else value
+
+    differ = [f"{k}: checkpoint {saved_config[k]!r}, config {getattr(config, k)!r}" for k in SHAPE_KEYS
+              if k in saved_config and structure(k, saved_config[k]) != structure(k, getattr(config, k))]
     if differ:
         raise ConfigError(f"{where} holds a model of another shape ({'; '.join(differ)}); "
                           "use another model_path, or --new to start afresh")
@@ -179,20 +181,17 @@ def restore_or_init(config, layout, optimizer, shardings, checkpoints):
 
     import model_fns
     from checkpoints import abstract_tree
-    from models import gpt2
 
     step = checkpoints.latest_step()
     if step is None:
         return model_fns.init_state(config, layout, optimizer, shardings), 0
+    check_same_model(config, checkpoints.meta(step), f"{checkpoints.directory}/{step}")
     shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
-    abstract = abstract_tree(shardings, shapes)
-    state, meta = checkpoints.restore(step, abstract)
-    check_same_model(config, meta, checkpoints.directory)
+    state, _ = checkpoints.restore(step, abstract_tree(shardings, shapes))
     if state["opt_state"] is None:  # imported weights: a fresh optimizer from them
         log.info("checkpoint %d holds parameters only: starting a fresh optimizer state", step)
         state["opt_state"] = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(state["params"])
     state["step"] = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings["step"])
-    gpt2.check_supported(config)
     log.info("resumed from %s at step %d", checkpoints.directory, step)
     return state, step
 
@@ -200,6 +199,7 @@ def restore_or_init(config, layout, optimizer, shardings, checkpoints):
 def train(config, layout, args) -> int:
     import jax
     import numpy as np
+    from jax.experimental import multihost_utils
 
     import inputs
     import model_fns
@@ -209,9 +209,19 @@ def train(config, layout, args) -> int:
     from optimizers import learning_rate, make_optimizer
 
     require_model_path(config)
-    gpt2.check_supported(config)
-    if args.new and jax.process_index() == 0:
-        confirm_new(config.model_path, args.yes)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):  # preemption: save at the next step boundary, then leave
+        stop["signal"] = signum
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+    if args.new:
+        if jax.process_index() == 0:
+            confirm_new(config.model_path, args.yes)
+        if jax.process_count() > 1:  # no host looks for checkpoints before process 0 has deleted them
+            multihost_utils.sync_global_devices("neomesh --new")
     train_data = inputs.Sampler(config, "train")  # refuses ids >= n_vocab before anything is compiled
     eval_data = inputs.Sampler(config, "eval") if config.eval_steps > 0 and has_eval_data(config) else None
 
@@ -223,26 +233,25 @@ def train(config, layout, args) -> int:
     eval_step = model_fns.make_eval_step(config, layout, shardings, config.eval_batch_size) if eval_data else None
 
     main_process = jax.process_index() == 0
-    run_log = RunLog(config.model_path, main_process)
+    run_log = RunLog(config.model_path, main_process, start)
     schedule = learning_rate(config)
     tokens_per_step = config.train_batch_size * config.n_ctx
     peak, peak_source = peak_flops_per_device(config.precision)
     flops_per_step = model_fns.flops_per_token(config) * tokens_per_step
     log.info("training %s: %s parameters, %d devices (mesh %s, layout %s), steps %d..%d; MFU against %s",
-             config.source, f"{parameter_count(config):,}", layout.mesh.size, dict(layout.mesh.shape),
+             config.source, f"{gpt2.parameter_count(config):,}", layout.mesh.size, dict(layout.mesh.shape),
              layout.layout or "{}", start, config.train_steps, peak_source)
 
     def save(step):
         meta = {"step": step, "seed": config.seed, "data_position": step, "config": config.to_dict()}
         checkpoints.save(step, state, meta)
 
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):  # preemption: save at the next step boundary, then leave
-        stop["signal"] = signum
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
+    def stopping() -> bool:
+        """Every host stops at the same step (saving is collective), if any host was signalled."""
+        if jax.process_count() == 1:
+            return stop["signal"] is not None
+        flags = multihost_utils.process_allgather(np.asarray(stop["signal"] is not None))
+        return bool(np.any(flags))
 
     step = start
     window_start, window_steps = time.perf_counter(), 0
@@ -252,10 +261,13 @@ def train(config, layout, args) -> int:
         step += 1
         window_steps += 1
         last = step == config.train_steps
-        if step % config.iterations == 0 or last or stop["signal"]:
+        stopped = stopping()
+        if step % config.iterations == 0 or last or stopped:
             values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             if not np.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at step {step}; the last checkpoint is kept")
+                checkpoints.close()
+                raise FloatingPointError(f"loss is {values['loss']} at step {step}; the checkpoints saved before "
+                                         "it are kept (lower lr, or raise warmup_steps, and resume)")
             seconds = (time.perf_counter() - window_start) / window_steps
             values |= {"lr": float(schedule(step - 1)), "tokens_per_sec": tokens_per_step / seconds,
                        "mfu": flops_per_step / seconds / (peak * layout.mesh.size)}
@@ -263,16 +275,16 @@ def train(config, layout, args) -> int:
                 print(progress_line(step, config.train_steps, values, seconds), flush=True)
             run_log.log(step, values)
             window_start, window_steps = time.perf_counter(), 0
-        if step % config.steps_per_checkpoint == 0 or last or stop["signal"]:
+        if step % config.steps_per_checkpoint == 0 or last or stopped:
             save(step)
-            if eval_step is not None and not stop["signal"]:
+            if eval_step is not None and not stopped:
                 eval_loss = run_eval(config, layout, eval_step, state["params"], eval_data)
                 if main_process:
                     print(f"step {step} | eval loss {eval_loss:.4f}", flush=True)
                 run_log.log(step, {"eval_loss": eval_loss})
-            window_start = time.perf_counter()
-        if stop["signal"]:
-            log.info("stopped by signal %d at step %d; checkpoint saved", stop["signal"], step)
+            window_start, window_steps = time.perf_counter(), 0  # saving and evaluating are not training time
+        if stopped:
+            log.info("stopped by a signal at step %d; checkpoint saved", step)
             break
     checkpoints.close()
     run_log.close()
@@ -303,7 +315,7 @@ def evaluate(config, layout) -> int:
     """--eval: cross-entropy, perplexity and bits per byte of the newest checkpoint on eval_path."""
     import math
 
-    import numpy as np
+    import jax
 
     import encoders
     import inputs
@@ -320,32 +332,15 @@ def evaluate(config, layout) -> int:
     for i in range(max(config.eval_steps, 1)):
         batch_inputs, batch_labels = inputs.global_batch(data, i, layout, config.eval_batch_size)
         losses.append(float(eval_step(params, batch_inputs, batch_labels)[1]))
-        labels = np.asarray(jax_process_local(batch_labels))
+        # batches are a pure function of the step: this host can rebuild every row to count its bytes
+        labels = data.rows(i, range(config.eval_batch_size), config.eval_batch_size)[:, 1:]
         byte_count += sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in labels)
         token_count += labels.size
     loss = sum(losses) / len(losses)
     bits_per_byte = loss * token_count / max(byte_count, 1) / math.log(2)
-    print(f"step {step} | {split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits per byte {bits_per_byte:.4f}")
+    if jax.process_index() == 0:
+        print(f"step {step} | {split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits per byte {bits_per_byte:.4f}")
     return 0
-
-
-def jax_process_local(array):
-    """The rows of a global array that live on this process."""
-    import numpy as np
-
-    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-    unique = {(s.index[0].start or 0): np.asarray(s.data) for s in shards}
-    return np.concatenate([unique[k] for k in sorted(unique)])
-
-
-def parameter_count(config) -> int:
-    import math
-
-    import jax
-
-    from models import gpt2
-
-    return sum(math.prod(gpt2.shape_of(w, config)) for w in jax.tree.leaves(gpt2.weights(config), is_leaf=gpt2.is_weight))
 
 
 def dry_run(config, layout) -> int:
@@ -356,7 +351,6 @@ def dry_run(config, layout) -> int:
     from models import gpt2
     from optimizers import make_optimizer
 
-    gpt2.check_supported(config)
     optimizer = make_optimizer(config)
     shardings = model_fns.state_shardings(config, layout, optimizer)
     state_shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
@@ -365,7 +359,7 @@ def dry_run(config, layout) -> int:
     step = model_fns.make_train_step(config, layout, optimizer, shardings)
     compiled = step.lower(state_shapes, batch, batch).compile()
     seconds = time.perf_counter() - start
-    count = parameter_count(config)
+    count = gpt2.parameter_count(config)
     print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
     print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}; "
           f"microbatches per step: {model_fns.microbatch_count(config, layout)}")

@@ -130,7 +130,8 @@ def build_mesh_layout(config, devices: Sequence[jax.Device] | None = None) -> Me
     axes = parse_mesh_shape(config.mesh_shape, config.source)
     layout = parse_layout(config.layout, axes, config.source)
     if not axes:
-        if len(devices) > 1 and config.train_batch_size % len(devices) == 0:
+        batches = [config.train_batch_size] + ([config.eval_batch_size] if config.eval_steps else [])
+        if len(devices) > 1 and all(b % len(devices) == 0 for b in batches):
             axes, layout = {DATA_AXIS: len(devices)}, {"batch": DATA_AXIS}
             log.info("mesh_shape is empty: data parallel over all %d devices (batch:%s)", len(devices), DATA_AXIS)
         else:

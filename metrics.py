@@ -6,7 +6,10 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging
+import math
 import os
+import sys
 import time
 
 import jax
@@ -54,6 +57,12 @@ def peak_flops_per_device(precision: str) -> tuple[float, str]:
     return float("nan"), f"unknown peak for {device.device_kind}"
 
 
+def setup_logging() -> None:
+    """neomesh's own INFO lines on stdout; libraries (orbax, jax, absl) keep to warnings."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("neomesh").setLevel(logging.INFO)
+
+
 def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
@@ -61,12 +70,16 @@ def format_eta(seconds: float) -> str:
 class RunLog:
     """Progress lines on stdout; TensorBoard scalars and metrics.jsonl in model_path (process 0 only)."""
 
-    def __init__(self, model_path: str, enabled: bool):
+    def __init__(self, model_path: str, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(model_path, "metrics.jsonl")
         self.writer = None
         if enabled:
             os.makedirs(model_path, exist_ok=True)
+            # a run that crashed after its last checkpoint logged steps that will be trained again
+            kept = [r for r in read_metrics(model_path) if r["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(model_path, "tensorboard"))
@@ -88,7 +101,7 @@ class RunLog:
 def progress_line(step: int, total: int, values: dict[str, float], seconds_per_step: float) -> str:
     parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}",
              f"{values['tokens_per_sec']:,.0f} tok/s"]
-    if values.get("mfu") == values.get("mfu"):  # not NaN
+    if not math.isnan(values.get("mfu", math.nan)):
         parts.append(f"MFU {100 * values['mfu']:.1f}%")
     parts.append(f"ETA {format_eta((total - step) * seconds_per_step)}")
     return " | ".join(parts)

@@ -7,8 +7,6 @@ dimension names; optimizer-state leaves shaped like a parameter are sharded like
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,7 +18,7 @@ from models import gpt2
 BATCH_DIMS = ("batch", "sequence")
 
 
-def cross_entropy(hidden, out_embedding, labels, z_loss: float):
+def cross_entropy(hidden, out_embedding, labels):
     """Mean float32 softmax cross-entropy and mean log(Z)^2 over all positions.
 
     hidden [batch, sequence, embd], out_embedding [vocab, embd], labels [batch, sequence].
@@ -34,7 +32,7 @@ def cross_entropy(hidden, out_embedding, labels, z_loss: float):
 def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
     """Causal LM loss with GPT-Neo's z-loss: (loss, cross_entropy)."""
     hidden = gpt2.forward(params, inputs, config, layout, dropout_rng)
-    ce, z = cross_entropy(hidden, gpt2.output_embedding(params), labels, config.z_loss)
+    ce, z = cross_entropy(hidden, gpt2.output_embedding(params), labels)
     return ce + config.z_loss * z, ce
 
 
@@ -148,11 +146,7 @@ def flops_per_token(config) -> float:
     """Useful training FLOPs per token: 6 per matmul weight (forward and backward; the position
     table is a lookup, the tied token embedding a matmul at the output) plus the q.k and probs.v
     products over the positions each layer's causal mask lets a query see, on average."""
-    matmul_weights = sum(
-        math.prod(gpt2.shape_of(w, config))
-        for w in jax.tree.leaves(gpt2.weights(config), is_leaf=gpt2.is_weight)
-        if len(w.dims) >= 2 and w.dims[0] != "embed_sequence"
-    )
+    matmul_weights = gpt2.parameter_count(config, matmul_only=True)
     attended = 0.0
     for kind in config.layer_kinds:
         if kind == "global":

@@ -33,7 +33,7 @@ def learning_rate(config):
 def decays(path) -> bool:
     """Weight decay skips LayerNorm parameters and biases (GPT-Neo's rule, by name)."""
     names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-    return not any(n.startswith("ln") or n.endswith("bias") or n in ("scale",) for n in names)
+    return not any(n.startswith("ln") or n.endswith("bias") for n in names)
 
 
 def weight_decay_mask(params):
@@ -48,13 +48,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
             weight_decay=config.weight_decay, mask=weight_decay_mask,
         )
     else:
-        # optax.adafactor's own pieces, so that ada_epsilon2 reaches the parameter-scale floor
+        # optax's Adafactor pieces, chained here so that ada_epsilon2 reaches the parameter-scale
+        # floor; weight decay joins before the learning rate, so it is scaled by it as in adam
         update = optax.chain(
             optax.scale_by_factored_rms(epsilon=config.ada_epsilon1),
-            optax.scale_by_learning_rate(schedule, flip_sign=False),
+            optax.clip_by_block_rms(1.0),
             optax.scale_by_param_block_rms(min_scale=config.ada_epsilon2),
             optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
-            optax.scale(-1.0),
+            optax.scale_by_learning_rate(schedule),
         )
     if config.gradient_clipping > 0:
         return optax.chain(optax.clip_by_global_norm(config.gradient_clipping), update)

@@ -9,6 +9,7 @@ it, giving every parameter's dimension names and init. Read top to bottom: `weig
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,16 @@ def is_weight(node) -> bool:
 def shape_of(weight: Weight, config) -> tuple[int, ...]:
     sizes = config.dim_sizes
     return tuple(sizes[dim] for dim in weight.dims)
+
+
+def parameter_count(config, matmul_only: bool = False) -> int:
+    """All parameters, or only those used in a matrix multiply (not the position table, a lookup;
+    the tied token embedding counts, as the output projection)."""
+    return sum(
+        math.prod(shape_of(w, config))
+        for w in jax.tree.leaves(weights(config), is_leaf=is_weight)
+        if not matmul_only or (len(w.dims) >= 2 and w.dims[0] != "embed_sequence")
+    )
 
 
 def init_params(config, rng: jax.Array) -> dict:

@@ -194,7 +194,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     overrides = ["--set", f"model_path={model_path}", "--set", "steps_per_checkpoint=1000", "--set", "eval_steps=0"]
     process = main_py("--model", str(model_config), *overrides, "--set", "train_steps=100000", background=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not (model_path / "metrics.jsonl").exists():
+    metrics = model_path / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
