@@ -125,7 +125,7 @@ def _encode_documents(texts: list[str]) -> list[np.ndarray]:
         texts = [wikitext_detokenize(text) for text in texts]
     if _worker_options["ftfy"]:
         texts = [fix_text(text) for text in texts]
-    return [np.asarray(ids, dtype=np.int32) for ids in _worker_tokenizer.encode_batch(texts)]
+    return [np.asarray(ids, dtype=np.int32) for ids in _worker_tokenizer.encode_batch(texts, num_threads=1)]
 
 
 # --- the ordered document stream ---------------------------------------------------------------
