@@ -254,16 +254,21 @@ def train(config, layout, args) -> int:
         return bool(np.any(flags))
 
     step = start
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_sums = time.perf_counter(), 0, None
     while step < config.train_steps:
         batch_inputs, batch_labels = inputs.global_batch(train_data, step, layout, config.train_batch_size)
         state, step_metrics = train_step(state, batch_inputs, batch_labels)
+        # summed on the device: the host waits for nothing until the next progress line
+        losses = {k: step_metrics[k] for k in ("loss", "cross_entropy")}
+        window_sums = losses if window_sums is None else jax.tree.map(jax.numpy.add, window_sums, losses)
         step += 1
         window_steps += 1
         last = step == config.train_steps
         stopped = stopping()
         if step % config.iterations == 0 or last or stopped:
             values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            # loss and cross_entropy: the mean over the steps since the last line, not one noisy batch
+            values |= {k: float(v) / window_steps for k, v in jax.device_get(window_sums).items()}
             if not np.isfinite(values["loss"]):
                 checkpoints.close()
                 raise FloatingPointError(f"loss is {values['loss']} at step {step}; the checkpoints saved before "
@@ -274,7 +279,7 @@ def train(config, layout, args) -> int:
             if main_process:
                 print(progress_line(step, config.train_steps, values, seconds), flush=True)
             run_log.log(step, values)
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, window_sums = time.perf_counter(), 0, None
         if step % config.steps_per_checkpoint == 0 or last or stopped:
             save(step)
             if eval_step is not None and not stopped:
@@ -282,7 +287,7 @@ def train(config, layout, args) -> int:
                 if main_process:
                     print(f"step {step} | eval loss {eval_loss:.4f}", flush=True)
                 run_log.log(step, {"eval_loss": eval_loss})
-            window_start, window_steps = time.perf_counter(), 0  # saving and evaluating are not training time
+            window_start, window_steps, window_sums = time.perf_counter(), 0, None  # saving is not training time
         if stopped:
             log.info("stopped by a signal at step %d; checkpoint saved", step)
             break
