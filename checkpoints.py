@@ -21,11 +21,15 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def checkpoints_directory(model_path: str) -> str:
+    if not model_path:
+        raise FileNotFoundError("model_path is empty: set it in the config or with --set model_path=DIR")
+    return os.path.join(absolute(model_path), "checkpoints")
+
+
 class Checkpoints:
     def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
-        if not model_path:
-            raise ValueError("model_path is empty: set it in the config or with --set model_path=DIR")
-        self.directory = os.path.join(absolute(model_path), "checkpoints")
+        self.directory = checkpoints_directory(model_path)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -81,7 +85,7 @@ def restore_params(config, layout, step: int | None = None) -> tuple[dict, int]:
     from model_fns import param_shardings
     from models import gpt2
 
-    directory = os.path.join(absolute(config.model_path), "checkpoints") if config.model_path else "model_path ''"
+    directory = checkpoints_directory(config.model_path)
     missing = f"no checkpoint in {directory}: train first, or import one with export.py --from_hf"
     if "://" not in directory and not os.path.isdir(directory):
         raise FileNotFoundError(missing)
@@ -89,8 +93,7 @@ def restore_params(config, layout, step: int | None = None) -> tuple[dict, int]:
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(missing)
-    shapes = jax.eval_shape(lambda: gpt2.init_params(config, jax.random.key(0)))
-    abstract = {"params": abstract_tree(param_shardings(config, layout), shapes)}
+    abstract = {"params": abstract_tree(param_shardings(config, layout), gpt2.param_shapes(config))}
     state, _ = checkpoints.restore(step, abstract)
     checkpoints.close()
     return state["params"], step

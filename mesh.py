@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from configs import ConfigError
+
 log = logging.getLogger("neomesh")
 
 DIMENSION_NAMES = (
@@ -29,12 +31,6 @@ DATA_AXIS = "data"  # the axis an empty mesh_shape puts every local device on
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _config_error(message: str) -> Exception:
-    from configs import ConfigError  # configs imports this module; import lazily
-
-    return ConfigError(message)
-
-
 def parse_mesh_shape(text: str, where: str = "config") -> dict[str, int]:
     """'x:4,y:2' -> {'x': 4, 'y': 2} (ordered)."""
     axes: dict[str, int] = {}
@@ -42,12 +38,12 @@ def parse_mesh_shape(text: str, where: str = "config") -> dict[str, int]:
         name, _, size = part.partition(":")
         name = name.strip()
         if not _NAME.match(name) or not size.strip().isdigit() or int(size) <= 0:
-            raise _config_error(
+            raise ConfigError(
                 f"{where}: key 'mesh_shape' = {text!r}: {part!r} is not name:size with a positive size; "
                 'expected e.g. "x:4,y:2"'
             )
         if name in axes:
-            raise _config_error(f"{where}: key 'mesh_shape' = {text!r}: axis {name!r} appears twice")
+            raise ConfigError(f"{where}: key 'mesh_shape' = {text!r}: axis {name!r} appears twice")
         axes[name] = int(size)
     return axes
 
@@ -58,19 +54,19 @@ def parse_layout(text: str, mesh_axes: dict[str, int], where: str = "config") ->
     for part in filter(None, (p.strip() for p in text.split(","))):
         dim, _, axis = (s.strip() for s in part.partition(":"))
         if not dim or not axis:
-            raise _config_error(f"{where}: key 'layout' = {text!r}: {part!r} is not dimension:axis, e.g. \"batch:x\"")
+            raise ConfigError(f"{where}: key 'layout' = {text!r}: {part!r} is not dimension:axis, e.g. \"batch:x\"")
         if dim not in DIMENSION_NAMES:
-            raise _config_error(
+            raise ConfigError(
                 f"{where}: key 'layout' = {text!r}: unknown dimension {dim!r}; accepted: {', '.join(DIMENSION_NAMES)}"
             )
         if axis not in mesh_axes:
             known = ", ".join(mesh_axes) or "none: mesh_shape is empty"
-            raise _config_error(
+            raise ConfigError(
                 f"{where}: key 'layout' = {text!r}: dimension {dim!r} maps to mesh axis {axis!r}, "
                 f"which mesh_shape does not define (axes: {known})"
             )
         if dim in layout:
-            raise _config_error(f"{where}: key 'layout' = {text!r}: dimension {dim!r} appears twice")
+            raise ConfigError(f"{where}: key 'layout' = {text!r}: dimension {dim!r} appears twice")
         layout[dim] = axis
     return layout
 
@@ -99,12 +95,12 @@ class MeshLayout:
             axis = self.layout.get(dim) if dim else None
             if axis is not None and axis in axes:
                 other = dims[axes.index(axis)]
-                raise _config_error(
+                raise ConfigError(
                     f"layout: tensor {name!r} {tuple(dims)} maps both {other!r} and {dim!r} to mesh axis {axis!r}; "
                     "a tensor may use each mesh axis once"
                 )
             if axis is not None and shape is not None and shape[i] % self.mesh.shape[axis]:
-                raise _config_error(
+                raise ConfigError(
                     f"layout: tensor {name!r} dimension {dim!r} has size {shape[i]}, which does not divide evenly "
                     f"by mesh axis {axis!r} of size {self.mesh.shape[axis]}"
                 )
@@ -140,7 +136,7 @@ def build_mesh_layout(config, devices: Sequence[jax.Device] | None = None) -> Me
             log.info("mesh_shape is empty: one device (%s)", devices[0].platform)
     size = math.prod(axes.values())
     if size != len(devices):
-        raise _config_error(
+        raise ConfigError(
             f"{config.source}: key 'mesh_shape' = {config.mesh_shape!r} needs {size} devices but {len(devices)} "
             f"are available; try --set mesh_shape={suggest_mesh_shape(axes, len(devices))}"
         )
@@ -173,7 +169,7 @@ def auto_layout(config, device_count: int, device_memory_bytes: float, choose_me
     else:
         axes = parse_mesh_shape(config.mesh_shape, config.source)
         if len(axes) != 2:
-            raise _config_error(f"{config.source}: --auto_layout needs a two-axis mesh_shape (data, model); got {config.mesh_shape!r}")
+            raise ConfigError(f"{config.source}: --auto_layout needs a two-axis mesh_shape (data, model); got {config.mesh_shape!r}")
         mesh_shape = config.mesh_shape
     axes = parse_mesh_shape(mesh_shape)
     (data_axis, data), (model_axis, model) = axes.items()

@@ -63,7 +63,7 @@ def param_shardings(config, layout: MeshLayout):
 def state_shardings(config, layout: MeshLayout, optimizer):
     params = param_shardings(config, layout)
     by_path = {path: s for path, s in jax.tree_util.tree_flatten_with_path(params)[0]}
-    shapes = jax.eval_shape(lambda: gpt2.init_params(config, jax.random.key(0)))
+    shapes = gpt2.param_shapes(config)
     shape_by_path = {path: s.shape for path, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
 

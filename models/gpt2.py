@@ -91,6 +91,11 @@ def parameter_count(config, matmul_only: bool = False) -> int:
     )
 
 
+def param_shapes(config):
+    """The parameter tree as jax.ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
 def init_params(config, rng: jax.Array) -> dict:
     """Random float32 parameters; under jit with out_shardings each device makes only its shard."""
     leaves, treedef = jax.tree.flatten(weights(config), is_leaf=is_weight)
