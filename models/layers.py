@@ -132,6 +132,35 @@ def mlp(p, x, config, layout):
     return jnp.einsum("bsi,ie->bse", h, p["proj"]) + p["proj_bias"]
 
 
+# --- the residual stream's gradient ---------------------------------------------------------
+
+
+@jax.custom_vjp
+def materialise_gradient(x):
+    """The identity; in the backward pass the compiler must compute x's gradient once, here.
+
+    XLA's CPU fusion copies cheap elementwise producers into every consumer. The residual
+    stream's gradient is a chain of elementwise adds through all layers, so without a boundary
+    every layer's weight-gradient fusion recomputes it from the top: quadratic in n_layer, a
+    third of a 12-layer step. A conditional is a fusion boundary. Both branches are the
+    identity, written differently so that the compiler keeps them apart, and the predicate
+    depends on the data so that it cannot be folded away.
+    """
+    return x
+
+
+def _materialise_forward(x):
+    return x, None
+
+
+def _materialise_backward(_, gradient):
+    first = gradient.reshape(-1)[0]
+    return (jax.lax.cond(first == first, lambda g: g, lambda g: g + 0, gradient),)
+
+
+materialise_gradient.defvjp(_materialise_forward, _materialise_backward)
+
+
 # --- dropout --------------------------------------------------------------------------------
 
 

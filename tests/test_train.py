@@ -19,6 +19,7 @@ import pytest
 import model_fns
 from configs import validate
 from mesh import build_mesh_layout
+from models import gpt2
 from optimizers import learning_rate, make_optimizer
 from tfrecord import write_shard
 
@@ -88,6 +89,21 @@ def test_four_microbatches_give_the_same_update_as_one():
     losses_four, params_four = run_steps(four, jax.devices()[:2], batches)
     np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
     assert_same_params(params_four, params_one, rtol=1e-5)
+
+
+def test_compiled_gradient_grows_linearly_with_depth():
+    """Four more layers add the same amount of compiled code each time: the backward pass does
+    not recompute the residual stream's gradient from the top inside every layer."""
+
+    def compiled_lines(n_layer):
+        config = validate({**TINY, "n_layer": n_layer, "attention_types": [[["global"], n_layer]],
+                           "mesh_shape": "", "layout": ""}, "test")
+        tokens = jax.ShapeDtypeStruct((config.train_batch_size, config.n_ctx), jnp.int32)
+        grad = jax.jit(jax.grad(lambda p, t: model_fns.lm_loss(p, t, t, config, None)[0]))
+        return len(grad.lower(gpt2.param_shapes(config), tokens).compile().as_text().splitlines())
+
+    lines = [compiled_lines(n) for n in (4, 8, 12)]
+    assert lines[2] - lines[1] < 1.25 * (lines[1] - lines[0]), lines
 
 
 def test_weight_decay_skips_norms_and_biases():
