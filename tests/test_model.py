@@ -1,0 +1,48 @@
+"""models/layers.py: attention computed in causal query blocks equals attention written plainly,
+over the whole sequence with one mask, for both kinds, sequence lengths that do and do not
+divide into blocks, and windows shorter and longer than a block."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import validate
+from models import layers
+
+
+def plain_attention(p, x, kind, radius):
+    """Scores for every query and key, masked, softmaxed: no blocks, no shortcuts."""
+    q, k, v = (jnp.einsum("bse,ehk->bshk", x, p[name]) for name in ("q", "k", "v"))
+    scores = jnp.einsum("bqhk,bmhk->bhqm", q, k)
+    query = jnp.arange(x.shape[1])[:, None]
+    key = jnp.arange(x.shape[1])[None, :]
+    visible = (key <= query) & ((query - key < radius) if kind == "local" else True)
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    attended = jnp.einsum("bhqm,bmhk->bqhk", probs, v)
+    return jnp.einsum("bqhk,hke->bqe", attended, p["out"]) + p["out_bias"]
+
+
+@pytest.mark.parametrize("length", [100, 129, 300, 1100])
+@pytest.mark.parametrize("kind,radius", [("global", 256), ("local", 1), ("local", 37), ("local", 256), ("local", 5000)])
+def test_blocked_attention_equals_plain_attention(length, kind, radius):
+    config = validate({"n_ctx": length, "n_embd": 32, "n_head": 4, "n_layer": 1, "n_vocab": 64,
+                       "attention_types": [[[kind], 1]], "local_attention_radius": radius}, "test")
+    weights = layers.attention_weights(config)
+    keys = jax.random.split(jax.random.key(length), len(weights) + 1)
+    p = {name: 0.3 * jax.random.normal(key, tuple(config.dim_sizes[d] for d in w.dims))
+         for (name, w), key in zip(weights.items(), keys)}
+    x = jax.random.normal(keys[-1], (2, length, config.n_embd))
+    assert len(layers.query_blocks(length)) == min(8, -(-length // 128))
+
+    ours = layers.attention(p, x, kind, config, None)
+    expected = plain_attention(p, x, kind, radius)
+    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=2e-5)
+
+    cotangent = jax.random.normal(keys[0], ours.shape)
+    grad_ours = jax.grad(lambda p, x: jnp.vdot(layers.attention(p, x, kind, config, None), cotangent), (0, 1))(p, x)
+    grad_plain = jax.grad(lambda p, x: jnp.vdot(plain_attention(p, x, kind, radius), cotangent), (0, 1))(p, x)
+    for a, b in zip(jax.tree.leaves(grad_ours), jax.tree.leaves(grad_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
