@@ -128,4 +128,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from main import reuse_freed_memory
+
+    reuse_freed_memory()  # as main.py does; Hugging Face runs in this process under the same allocator
     main()

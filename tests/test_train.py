@@ -106,6 +106,40 @@ def test_compiled_gradient_grows_linearly_with_depth():
     assert lines[2] - lines[1] < 1.25 * (lines[1] - lines[0]), lines
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's tunables")
+def test_main_py_processes_reuse_freed_memory_instead_of_faulting_it_in_again(tmp_path):
+    """A step's temporaries freed and allocated again come back without page faults."""
+    script = tmp_path / "allocate.py"
+    script.write_text(f"""
+import resource, sys
+sys.path.insert(0, {str(REPO)!r})
+from main import reuse_freed_memory
+reuse_freed_memory()
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffer = libc.malloc(256 * 2**20)  # as XLA allocates a step's temporaries
+    ctypes.memset(buffer, 1, 256 * 2**20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(buffer)
+print(faults[-1])
+""")
+
+    def faults_on_reuse(environment):
+        result = subprocess.run([sys.executable, str(script)], env=environment, capture_output=True, text=True,
+                                timeout=60, check=True)
+        return int(result.stdout.split()[-1])
+
+    default = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    assert faults_on_reuse(default) < 1000
+    # a user's own malloc tunables are left alone: glibc then maps and faults the buffer anew
+    assert faults_on_reuse({**default, "GLIBC_TUNABLES": "glibc.malloc.check=0"}) > 10_000
+
+
 def test_weight_decay_skips_norms_and_biases():
     config = validate({**TINY, "weight_decay": 0.5, "gradient_clipping": 0.0}, "test")
     params = {"wte": jnp.ones((4, 2)), "ln_f": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
