@@ -37,12 +37,17 @@ def test_blocked_attention_equals_plain_attention(length, kind, radius):
     x = jax.random.normal(keys[-1], (2, length, config.n_embd))
     assert len(layers.query_blocks(length)) == min(8, -(-length // 128))
 
-    ours = layers.attention(p, x, kind, config, None)
-    expected = plain_attention(p, x, kind, radius)
-    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=2e-5)
+    def blocked(p, x):
+        return layers.attention(p, x, kind, config, None)
+
+    def plain(p, x):
+        return plain_attention(p, x, kind, radius)
+
+    ours = jax.jit(blocked)(p, x)
+    np.testing.assert_allclose(ours, jax.jit(plain)(p, x), rtol=2e-5, atol=2e-5)
 
     cotangent = jax.random.normal(keys[0], ours.shape)
-    grad_ours = jax.grad(lambda p, x: jnp.vdot(layers.attention(p, x, kind, config, None), cotangent), (0, 1))(p, x)
-    grad_plain = jax.grad(lambda p, x: jnp.vdot(plain_attention(p, x, kind, radius), cotangent), (0, 1))(p, x)
+    grad_ours = jax.jit(jax.grad(lambda p, x: jnp.vdot(blocked(p, x), cotangent), (0, 1)))(p, x)
+    grad_plain = jax.jit(jax.grad(lambda p, x: jnp.vdot(plain(p, x), cotangent), (0, 1)))(p, x)
     for a, b in zip(jax.tree.leaves(grad_ours), jax.tree.leaves(grad_plain)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
