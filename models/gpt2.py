@@ -145,16 +145,12 @@ def forward(params, tokens, config, layout=None, dropout_rng=None):
         x = layout.constrain(x, ("batch", "sequence", "embd"))
     if dropout_rng is not None and config.embed_dropout > 0:
         x = dropout(jax.random.fold_in(dropout_rng, config.n_layer), x, config.embed_dropout)
-    # only XLA's CPU fusion needs the boundary; elsewhere a conditional would cost a host sync
-    cpu = jax.default_backend() == "cpu"
     for layer, (kind, block_params) in enumerate(zip(config.layer_kinds, p["blocks"])):
         layer_fn = functools.partial(block, kind=kind, config=config, layout=layout)
         if config.recompute_grad:
             layer_fn = jax.checkpoint(layer_fn)
         layer_rng = jax.random.fold_in(dropout_rng, layer) if dropout_rng is not None else None
-        x = layer_fn(block_params, x, dropout_rng=layer_rng)
-        if cpu:
-            x = materialise_gradient(x)
+        x = materialise_gradient(layer_fn(block_params, x, dropout_rng=layer_rng))
     return layer_norm(p["ln_f"], x, config.layer_norm_epsilon)
 
 

@@ -159,7 +159,8 @@ def materialise_gradient(x):
     every layer's weight-gradient fusion recomputes it from the top: quadratic in n_layer, a
     third of a 12-layer step. A conditional is a fusion boundary. Both branches are the
     identity, written differently so that the compiler keeps them apart, and the predicate
-    depends on the data so that it cannot be folded away.
+    depends on the data so that it cannot be folded away. Only XLA's CPU fusion needs this;
+    elsewhere a conditional would cost a host sync, so other backends pass the gradient on.
     """
     return x
 
@@ -169,6 +170,8 @@ def _materialise_forward(x):
 
 
 def _materialise_backward(_, gradient):
+    if jax.default_backend() != "cpu":
+        return (gradient,)
     first = gradient.reshape(-1)[0]
     return (jax.lax.cond(first == first, lambda g: g, lambda g: g + 0, gradient),)
 
