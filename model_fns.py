@@ -80,12 +80,10 @@ def state_shardings(config, layout: MeshLayout, optimizer):
 
 def init_state(config, layout: MeshLayout, optimizer, shardings):
     """A fresh state, each device creating only its own shards; the same values on every mesh."""
-
-    def init():
-        params = gpt2.init_params(config, jax.random.key(config.seed))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-
-    return jax.jit(init, out_shardings=shardings)()
+    params = gpt2.init_params(config, jax.random.key(config.seed), shardings["params"])
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"step": step, "params": params, "opt_state": opt_state}
 
 
 def make_train_step(config, layout: MeshLayout, optimizer, shardings):

@@ -45,7 +45,9 @@ def time_steps(run_step, steps: int, warmup: int = 2) -> float:
     return times[len(times) // 2]
 
 
-def neomesh_seconds_per_step(config, steps: int) -> float:
+def neomesh_timings(config, steps: int) -> dict:
+    """Seconds per step, and the seconds a user waits before the first one: making the initial
+    state, then compiling the step."""
     import jax
     import numpy as np
 
@@ -56,17 +58,23 @@ def neomesh_seconds_per_step(config, steps: int) -> float:
     layout = build_mesh_layout(config, jax.devices()[:1])
     optimizer = make_optimizer(config)
     shardings = model_fns.state_shardings(config, layout, optimizer)
-    state = {"s": model_fns.init_state(config, layout, optimizer, shardings)}
-    train_step = model_fns.make_train_step(config, layout, optimizer, shardings)
+    start = time.perf_counter()
+    state = {"s": jax.block_until_ready(model_fns.init_state(config, layout, optimizer, shardings))}
+    init_seconds = time.perf_counter() - start
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.n_vocab, (config.train_batch_size, config.n_ctx + 1), dtype=np.int32)
     inputs, labels = jax.numpy.asarray(tokens[:, :-1]), jax.numpy.asarray(tokens[:, 1:])
+    start = time.perf_counter()
+    train_step = model_fns.make_train_step(config, layout, optimizer, shardings).lower(
+        state["s"], inputs, labels).compile()
+    compile_seconds = time.perf_counter() - start
 
     def run_step():
         state["s"], metrics = train_step(state["s"], inputs, labels)
         metrics["loss"].block_until_ready()
 
-    return time_steps(run_step, steps)
+    return {"seconds_per_step": time_steps(run_step, steps), "init_seconds": init_seconds,
+            "compile_seconds": compile_seconds}
 
 
 def hf_seconds_per_step(config, steps: int) -> float:
@@ -116,18 +124,21 @@ def main() -> None:
     for name in args.shapes:
         config = config_for(SHAPES[name], args.precision)
         tokens = config.train_batch_size * config.n_ctx
-        measured[name] = (config, tokens / neomesh_seconds_per_step(config, args.steps),
-                          None if args.skip_hf else tokens / hf_seconds_per_step(config, args.steps))
+        ours = neomesh_timings(config, args.steps)
+        hf = None if args.skip_hf else tokens / hf_seconds_per_step(config, args.steps)
+        measured[name] = (config, tokens / ours["seconds_per_step"], hf, ours)
     # the roofline is the best this machine did during the run: a busy moment must not inflate MFU
     rooflines.append(measure_roofline())
     roofline = max(rooflines)
     print(f"device: {jax.devices()[0].device_kind}; matmul roofline {roofline / 1e9:,.1f} GFLOP/s ({args.precision}; "
           f"best of {', '.join(f'{r / 1e9:,.0f}' for r in rooflines)} measured before and after)")
     results = {"roofline_gflops": roofline / 1e9, "device": jax.devices()[0].device_kind, "precision": args.precision}
-    for name, (config, ours, hf) in measured.items():
+    for name, (config, ours, hf, timings) in measured.items():
         mfu = ours * model_fns.flops_per_token(config) / roofline
-        row = {"neomesh_tokens_per_sec": ours, "mfu_vs_roofline": mfu}
-        line = f"{name}: neomesh {ours:,.0f} tok/s, MFU {100 * mfu:.1f}% of roofline"
+        row = {"neomesh_tokens_per_sec": ours, "mfu_vs_roofline": mfu,
+               "init_seconds": timings["init_seconds"], "compile_seconds": timings["compile_seconds"]}
+        line = (f"{name}: neomesh {ours:,.0f} tok/s, MFU {100 * mfu:.1f}% of roofline "
+                f"(first step after {timings['init_seconds']:.1f} s init + {timings['compile_seconds']:.1f} s compile)")
         if hf is not None:
             row |= {"hf_tokens_per_sec": hf, "ratio": ours / hf}
             line += f" | HF GPTNeo (PyTorch) {hf:,.0f} tok/s | ratio {ours / hf:.2f}x"
