@@ -31,12 +31,29 @@ REUSE_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=109951
 
 def reuse_freed_memory() -> None:
     """Restart this process once with glibc keeping freed memory (unless the environment
-    already sets glibc's malloc tunables). Must run before anything large is allocated."""
+    already sets glibc's malloc tunables, or JAX will run on an accelerator). Must run before
+    anything large is allocated."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if sys.platform != "linux" or "glibc.malloc." in tunables:
+    if sys.platform != "linux" or "glibc.malloc." in tunables or runs_on_accelerator():
         return
     environment = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, REUSE_FREED_MEMORY])))
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+
+
+def runs_on_accelerator() -> bool:
+    """Whether JAX will pick a GPU or TPU, known without starting it: JAX_PLATFORMS, else an
+    installed accelerator plugin. There the step's temporaries live in device memory, and the
+    one malloc arena would serialise the compiler's threads (a GPU's compile took 4x longer)."""
+    import importlib.util
+    import pkgutil
+
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() != "cpu"
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    plugins = importlib.util.find_spec("jax_plugins")
+    return plugins is not None and any(pkgutil.iter_modules(plugins.submodule_search_locations))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -115,8 +115,11 @@ def attention(p, x, kind: str, config, layout, dropout_rng=None):
     q, k, v = project_qkv(p, x)
     if layout is not None:
         q, k, v = (layout.constrain(t, ("batch", "sequence", "heads", "kv")) for t in (q, k, v))
-    positions = jnp.arange(x.shape[1])
     radius = config.local_attention_radius
+    attention_dropout = dropout_rng is not None and config.attn_dropout > 0
+    if fused_attention_applies(q, layout) and not attention_dropout:
+        return project_out(p, fused_attention(q, k, v, kind, radius))
+    positions = jnp.arange(x.shape[1])
     attended = []
     for index, (start, stop) in enumerate(query_blocks(x.shape[1])):
         first_key = max(0, start - radius + 1) if kind == "local" else 0  # keys after stop are in the future
@@ -125,6 +128,25 @@ def attention(p, x, kind: str, config, layout, dropout_rng=None):
         attended.append(attend(q[:, start:stop], k[:, first_key:stop], v[:, first_key:stop], mask,
                                block_rng, config.attn_dropout))
     return project_out(p, jnp.concatenate(attended, axis=1))
+
+
+def fused_attention_applies(q, layout) -> bool:
+    """cuDNN's fused attention takes half-precision q/k/v on a GPU, a head size that is a multiple
+    of 8 up to 128, and (to train) an even sequence length; the sequence and kv dimensions must be
+    whole on each device. It has no attention dropout: a step that uses one takes the blocked path."""
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    if q.shape[-1] % 8 or q.shape[-1] > 128 or q.shape[1] % 2:
+        return False
+    return layout is None or not any(layout.layout.get(dim) for dim in ("sequence", "kv"))
+
+
+def fused_attention(q, k, v, kind: str, radius: int):
+    """Causal attention in one cuDNN kernel (no score matrix in memory), unscaled as GPT-Neo's:
+    softmax in float32 inside the kernel. A `local` query sees itself and radius-1 keys before."""
+    window = (radius - 1, 0) if kind == "local" else None
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True, local_window_size=window,
+                                        implementation="cudnn")
 
 
 # --- MLP ------------------------------------------------------------------------------------

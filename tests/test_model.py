@@ -51,3 +51,40 @@ def test_blocked_attention_equals_plain_attention(length, kind, radius):
     grad_plain = jax.jit(jax.grad(lambda p, x: jnp.vdot(plain(p, x), cotangent), (0, 1)))(p, x)
     for a, b in zip(jax.tree.leaves(grad_ours), jax.tree.leaves(grad_plain)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on a GPU only "
+                    "(run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("length", [100, 129, 1100])
+@pytest.mark.parametrize("kind,radius", [("global", 256), ("local", 1), ("local", 37), ("local", 256)])
+def test_fused_gpu_attention_equals_plain_attention(length, kind, radius):
+    """bfloat16 training on a GPU takes cuDNN's kernel (odd lengths the blocked path, as cuDNN does
+    not train them); either way it must mean what plain attention means."""
+    config = validate({"n_ctx": length, "n_embd": 64, "n_head": 4, "n_layer": 1, "n_vocab": 64,
+                       "attention_types": [[[kind], 1]], "local_attention_radius": radius,
+                       "precision": "bfloat16"}, "test")
+    weights = layers.attention_weights(config)
+    keys = jax.random.split(jax.random.key(length), len(weights) + 1)
+    p = {name: (0.3 * jax.random.normal(key, tuple(config.dim_sizes[d] for d in w.dims))).astype(jnp.bfloat16)
+         for (name, w), key in zip(weights.items(), keys)}
+    x = jax.random.normal(keys[-1], (2, length, config.n_embd)).astype(jnp.bfloat16)
+
+    def fused(p, x):
+        return layers.attention(p, x, kind, config, None).astype(jnp.float32)
+
+    def plain(p, x):
+        as_float32 = jax.tree.map(lambda a: a.astype(jnp.float32), (p, x))
+        return plain_attention(*as_float32, kind, radius)
+
+    assert ("cudnn" in jax.jit(fused).lower(p, x).as_text()) == (length % 2 == 0)
+    ours = jax.jit(fused)(p, x)
+    reference = jax.jit(plain)(p, x)
+    np.testing.assert_allclose(ours, reference, rtol=0.05, atol=0.05 * float(jnp.abs(reference).max()))
+
+    cotangent = jax.random.normal(keys[0], ours.shape)
+    grad_ours = jax.jit(jax.grad(lambda p, x: jnp.vdot(fused(p, x), cotangent), (0, 1)))(p, x)
+    grad_plain = jax.jit(jax.grad(lambda p, x: jnp.vdot(plain(p, x), cotangent), (0, 1)))(p, x)
+    # one relative error over all gradients: with radius 1 the q and k gradients are exactly zero
+    flat_ours, flat_plain = (np.concatenate([np.asarray(g, np.float32).ravel() for g in jax.tree.leaves(grads)])
+                             for grads in (grad_ours, grad_plain))
+    assert np.linalg.norm(flat_ours - flat_plain) <= 0.05 * np.linalg.norm(flat_plain)

@@ -138,6 +138,8 @@ print(faults[-1])
     assert faults_on_reuse(default) < 1000
     # a user's own malloc tunables are left alone: glibc then maps and faults the buffer anew
     assert faults_on_reuse({**default, "GLIBC_TUNABLES": "glibc.malloc.check=0"}) > 10_000
+    # on an accelerator the compiler's threads keep their own arenas
+    assert faults_on_reuse({**default, "JAX_PLATFORMS": "cuda"}) > 10_000
 
 
 def test_weight_decay_skips_norms_and_biases():
