@@ -7,6 +7,7 @@ names and `config.dim_sizes`, so a weight cannot disagree with its sharding.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -111,6 +112,14 @@ def query_blocks(length: int) -> list[tuple[int, int]]:
     return [(start, min(length, start + size)) for start in range(0, length, size)]
 
 
+def attention_blocks(length: int, kind: str, radius: int) -> tuple[tuple[int, int, int], ...]:
+    """(start, stop, first_key) per query block: its queries [start, stop) see keys
+    [first_key, stop) at most (keys after stop are in the future; a local window reaches back
+    radius-1 positions)."""
+    return tuple((start, stop, max(0, start - radius + 1) if kind == "local" else 0)
+                 for start, stop in query_blocks(length))
+
+
 def attention(p, x, kind: str, config, layout, dropout_rng=None):
     q, k, v = project_qkv(p, x)
     if layout is not None:
@@ -119,15 +128,75 @@ def attention(p, x, kind: str, config, layout, dropout_rng=None):
     attention_dropout = dropout_rng is not None and config.attn_dropout > 0
     if fused_attention_applies(q, layout) and not attention_dropout:
         return project_out(p, fused_attention(q, k, v, kind, radius))
-    positions = jnp.arange(x.shape[1])
-    attended = []
-    for index, (start, stop) in enumerate(query_blocks(x.shape[1])):
-        first_key = max(0, start - radius + 1) if kind == "local" else 0  # keys after stop are in the future
-        mask = attention_mask(positions[start:stop], positions[first_key:stop], kind, radius)
-        block_rng = jax.random.fold_in(dropout_rng, index) if dropout_rng is not None else None
-        attended.append(attend(q[:, start:stop], k[:, first_key:stop], v[:, first_key:stop], mask,
-                               block_rng, config.attn_dropout))
-    return project_out(p, jnp.concatenate(attended, axis=1))
+    blocks = attention_blocks(x.shape[1], kind, radius)
+    keep = None
+    if attention_dropout:  # one multiplier per probability: 0 where dropped, 1/(1-rate) where kept
+        batch, _, heads, _ = q.shape
+        keep = tuple(dropout(jax.random.fold_in(dropout_rng, index),
+                             jnp.ones((batch, heads, stop - start, stop - first), q.dtype), config.attn_dropout)
+                     for index, (start, stop, first) in enumerate(blocks))
+    return project_out(p, blocked_attention(q, k, v, keep, blocks, kind, radius))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def blocked_attention(q, k, v, keep, blocks, kind: str, radius: int):
+    """Causal attention, one query block at a time over only the keys it can see.
+
+    q, k, v [batch, sequence, heads, kv] -> [batch, sequence, heads, kv]; `keep` is None or
+    one dropout multiplier per block [batch, heads, queries, keys]. The gradient is written out
+    rather than derived: the softmax's backward needs rowsum(dP * P), which equals
+    rowsum(dOut * Out), a sum over kv instead of over every score (as flash attention does);
+    and each block's key and value gradients are added into place, not padded to full length.
+    """
+    return _blocked_attention_forward(q, k, v, keep, blocks, kind, radius)[0]
+
+
+def _block_probabilities(q, k, start, stop, first, kind, radius):
+    positions = jnp.arange(stop)
+    mask = attention_mask(positions[start:stop], positions[first:stop], kind, radius)
+    scores = jnp.einsum("bqhk,bmhk->bhqm", q[:, start:stop].astype(jnp.float32), k[:, first:stop].astype(jnp.float32))
+    return jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
+
+
+def _blocked_attention_forward(q, k, v, keep, blocks, kind, radius):
+    attended, all_probs = [], []
+    for index, (start, stop, first) in enumerate(blocks):
+        probs = _block_probabilities(q, k, start, stop, first, kind, radius)
+        weights = probs if keep is None else probs * keep[index]
+        attended.append(jnp.einsum("bhqm,bmhk->bqhk", weights.astype(v.dtype), v[:, first:stop]))
+        all_probs.append(probs)
+    out = jnp.concatenate(attended, axis=1)
+    return out, (q, k, v, keep, out, all_probs)
+
+
+def _blocked_attention_backward(blocks, kind, radius, residuals, d_out):
+    q, k, v, keep, out, all_probs = residuals
+    d_query_blocks = []
+    d_key = jnp.zeros(k.shape, jnp.float32)
+    d_value = jnp.zeros(v.shape, jnp.float32)
+    for index, (start, stop, first) in enumerate(blocks):
+        g = d_out[:, start:stop].astype(jnp.float32)
+        probs = all_probs[index]
+        weights = probs if keep is None else probs * keep[index]
+        d_weights = jnp.einsum("bqhk,bmhk->bhqm", g, v[:, first:stop].astype(jnp.float32))
+        d_probs = d_weights if keep is None else d_weights * keep[index]
+        row_sums = jnp.einsum("bqhk,bqhk->bhq", g, out[:, start:stop].astype(jnp.float32))[..., None]
+        d_scores = probs * (d_probs - row_sums)
+        d_query_blocks.append(jnp.einsum("bhqm,bmhk->bqhk", d_scores, k[:, first:stop].astype(jnp.float32)))
+        d_key = _add_into(d_key, jnp.einsum("bhqm,bqhk->bmhk", d_scores, q[:, start:stop].astype(jnp.float32)), first)
+        d_value = _add_into(d_value, jnp.einsum("bhqm,bqhk->bmhk", weights, g), first)
+    d_query = jnp.concatenate(d_query_blocks, axis=1)
+    d_keep = None if keep is None else tuple(jnp.zeros_like(m) for m in keep)
+    return d_query.astype(q.dtype), d_key.astype(k.dtype), d_value.astype(v.dtype), d_keep
+
+
+def _add_into(total, part, first):
+    """total[:, first:first+len(part)] += part, in place."""
+    window = jax.lax.dynamic_slice_in_dim(total, first, part.shape[1], axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(total, window + part, first, axis=1)
+
+
+blocked_attention.defvjp(_blocked_attention_forward, _blocked_attention_backward)
 
 
 def fused_attention_applies(q, layout) -> bool:
