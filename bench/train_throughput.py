@@ -1,6 +1,6 @@
 """Training throughput: neomesh's train step against Hugging Face transformers' GPTNeoForCausalLM
-(PyTorch, AdamW, float32, same shape and batch) in the same run, and MFU against a float32
-matrix-multiply roofline measured on the same machine.
+(PyTorch, AdamW, float32, same shape and batch) in the same run, the two taking turns step by
+step, and MFU against a float32 matrix-multiply roofline measured on the same machine.
 
     python bench/train_throughput.py              # both shapes
     python bench/train_throughput.py --shapes small --steps 5
@@ -32,22 +32,25 @@ def config_for(shape: dict, precision: str = "float32"):
     return validate(values, "bench")
 
 
-def time_steps(run_step, steps: int, warmup: int = 2) -> float:
-    """Seconds per step: the median over `steps` timed steps after `warmup` untimed ones."""
+def time_alternating(run_steps: list, steps: int, warmup: int = 2) -> list[float]:
+    """Seconds per step for each runner: the median over `steps` timed steps after `warmup`
+    untimed ones. The runners take turns step by step, so a busy spell on a shared machine
+    falls on all of them alike and their ratio stays fair."""
     for _ in range(warmup):
-        run_step()
-    times = []
+        for run_step in run_steps:
+            run_step()
+    times = [[] for _ in run_steps]
     for _ in range(steps):
-        start = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+        for run_step, runner_times in zip(run_steps, times):
+            start = time.perf_counter()
+            run_step()
+            runner_times.append(time.perf_counter() - start)
+    return [sorted(runner_times)[len(runner_times) // 2] for runner_times in times]
 
 
-def neomesh_timings(config, steps: int) -> dict:
-    """Seconds per step, and the seconds a user waits before the first one: making the initial
-    state, then compiling the step."""
+def neomesh_runner(config):
+    """(run one train step, seconds a user waits before the first: making the initial state,
+    then compiling the step)."""
     import jax
     import numpy as np
 
@@ -73,11 +76,11 @@ def neomesh_timings(config, steps: int) -> dict:
         state["s"], metrics = train_step(state["s"], inputs, labels)
         metrics["loss"].block_until_ready()
 
-    return {"seconds_per_step": time_steps(run_step, steps), "init_seconds": init_seconds,
-            "compile_seconds": compile_seconds}
+    return run_step, {"init_seconds": init_seconds, "compile_seconds": compile_seconds}
 
 
-def hf_seconds_per_step(config, steps: int) -> float:
+def hf_runner(config):
+    """One train step of Hugging Face's GPTNeoForCausalLM with AdamW, same shape and batch."""
     import torch
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
@@ -99,13 +102,13 @@ def hf_seconds_per_step(config, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return time_steps(run_step, steps)
+    return run_step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps of each, taking turns")
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--skip_hf", action="store_true", help="only neomesh (e.g. on a GPU machine)")
     args = parser.parse_args()
@@ -124,9 +127,10 @@ def main() -> None:
     for name in args.shapes:
         config = config_for(SHAPES[name], args.precision)
         tokens = config.train_batch_size * config.n_ctx
-        ours = neomesh_timings(config, args.steps)
-        hf = None if args.skip_hf else tokens / hf_seconds_per_step(config, args.steps)
-        measured[name] = (config, tokens / ours["seconds_per_step"], hf, ours)
+        run_ours, startup = neomesh_runner(config)
+        runners = [run_ours] if args.skip_hf else [run_ours, hf_runner(config)]
+        seconds = time_alternating(runners, args.steps)
+        measured[name] = (config, tokens / seconds[0], None if args.skip_hf else tokens / seconds[1], startup)
     # the roofline is the best this machine did during the run: a busy moment must not inflate MFU
     rooflines.append(measure_roofline())
     roofline = max(rooflines)

@@ -378,7 +378,8 @@ def test_two_processes_build_the_single_process_batch(document_shards, tmp_path)
         port = s.getsockname()[1]
     script = tmp_path / "worker.py"
     script.write_text(TWO_PROCESS_WORKER % {"port": port, "config": sampler.config.source})
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the user's packages
+    env = {**os.environ, "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     workers = [subprocess.Popen([sys.executable, str(script), str(i)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for i in range(2)]
     outputs = []
