@@ -91,6 +91,22 @@ def test_four_microbatches_give_the_same_update_as_one():
     assert_same_params(params_four, params_one, rtol=1e-5)
 
 
+def test_recompute_grad_changes_memory_not_the_update_with_and_without_attention_dropout():
+    """jax.checkpoint recomputes each block in the backward pass, dropout masks included; the
+    sharded step's losses and parameters must not move."""
+    results = {}
+    for attn_dropout in (0.0, 0.3):
+        for recompute in (False, True):
+            config = validate({**TINY, "mesh_shape": "x:2,y:2", "layout": "batch:x,heads:y",
+                               "attn_dropout": attn_dropout, "recompute_grad": recompute}, "test")
+            results[attn_dropout, recompute] = run_steps(config, jax.devices()[:4], random_batches(config, 2))
+    for attn_dropout in (0.0, 0.3):
+        (losses, params), (expected_losses, expected_params) = results[attn_dropout, True], results[attn_dropout, False]
+        np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+        assert_same_params(params, expected_params, rtol=1e-5)
+    assert abs(results[0.3, False][0][0] - results[0.0, False][0][0]) > 1e-4  # the dropout is real
+
+
 def test_compiled_gradient_grows_linearly_with_depth():
     """Four more layers add the same amount of compiled code each time: the backward pass does
     not recompute the residual stream's gradient from the top inside every layer."""
