@@ -84,18 +84,19 @@ def attention_mask(query_positions, key_positions, kind: str, radius: int):
     return allowed
 
 
-def attend(q, k, v, mask, dropout_rng=None, dropout_rate: float = 0.0):
-    """Softmax attention without 1/sqrt(kv) scaling (GPT-Neo and HF GPTNeo do not scale).
+def attention_probabilities(q, k, mask):
+    """Float32 softmax over unscaled scores (GPT-Neo and HF GPTNeo do not divide by sqrt(kv)).
 
-    q [batch, sequence, heads, kv], k and v [batch, memory_length, heads, kv],
-    mask broadcastable to [batch, heads, sequence, memory_length] -> [batch, sequence, heads, kv].
+    q [batch, sequence, heads, kv], k [batch, memory_length, heads, kv], mask broadcastable to
+    [batch, heads, sequence, memory_length] -> probabilities of that shape.
     """
     scores = jnp.einsum("bqhk,bmhk->bhqm", q.astype(jnp.float32), k.astype(jnp.float32))
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if dropout_rng is not None and dropout_rate > 0:
-        probs = dropout(dropout_rng, probs, dropout_rate)
-    return jnp.einsum("bhqm,bmhk->bqhk", probs, v)
+    return jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
+
+
+def attend(q, k, v, mask):
+    """Softmax attention of q over k and v: [batch, sequence, heads, kv]."""
+    return jnp.einsum("bhqm,bmhk->bqhk", attention_probabilities(q, k, mask).astype(v.dtype), v)
 
 
 def project_out(p, attended):
@@ -151,17 +152,12 @@ def blocked_attention(q, k, v, keep, blocks, kind: str, radius: int):
     return _blocked_attention_forward(q, k, v, keep, blocks, kind, radius)[0]
 
 
-def _block_probabilities(q, k, start, stop, first, kind, radius):
-    positions = jnp.arange(stop)
-    mask = attention_mask(positions[start:stop], positions[first:stop], kind, radius)
-    scores = jnp.einsum("bqhk,bmhk->bhqm", q[:, start:stop].astype(jnp.float32), k[:, first:stop].astype(jnp.float32))
-    return jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
-
-
 def _blocked_attention_forward(q, k, v, keep, blocks, kind, radius):
     attended, all_probs = [], []
     for index, (start, stop, first) in enumerate(blocks):
-        probs = _block_probabilities(q, k, start, stop, first, kind, radius)
+        positions = jnp.arange(stop)
+        mask = attention_mask(positions[start:stop], positions[first:stop], kind, radius)
+        probs = attention_probabilities(q[:, start:stop], k[:, first:stop], mask)
         weights = probs if keep is None else probs * keep[index]
         attended.append(jnp.einsum("bhqm,bmhk->bqhk", weights.astype(v.dtype), v[:, first:stop]))
         all_probs.append(probs)
