@@ -32,10 +32,10 @@ def config_for(shape: dict, precision: str = "float32"):
     return validate(values, "bench")
 
 
-def time_alternating(run_steps: list, steps: int, warmup: int = 2) -> list[float]:
-    """Seconds per step for each runner: the median over `steps` timed steps after `warmup`
-    untimed ones. The runners take turns step by step, so a busy spell on a shared machine
-    falls on all of them alike and their ratio stays fair."""
+def time_alternating(run_steps: list, steps: int, warmup: int = 2) -> list[list[float]]:
+    """Each runner's seconds for `steps` timed steps after `warmup` untimed ones. The runners
+    take turns step by step, so a busy spell on a shared machine falls on all of them alike and
+    their ratio stays fair."""
     for _ in range(warmup):
         for run_step in run_steps:
             run_step()
@@ -45,7 +45,11 @@ def time_alternating(run_steps: list, steps: int, warmup: int = 2) -> list[float
             start = time.perf_counter()
             run_step()
             runner_times.append(time.perf_counter() - start)
-    return [sorted(runner_times)[len(runner_times) // 2] for runner_times in times]
+    return times
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def neomesh_runner(config):
@@ -80,29 +84,52 @@ def neomesh_runner(config):
 
 
 def hf_runner(config):
-    """One train step of Hugging Face's GPTNeoForCausalLM with AdamW, same shape and batch."""
+    """One train step of Hugging Face's GPTNeoForCausalLM with AdamW, same shape and batch, run
+    in a process of its own as its users run it: sharing one process would share one malloc
+    heap, and each framework's freed blocks would fragment the other's (a neomesh step after a
+    PyTorch step faulted in up to 900,000 fresh pages). The two processes still take turns."""
+    import multiprocessing
+
+    shape = {key: getattr(config, key) for key in ("n_vocab", "n_ctx", "n_embd", "n_layer", "n_head", "train_batch_size")}
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    worker = multiprocessing.get_context("spawn").Process(target=_hf_worker, args=(theirs, shape), daemon=True)
+    worker.start()
+    theirs.close()
+    if ours.recv() != "ready":
+        raise RuntimeError("the Hugging Face worker failed to start")
+
+    def run_step():
+        ours.send("step")
+        ours.recv()
+
+    return run_step
+
+
+def _hf_worker(connection, shape: dict) -> None:
     import torch
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     torch.manual_seed(0)
     hf_config = GPTNeoConfig(
-        vocab_size=config.n_vocab, max_position_embeddings=config.n_ctx, hidden_size=config.n_embd,
-        num_layers=config.n_layer, num_heads=config.n_head, attention_types=[[["global"], config.n_layer]],
-        intermediate_size=4 * config.n_embd, activation_function="gelu_new",
+        vocab_size=shape["n_vocab"], max_position_embeddings=shape["n_ctx"], hidden_size=shape["n_embd"],
+        num_layers=shape["n_layer"], num_heads=shape["n_head"], attention_types=[[["global"], shape["n_layer"]]],
+        intermediate_size=4 * shape["n_embd"], activation_function="gelu_new",
         embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
     )
     model = GPTNeoForCausalLM(hf_config).float().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-    tokens = torch.randint(0, config.n_vocab, (config.train_batch_size, config.n_ctx))
-
-    def run_step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    return run_step
+    tokens = torch.randint(0, shape["n_vocab"], (shape["train_batch_size"], shape["n_ctx"]))
+    connection.send("ready")
+    try:
+        while connection.recv() == "step":
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            connection.send("done")
+    except EOFError:  # the benchmark has finished and closed its end
+        pass
 
 
 def main() -> None:
@@ -129,18 +156,21 @@ def main() -> None:
         tokens = config.train_batch_size * config.n_ctx
         run_ours, startup = neomesh_runner(config)
         runners = [run_ours] if args.skip_hf else [run_ours, hf_runner(config)]
-        seconds = time_alternating(runners, args.steps)
-        measured[name] = (config, tokens / seconds[0], None if args.skip_hf else tokens / seconds[1], startup)
+        step_seconds = dict(zip(("neomesh", "hf"), time_alternating(runners, args.steps)))
+        measured[name] = (config, tokens, step_seconds, startup)
     # the roofline is the best this machine did during the run: a busy moment must not inflate MFU
     rooflines.append(measure_roofline())
     roofline = max(rooflines)
     print(f"device: {jax.devices()[0].device_kind}; matmul roofline {roofline / 1e9:,.1f} GFLOP/s ({args.precision}; "
           f"best of {', '.join(f'{r / 1e9:,.0f}' for r in rooflines)} measured before and after)")
     results = {"roofline_gflops": roofline / 1e9, "device": jax.devices()[0].device_kind, "precision": args.precision}
-    for name, (config, ours, hf, timings) in measured.items():
+    for name, (config, tokens, step_seconds, timings) in measured.items():
+        ours = tokens / median(step_seconds["neomesh"])
+        hf = tokens / median(step_seconds["hf"]) if "hf" in step_seconds else None
         mfu = ours * model_fns.flops_per_token(config) / roofline
         row = {"neomesh_tokens_per_sec": ours, "mfu_vs_roofline": mfu,
-               "init_seconds": timings["init_seconds"], "compile_seconds": timings["compile_seconds"]}
+               "init_seconds": timings["init_seconds"], "compile_seconds": timings["compile_seconds"],
+               "step_seconds": {runner: [round(t, 3) for t in times] for runner, times in step_seconds.items()}}
         line = (f"{name}: neomesh {ours:,.0f} tok/s, MFU {100 * mfu:.1f}% of roofline "
                 f"(first step after {timings['init_seconds']:.1f} s init + {timings['compile_seconds']:.1f} s compile)")
         if hf is not None:
@@ -154,5 +184,5 @@ def main() -> None:
 if __name__ == "__main__":
     from main import reuse_freed_memory
 
-    reuse_freed_memory()  # as main.py does; Hugging Face runs in this process under the same allocator
+    reuse_freed_memory()  # as main.py does; Hugging Face's process inherits the same allocator setting
     main()
