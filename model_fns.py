@@ -14,6 +14,7 @@ import optax
 from configs import ConfigError
 from mesh import MeshLayout
 from models import gpt2
+from models.layers import project
 
 BATCH_DIMS = ("batch", "sequence")
 
@@ -23,7 +24,7 @@ def cross_entropy(hidden, out_embedding, labels):
 
     hidden [batch, sequence, embd], out_embedding [vocab, embd], labels [batch, sequence].
     """
-    logits = jnp.einsum("bse,ve->bsv", hidden, out_embedding.astype(hidden.dtype)).astype(jnp.float32)
+    logits = project("bse,ev->bsv", hidden, out_embedding.astype(hidden.dtype).T).astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return jnp.mean(log_z - label_logits), jnp.mean(jnp.square(log_z))

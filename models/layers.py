@@ -36,6 +36,65 @@ def projection_std(config, fan_in: int, residual_output: bool = False) -> float:
     return std
 
 
+# --- projections ----------------------------------------------------------------------------
+
+
+def project(spec: str, x, w):
+    """`jnp.einsum(spec, x, w)` for a projection "<rows><in>,<in><out>-><rows><out>": x's trailing
+    dimensions contract with w's leading ones, e.g. "bse,ehk->bshk"."""
+    operands, output = spec.split("->")
+    x_letters, w_letters = operands.split(",")
+    contracted = len([letter for letter in x_letters if letter in w_letters and letter not in output])
+    if not contracted or x_letters[-contracted:] != w_letters[:contracted] or \
+            output != x_letters[:-contracted] + w_letters[contracted:]:
+        raise ValueError(f"project: {spec!r} is not of the form '<rows><in>,<in><out>-><rows><out>'")
+    if jax.default_backend() != "cpu":
+        return jnp.einsum(spec, x, w)
+    return _cpu_projection(x, w, contracted)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_projection(x, w, contracted: int):
+    """x @ w over `contracted` dimensions, with a backward written for XLA's CPU backend.
+
+    Its matmul kernels are fastest when both operands are row-major with the contraction between
+    them ([rows, in] @ [in, out]). The derived backward's products x^T @ g and g @ w^T are not:
+    XLA either runs a slower kernel on them or transposes an activation inside a fusion that also
+    recomputes its producer (one such 25 MB transpose took 112 ms). Here each product gets its
+    operands transposed once, behind an optimization barrier so that XLA keeps the plain copy; and
+    the weight gradient transposes whichever side is smaller: x, or g and the weight-sized result.
+    """
+    return jnp.tensordot(x, w, contracted)
+
+
+def _cpu_projection_forward(x, w, contracted):
+    return _cpu_projection(x, w, contracted), (x, w)
+
+
+def _cpu_projection_backward(contracted, residuals, g):
+    x, w = residuals
+    row_dims, out_dims = x.ndim - contracted, w.ndim - contracted
+    w_transposed = _copied(jnp.transpose(w, (*range(contracted, w.ndim), *range(contracted))))
+    d_x = jnp.tensordot(g, w_transposed, out_dims)
+    rows, out_size = math.prod(x.shape[:row_dims]), math.prod(w.shape[contracted:])
+    if rows * math.prod(w.shape[:contracted]) <= rows * out_size + w.size:
+        x_transposed = _copied(jnp.transpose(x, (*range(row_dims, x.ndim), *range(row_dims))))
+        d_w = jnp.tensordot(x_transposed, g, row_dims)
+    else:
+        g_transposed = _copied(jnp.transpose(g, (*range(row_dims, g.ndim), *range(row_dims))))
+        d_w_transposed = jnp.tensordot(g_transposed, x, row_dims)
+        d_w = _copied(jnp.transpose(d_w_transposed, (*range(out_dims, w.ndim), *range(out_dims))))
+    return d_x.astype(x.dtype), d_w.astype(w.dtype)
+
+
+def _copied(x):
+    """x, materialised as it is: XLA may not fold the transpose that made it into its consumer."""
+    return jax.lax.optimization_barrier(x)
+
+
+_cpu_projection.defvjp(_cpu_projection_forward, _cpu_projection_backward)
+
+
 # --- LayerNorm ------------------------------------------------------------------------------
 
 
@@ -68,9 +127,9 @@ def attention_weights(config) -> dict[str, Weight]:
 
 def project_qkv(p, x):
     """x [batch, sequence, embd] -> q, k, v, each [batch, sequence, heads, kv]."""
-    q = jnp.einsum("bse,ehk->bshk", x, p["q"])
-    k = jnp.einsum("bse,ehk->bshk", x, p["k"])
-    v = jnp.einsum("bse,ehk->bshk", x, p["v"])
+    q = project("bse,ehk->bshk", x, p["q"])
+    k = project("bse,ehk->bshk", x, p["k"])
+    v = project("bse,ehk->bshk", x, p["v"])
     return q, k, v
 
 
@@ -101,7 +160,7 @@ def attend(q, k, v, mask):
 
 def project_out(p, attended):
     """[batch, sequence, heads, kv] -> [batch, sequence, embd]."""
-    return jnp.einsum("bqhk,hke->bqe", attended, p["out"]) + p["out_bias"]
+    return project("bqhk,hke->bqe", attended, p["out"]) + p["out_bias"]
 
 
 def query_blocks(length: int) -> list[tuple[int, int]]:
@@ -227,11 +286,11 @@ def mlp_weights(config) -> dict[str, Weight]:
 
 
 def mlp(p, x, config, layout):
-    h = jnp.einsum("bse,ei->bsi", x, p["fc"]) + p["fc_bias"]
+    h = project("bse,ei->bsi", x, p["fc"]) + p["fc_bias"]
     if layout is not None:
         h = layout.constrain(h, ("batch", "sequence", "intermediate_expanded"))
     h = ACTIVATIONS[config.activation_function](h)
-    return jnp.einsum("bsi,ie->bse", h, p["proj"]) + p["proj_bias"]
+    return project("bsi,ie->bse", h, p["proj"]) + p["proj_bias"]
 
 
 # --- the residual stream's gradient ---------------------------------------------------------
