@@ -94,8 +94,9 @@ def hf_runner(config):
     import multiprocessing
 
     shape = {key: getattr(config, key) for key in ("n_vocab", "n_ctx", "n_embd", "n_layer", "n_head", "train_batch_size")}
-    ours, theirs = multiprocessing.get_context("spawn").Pipe()
-    worker = multiprocessing.get_context("spawn").Process(target=_hf_worker, args=(theirs, shape), daemon=True)
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    worker = spawn.Process(target=_hf_worker, args=(theirs, shape), daemon=True)
     worker.start()
     theirs.close()
     if ours.recv() != "ready":

@@ -74,22 +74,20 @@ def _cpu_projection_forward(x, w, contracted):
 def _cpu_projection_backward(contracted, residuals, g):
     x, w = residuals
     row_dims, out_dims = x.ndim - contracted, w.ndim - contracted
-    w_transposed = _copied(jnp.transpose(w, (*range(contracted, w.ndim), *range(contracted))))
-    d_x = jnp.tensordot(g, w_transposed, out_dims)
+    d_x = jnp.tensordot(g, _leading_swapped(w, contracted), out_dims)
     rows, out_size = math.prod(x.shape[:row_dims]), math.prod(w.shape[contracted:])
-    if rows * math.prod(w.shape[:contracted]) <= rows * out_size + w.size:
-        x_transposed = _copied(jnp.transpose(x, (*range(row_dims, x.ndim), *range(row_dims))))
-        d_w = jnp.tensordot(x_transposed, g, row_dims)
+    in_size = w.size // out_size
+    if rows * in_size <= rows * out_size + w.size:
+        d_w = jnp.tensordot(_leading_swapped(x, row_dims), g, row_dims)
     else:
-        g_transposed = _copied(jnp.transpose(g, (*range(row_dims, g.ndim), *range(row_dims))))
-        d_w_transposed = jnp.tensordot(g_transposed, x, row_dims)
-        d_w = _copied(jnp.transpose(d_w_transposed, (*range(out_dims, w.ndim), *range(out_dims))))
+        d_w = _leading_swapped(jnp.tensordot(_leading_swapped(g, row_dims), x, row_dims), out_dims)
     return d_x.astype(x.dtype), d_w.astype(w.dtype)
 
 
-def _copied(x):
-    """x, materialised as it is: XLA may not fold the transpose that made it into its consumer."""
-    return jax.lax.optimization_barrier(x)
+def _leading_swapped(a, leading: int):
+    """`a` with its first `leading` dimensions moved to the end, materialised as such: behind an
+    optimization barrier XLA may not fold the transpose back into the matmul that consumes it."""
+    return jax.lax.optimization_barrier(jnp.transpose(a, (*range(leading, a.ndim), *range(leading))))
 
 
 _cpu_projection.defvjp(_cpu_projection_forward, _cpu_projection_backward)

@@ -107,8 +107,7 @@ def test_cpu_projection_backward_equals_autodiff(spec, x_shape, w_shape):
     x, w = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
     out_shape = jax.eval_shape(lambda: jnp.einsum(spec, x, w)).shape
     cotangent = jax.random.normal(keys[2], out_shape)
-    contracted = len(x_shape) + len(w_shape) - len(out_shape)
-    contracted //= 2
+    contracted = (len(x_shape) + len(w_shape) - len(out_shape)) // 2
 
     def ours(x, w):
         return jnp.vdot(layers._cpu_projection(x, w, contracted), cotangent)
