@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from errors import ConfigError
+
 REPO_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = REPO_DIR / "configs"
-
-
-class ConfigError(ValueError):
-    """A config mistake: the message names the file or key, the value and what is accepted."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +71,9 @@ KEYS: dict[str, Key] = {
     "precision": Key("float32", "str", "float32 | bfloat16 (bf16 compute, float32 master weights)"),
     "recompute_grad": Key(False, "bool", "rematerialise each block in the backward pass (jax.checkpoint)"),
     "tokens_per_mb_per_replica": Key(None, "int?", "tokens per microbatch per batch replica; the step accumulates gradients over the microbatches"),
+    # --- kernels: speed only, never the meaning (models/kernels.py) ----------------------------
+    "attention_kernel": Key("auto", "str", "auto | plain | blocked | cudnn: how attention is computed; auto: cudnn for half precision on a GPU where it applies, else blocked; plain: the reference (one score matrix)"),
+    "cpu_backward": Key("auto", "str", "auto | plain: on a CPU, auto uses projection gradients written for XLA:CPU's matmul kernels and a fusion boundary on the residual stream's gradient; plain: the gradients JAX derives"),
     # --- mesh ----------------------------------------------------------------------------------
     "mesh_shape": Key("", "str", 'named device mesh, e.g. "x:4,y:2"; empty: all local devices on the batch'),
     "layout": Key("", "str", 'tensor dimension -> mesh axis, e.g. "batch:x,heads:y"'),
@@ -308,6 +309,8 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         ("opt_name", ("adam", "adafactor")),
         ("lr_decay", ("cosine", "linear", "none")),
         ("model", ("GPT",)),
+        ("attention_kernel", ("auto", "plain", "blocked", "cudnn")),
+        ("cpu_backward", ("auto", "plain")),
     ):
         if values[key] not in accepted:
             fail(key, f"accepted: {', '.join(accepted)}")

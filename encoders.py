@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _RustTokenizer
 
-from configs import ConfigError
+from errors import ConfigError
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 

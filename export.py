@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from configs import Config, ConfigError, load_config, validate
+from configs import Config, load_config, validate
+from errors import ConfigError, ExportError
 
 log = logging.getLogger("neomesh")
 
@@ -99,10 +100,6 @@ ACTIVATIONS_FROM_HF = {hf: ours for ours, hf in ACTIVATIONS_TO_HF.items()} | {
 # buffers some HF checkpoints store (the attention masks): rebuilt from the config, never read
 HF_BUFFER_SUFFIXES = (".attn.attention.bias", ".attn.attention.masked_bias")
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # loads tokenizer.json exactly as written
-
-
-class ExportError(ConfigError):
-    """A model HF GPTNeo cannot express, or an HF folder neomesh cannot read: names what and why."""
 
 
 def expanded_mapping(config) -> list[tuple[tuple, str, str]]:

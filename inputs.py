@@ -31,8 +31,9 @@ from collections.abc import Sequence
 import fsspec
 import numpy as np
 
-from configs import ConfigError, DatasetConfig, resolve_datasets
-from tfrecord import DataError, ShardReader, ShardScan, scan_shard
+from configs import DatasetConfig, resolve_datasets
+from errors import ConfigError, DataError
+from tfrecord import ShardReader, ShardScan, scan_shard
 
 __all__ = ["DataError", "Sampler", "global_batch", "check_dataset"]
 

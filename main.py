@@ -101,9 +101,9 @@ def select_devices(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from configs import ConfigError, load_config
+    from configs import load_config
+    from errors import ConfigError, DataError
     from metrics import setup_logging
-    from tfrecord import DataError
 
     setup_logging()
 
@@ -148,7 +148,7 @@ def run(args, config) -> int:
         import export
 
         if jax.process_count() > 1:
-            from configs import ConfigError
+            from errors import ConfigError
 
             raise ConfigError("--export is a one-host job (it gathers every parameter onto one device): "
                               "run `python export.py --model M --to_hf DIR` on one machine")
@@ -171,7 +171,7 @@ def confirm_new(model_path: str, assume_yes: bool) -> None:
         return
     if not assume_yes:
         if not sys.stdin.isatty():
-            from configs import ConfigError
+            from errors import ConfigError
 
             raise ConfigError(f"--new would delete {model_path}; pass --yes as well to confirm without a terminal")
         answer = input(f"--new: delete everything in {model_path}? [y/N] ")
@@ -182,7 +182,7 @@ def confirm_new(model_path: str, assume_yes: bool) -> None:
 
 def require_model_path(config) -> None:
     if not config.model_path:
-        from configs import ConfigError
+        from errors import ConfigError
 
         raise ConfigError(f"{config.source}: key 'model_path' is empty; set the folder for checkpoints and metrics, "
                           "e.g. --set model_path=runs/mymodel")
@@ -195,7 +195,7 @@ SHAPE_KEYS = ("n_ctx", "n_embd", "n_head", "n_layer", "n_vocab", "attention_type
 
 def check_same_model(config, saved: dict, where: str) -> None:
     """Resuming into a model of another shape would fail deep inside orbax; say what differs."""
-    from configs import ConfigError
+    from errors import ConfigError
 
     saved_config = saved.get("config", {})
     def structure(key, value):  # clipping on or off changes the optimizer state; its threshold does not

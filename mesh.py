@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from configs import ConfigError
+from errors import ConfigError
 
 log = logging.getLogger("neomesh")
 

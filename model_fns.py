@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from configs import ConfigError
+from errors import ConfigError
 from mesh import MeshLayout
 from models import gpt2
 from models.layers import project

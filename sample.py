@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import ConfigError
+from errors import ConfigError
 from mesh import MeshLayout
 from models import gpt2
 from models.layers import MASK_VALUE, attend, attention_mask, layer_norm, mlp, project_out, project_qkv

@@ -26,13 +26,11 @@ import fsspec
 import google_crc32c
 import numpy as np
 
+from errors import DataError
+
 HEADER_BYTES = 12  # length + length_crc
 FOOTER_BYTES = 4  # data_crc
 FEATURE_NAME = b"text"
-
-
-class DataError(ValueError):
-    """Bad data on disk: the message names the file and, where it helps, the byte offset."""
 
 
 # --- checksums --------------------------------------------------------------------------------

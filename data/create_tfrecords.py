@@ -245,8 +245,8 @@ def parse_separator(text: str | None, tokenizer) -> int:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    from configs import ConfigError
     from encoders import load_tokenizer
+    from errors import ConfigError
 
     is_pretrained = not Path(args.encoder_path).exists()
     try:

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from configs import ConfigError
+from errors import ConfigError
 from models.layers import (
     Weight,
     attention,

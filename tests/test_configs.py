@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import KEYS, ConfigError, load_config, parse_override, resolve_datasets, validate
+from configs import KEYS, load_config, parse_override, resolve_datasets, validate
+from errors import ConfigError
 from models import gpt2
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gpt-neo-configs"

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import ConfigError, load_config
+from configs import load_config
 from data import create_tfrecords, train_tokenizer
 from encoders import load_tokenizer
-from inputs import DataError, Sampler, check_dataset
+from errors import ConfigError, DataError
+from inputs import Sampler, check_dataset
 from tfrecord import read_shard, write_shard
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import pytest
 
-from configs import ConfigError, validate
+from configs import validate
+from errors import ConfigError
 from mesh import DATA_AXIS, auto_layout, build_mesh_layout, parse_layout, parse_mesh_shape
 from model_fns import param_shardings
 

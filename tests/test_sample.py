@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from checkpoints import Checkpoints
-from configs import ConfigError, load_config, validate
+from configs import load_config, validate
 from encoders import load_dataset_tokenizer
+from errors import ConfigError
 from mesh import build_mesh_layout
 from models import gpt2
 from sample import (
