@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -22,13 +23,35 @@ from errors import ConfigError
 
 log = logging.getLogger("neomesh")
 
-DIMENSION_NAMES = (
-    "batch", "sequence", "memory_length", "embd", "heads", "kv", "vocab",
-    "intermediate_expanded", "experts", "embed_sequence",
-)
+# Every tensor dimension's name, and the letter that stands for it in einsum specs. Model code
+# writes specs in these letters ("bse,ehk->bshk"); the output's sharding constraint is read from
+# the same letters, so a spec and its constraint cannot disagree.
+DIMENSION_LETTERS = {
+    "batch": "b",
+    "sequence": "s",  # query positions
+    "memory_length": "m",  # key/value positions
+    "embd": "e",
+    "heads": "h",
+    "kv": "k",
+    "vocab": "v",
+    "intermediate_expanded": "i",
+    "experts": "x",
+    "embed_sequence": "p",
+}
+DIMENSION_NAMES = tuple(DIMENSION_LETTERS)
+_LETTER_DIMENSIONS = {letter: name for name, letter in DIMENSION_LETTERS.items()}
 DATA_AXIS = "data"  # the axis an empty mesh_shape puts every local device on
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def dimensions_of(letters: str) -> tuple[str, ...]:
+    """"bshk" -> ("batch", "sequence", "heads", "kv")."""
+    unknown = [letter for letter in letters if letter not in _LETTER_DIMENSIONS]
+    if unknown:
+        raise ValueError(f"einsum letters {letters!r}: {unknown[0]!r} names no dimension "
+                         f"(letters: {', '.join(f'{c}={n}' for c, n in _LETTER_DIMENSIONS.items())})")
+    return tuple(_LETTER_DIMENSIONS[letter] for letter in letters)
 
 
 def parse_mesh_shape(text: str, where: str = "config") -> dict[str, int]:
@@ -77,6 +100,12 @@ def suggest_mesh_shape(axes: dict[str, int], device_count: int) -> str:
     return ",".join(f"{name}:{device_count if i == 0 else 1}" for i, name in enumerate(names))
 
 
+def einsum(spec: str, *operands, layout: MeshLayout | None = None) -> jax.Array:
+    """`jnp.einsum` in dimension letters, its output constrained to the layout by the same letters."""
+    out = jnp.einsum(spec, *operands)
+    return out if layout is None else layout.constrain_letters(out, spec.split("->")[1])
+
+
 class MeshLayout:
     """A device mesh with a layout: the one place that decides how every tensor is placed."""
 
@@ -115,6 +144,10 @@ class MeshLayout:
         if self.mesh.size == 1:
             return x
         return jax.lax.with_sharding_constraint(x, self.sharding(dims, x.shape, name="activation"))
+
+    def constrain_letters(self, x: jax.Array, letters: str) -> jax.Array:
+        """`constrain` with the dimensions named by einsum letters, e.g. "bshk"."""
+        return self.constrain(x, dimensions_of(letters))
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())

@@ -14,27 +14,28 @@ import optax
 from errors import ConfigError
 from mesh import MeshLayout
 from models import gpt2
-from models.layers import project
+from models.attention import KINDS
+from models.kernels import project
 
 BATCH_DIMS = ("batch", "sequence")
 
 
-def cross_entropy(hidden, out_embedding, labels):
+def cross_entropy(hidden, out_embedding, labels, config, layout=None):
     """Mean float32 softmax cross-entropy and mean log(Z)^2 over all positions.
 
     hidden [batch, sequence, embd], out_embedding [vocab, embd], labels [batch, sequence].
     """
-    logits = project("bse,ev->bsv", hidden, out_embedding.astype(hidden.dtype).T).astype(jnp.float32)
+    logits = project("bse,ev->bsv", hidden, out_embedding.astype(hidden.dtype).T, config, layout).astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return jnp.mean(log_z - label_logits), jnp.mean(jnp.square(log_z))
 
 
 def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
-    """Causal LM loss with GPT-Neo's z-loss: (loss, cross_entropy)."""
-    hidden = gpt2.forward(params, inputs, config, layout, dropout_rng)
-    ce, z = cross_entropy(hidden, gpt2.output_embedding(params), labels)
-    return ce + config.z_loss * z, ce
+    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, cross_entropy)."""
+    hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
+    ce, z = cross_entropy(hidden, gpt2.output_embedding(params), labels, config, layout)
+    return ce + config.z_loss * z + sum(aux.values()), ce
 
 
 def microbatch_count(config, layout: MeshLayout) -> int:
@@ -146,11 +147,5 @@ def flops_per_token(config) -> float:
     table is a lookup, the tied token embedding a matmul at the output) plus the q.k and probs.v
     products over the positions each layer's causal mask lets a query see, on average."""
     matmul_weights = gpt2.parameter_count(config, matmul_only=True)
-    attended = 0.0
-    for kind in config.layer_kinds:
-        if kind == "global":
-            attended += (config.n_ctx + 1) / 2
-        elif kind == "local":
-            radius = min(config.local_attention_radius, config.n_ctx)
-            attended += radius - radius * (radius - 1) / (2 * config.n_ctx)
+    attended = sum(KINDS[kind].attended_keys(config) for kind in config.layer_kinds)
     return 6 * matmul_weights + 12 * attended * config.n_embd

@@ -3,9 +3,11 @@ GPT-Neo's learning-rate schedule; global-norm clipping."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
+
+from models import gpt2
+from models.params import decay_mask
 
 
 def learning_rate(config):
@@ -30,18 +32,10 @@ def learning_rate(config):
     return schedule
 
 
-def decays(path) -> bool:
-    """Weight decay skips LayerNorm parameters and biases (GPT-Neo's rule, by name)."""
-    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-    return not any(n.startswith("ln") or n.endswith("bias") for n in names)
-
-
-def weight_decay_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
-
-
 def make_optimizer(config) -> optax.GradientTransformation:
+    """Weight decay applies where the model's Weight says so (norms and biases are not decayed)."""
     schedule = learning_rate(config)
+    weight_decay_mask = decay_mask(gpt2.weights(config))
     if config.opt_name == "adam":
         update = optax.adamw(
             schedule, b1=config.beta1, b2=config.beta2, eps=config.epsilon,

@@ -1,25 +1,13 @@
-"""Autoregressive sampling with a per-layer key/value cache (`main.py --predict`).
+"""Autoregressive sampling (`main.py --predict`): the sampling filters, prompt handling and one
+compiled decode loop. The model is models/gpt2.forward, the same as in training, here over a
+decoding cache (models/attention.py describes it per attention kind).
 
-One compiled call does everything: a prefill pass over the (padded) prompt fills each attention
-layer's key/value cache, then a `lax.while_loop` adds one position per step, running the model
-on that position only. Shapes never depend on the prompt: prompts are left-padded to one of a
-few length buckets, so a new prompt reuses a compiled program unless it falls in a new bucket.
-
-The cache, per attention layer, in the dimension names of models/layers.py:
-  global  k, v [batch, heads, memory_length, kv]  memory_length = every slot of the sequence
-  local   k, v [batch, heads, memory_length, kv]  memory_length = local_attention_radius: a ring
-          buffer where slot s lives at index s % radius, so a step reads only the keys it can see
-  none    no attention, no cache
-Heads come before memory_length (unlike the [batch, sequence, heads, kv] activations) because a
-matrix multiply wants (batch, heads) leading: in the other order XLA copies a transposed cache in
-every step of every layer, which made batch-8 decoding of the 125M model ~1.6x slower.
-
-Slots and positions: row b of the batch is left-padded by pad[b] slots, so every row's newest
-token sits in the same slot (one dynamic_update_slice writes the whole batch) while its
-position embedding is slot - pad[b]. Padding slots are masked out of every attention.
-
-Letters in einsums follow models/layers.py: b batch, s sequence, e embd, h heads, k kv,
-m memory_length, v vocab.
+One compiled call does everything: a prefill pass over the (padded) prompt fills the cache,
+then a `lax.while_loop` adds one position per step, running the model on that position only.
+Shapes never depend on the prompt: prompts are left-padded to one of a few length buckets, so a
+new prompt reuses a compiled program unless it falls in a new bucket. Row b of the batch starts
+at slot pad[b], so every row's newest token sits in the same slot while its position is slot -
+pad[b]; padding slots are masked out of every attention.
 """
 
 from __future__ import annotations
@@ -39,14 +27,12 @@ import numpy as np
 from errors import ConfigError
 from mesh import MeshLayout
 from models import gpt2
-from models.layers import MASK_VALUE, attend, attention_mask, layer_norm, mlp, project_out, project_qkv
 
 log = logging.getLogger("neomesh")
 
 DEFAULT_PROMPT = "In a shocking finding, scientists discovered"
 SMALLEST_PROMPT_BUCKET = 16  # prompts are padded to 16, 32, 64, ... tokens (at most n_ctx)
 CACHE_ROUNDING = 64  # cache slots are rounded up to a multiple of this, so nearby lengths share a program
-CACHE_DIMS = ("batch", "heads", "memory_length", "kv")
 
 
 # --- logit filters: pure functions of logits [batch, vocab] -----------------------------------
@@ -120,7 +106,7 @@ def choose_tokens(logits, seen, rng, settings: SamplingSettings):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-# --- the model on cached keys and values -----------------------------------------------------
+# --- the compiled decode loop -------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,109 +125,10 @@ class DecodeShape:
         would only delay the first token."""
         return self.batch > 1
 
-    def window(self, kind: str, config) -> int:
-        """memory_length of a layer's cache: every slot (global) or the local radius (local)."""
-        if kind == "local":
-            return min(config.local_attention_radius, self.cache_slots)
-        return self.cache_slots
 
-
-def embed(params, tokens, positions):
-    """tokens, positions [batch, sequence] -> [batch, sequence, embd]."""
-    return params["wte"][tokens] + params["wpe"][positions]
-
-
-def prefill_layer_cache(keys_or_values, kind: str, window: int, cache_slots: int):
-    """The prompt's keys (or values) [batch, sequence, heads, kv] as a cache [batch, heads,
-    memory_length, kv]: slots 0..sequence-1 of a global cache, or the last `window` slots of the
-    prompt in a local ring."""
-    x = jnp.einsum("bshk->bhsk", keys_or_values)
-    prompt_slots = x.shape[2]
-    if kind == "local" and window < cache_slots:
-        if prompt_slots >= window:
-            # slot s goes to ring index s % window: the last `window` slots, rotated into place
-            return jnp.roll(x[:, :, -window:], (prompt_slots - window) % window, axis=2)
-        room = window - prompt_slots
-    else:
-        room = cache_slots - prompt_slots
-    return jnp.pad(x, ((0, 0), (0, 0), (0, room), (0, 0)))
-
-
-def attend_cache(q, cached_k, cached_v, visible):
-    """`layers.attend` for one new position over a cache: q [batch, 1, heads, kv], cached k and v
-    [batch, heads, memory_length, kv], visible [batch, memory_length] -> [batch, 1, heads, kv].
-    No 1/sqrt(kv) scaling (GPT-Neo's attention); scores and softmax in float32."""
-    scores = jnp.einsum("bqhk,bhmk->bhqm", q.astype(jnp.float32), cached_k.astype(jnp.float32))
-    scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cached_v.dtype)
-    return jnp.einsum("bhqm,bhmk->bqhk", probs, cached_v)
-
-
-def block_step(p, x, kind: str, layer_cache: dict, attend_fn, config, layout):
-    """One pre-LN block over the new positions x [batch, sequence, embd]; `attend_fn(q, k, v,
-    layer_cache) -> (attended, layer_cache)` stores the new keys and attends over the cache."""
-    if kind != "none":
-        q, k, v = project_qkv(p["attn"], layer_norm(p["ln_1"], x, config.layer_norm_epsilon))
-        attended, layer_cache = attend_fn(q, k, v, layer_cache)
-        x = x + project_out(p["attn"], attended)
-    x = x + mlp(p["mlp"], layer_norm(p["ln_2"], x, config.layer_norm_epsilon), config, layout)
-    return x, layer_cache
-
-
-def prefill(params, unembed, prompt, pad, config, layout: MeshLayout, shape: DecodeShape):
-    """prompt [batch, prompt_slots] left-padded by pad [batch] -> (logits of the last slot
-    [batch, vocab], cache)."""
-    slots = jnp.arange(shape.prompt_slots)
-    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)  # padding slots reuse position 0
-    x = layout.constrain(embed(params, prompt, positions), ("batch", "sequence", "embd"))
-    not_padding = slots[None, None, None, :] >= pad[:, None, None, None]  # [batch, 1, 1, memory_length]
-    cache = []
-    for kind, p in zip(config.layer_kinds, params["blocks"]):
-        window = shape.window(kind, config)
-
-        def attend_prompt(q, k, v, _, kind=kind, window=window):
-            mask = attention_mask(slots, slots, kind, config.local_attention_radius)[None, None] & not_padding
-            cached = {name: layout.constrain(prefill_layer_cache(new, kind, window, shape.cache_slots), CACHE_DIMS)
-                      for name, new in (("k", k), ("v", v))}
-            return attend(q, k, v, mask), cached
-
-        x, layer_cache = block_step(p, x, kind, {}, attend_prompt, config, layout)
-        cache.append(layer_cache)
-    return last_logits(params, unembed, x[:, -1:], config, shape), cache
-
-
-def decode_step(params, unembed, cache, tokens, slot, pad, config, layout: MeshLayout, shape: DecodeShape):
-    """tokens [batch] at `slot` (a traced scalar, the same for every row) -> (logits [batch,
-    vocab], cache with this slot's keys and values)."""
-    positions = (slot - pad)[:, None]  # [batch, 1]
-    x = layout.constrain(embed(params, tokens[:, None], positions), ("batch", "sequence", "embd"))
-    new_cache = []
-    for kind, p, layer_cache in zip(config.layer_kinds, params["blocks"], cache):
-        window = shape.window(kind, config)
-        index = slot % window  # global: window = cache_slots > slot, so index = slot
-        # the slot held at each cache index: itself (global), or the newest slot = index mod window (ring)
-        # (negative for an index not written yet); every held slot is within the local radius
-        held = slot - (slot - jnp.arange(window)) % window
-        visible = held[None, :] >= pad[:, None]  # [batch, memory_length]: not padding, not unwritten
-
-        def attend_new(q, k, v, layer_cache, index=index, visible=visible):
-            layer_cache = {  # new [batch, 1, heads, kv] written at memory_length index `index`
-                name: layout.constrain(
-                    jax.lax.dynamic_update_slice(layer_cache[name], jnp.einsum("bshk->bhsk", new), (0, 0, index, 0)),
-                    CACHE_DIMS)
-                for name, new in (("k", k), ("v", v))
-            }
-            return attend_cache(q, layer_cache["k"], layer_cache["v"], visible), layer_cache
-
-        x, layer_cache = block_step(p, x, kind, layer_cache, attend_new, config, layout)
-        new_cache.append(layer_cache)
-    return last_logits(params, unembed, x, config, shape), new_cache
-
-
-def last_logits(params, unembed, x, config, shape: DecodeShape):
-    """x [batch, 1, embd] -> float32 logits [batch, vocab] through ln_f and the tied embedding,
-    `unembed`: [embd, vocab] when shape.transpose_unembed, else [vocab, embd]."""
-    hidden = layer_norm(params["ln_f"], x[:, 0], config.layer_norm_epsilon)
+def last_logits(hidden, unembed, shape: DecodeShape):
+    """hidden [batch, embd] (after ln_f) -> float32 logits [batch, vocab] through the tied
+    embedding `unembed`: [embd, vocab] when shape.transpose_unembed, else [vocab, embd]."""
     spec = "be,ev->bv" if shape.transpose_unembed else "be,ve->bv"
     return jnp.einsum(spec, hidden, unembed).astype(jnp.float32)
 
@@ -266,7 +153,9 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
         not_padding = jnp.arange(shape.prompt_slots)[None, :] >= pad[:, None]
         seen = seen.at[batch_rows[:, None], prompt].max(not_padding)
 
-    logits, cache = prefill(params, unembed, prompt, pad, config, layout, shape)
+    cache = gpt2.init_cache(config, shape.batch, shape.cache_slots, first_slot=pad, layout=layout)
+    hidden, cache, _ = gpt2.forward(params, prompt, config, layout, cache=cache)
+    logits = last_logits(hidden[:, -1], unembed, shape)
     first = choose_tokens(logits, seen, jax.random.fold_in(rng, 0), settings)
     generated = jnp.full((shape.batch, capacity), jnp.maximum(eos_id, 0), jnp.int32)
 
@@ -284,9 +173,8 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
 
     def one_token(carry):
         step, cache, generated, seen, finished = carry
-        slot = shape.prompt_slots + step - 1  # the slot of the token chosen at the previous step
-        logits, cache = decode_step(params, unembed, cache, generated[:, step - 1], slot, pad, config, layout,
-                                    shape)
+        hidden, cache, _ = gpt2.forward(params, generated[:, step - 1, None], config, layout, cache=cache)
+        logits = last_logits(hidden[:, 0], unembed, shape)
         token = choose_tokens(logits, seen, jax.random.fold_in(rng, step), settings)
         generated, seen, finished = emit(step, token, generated, seen, finished)
         return step + 1, cache, generated, seen, finished

@@ -1,9 +1,11 @@
-"""GPT-Neo's model: token + learned position embeddings, pre-LN blocks with per-layer attention
-kinds, an MLP, a final LayerNorm, and the token embedding tied as the output projection.
+"""GPT-Neo's model, one forward for training, evaluation, prefill and decoding.
 
-Parameters are a plain pytree of float32 arrays; `weights(config)` is the one description of
-it, giving every parameter's dimension names and init. Read top to bottom: `weights`, then
-`forward`.
+Token embedding plus learned positions; pre-LN blocks, each with its layer's attention kind
+(models/attention.py) and an MLP; a final LayerNorm; the token embedding tied as the output
+projection. Read top to bottom: `weights`, `embed`, `block`, `forward`, `logits`.
+
+Parameters are a plain pytree of float32 arrays, described once by `weights(config)`: every
+leaf a `Weight` with its dimension names, init and weight-decay flag (models/params.py).
 """
 
 from __future__ import annotations
@@ -15,19 +17,18 @@ import jax
 import jax.numpy as jnp
 
 from errors import ConfigError
-from models.layers import (
-    Weight,
-    attention,
-    attention_weights,
-    dropout,
-    layer_norm,
-    layer_norm_weights,
-    materialise_gradient,
-    mlp,
-    mlp_weights,
-)
+from models import kernels, params
+from models.attention import KINDS, layout_constrained
+from models.dropout import dropout
+from models.mlp import mlp, mlp_weights
+from models.norms import layer_norm, layer_norm_weights
+from models.params import Weight, is_weight, shape_of
+from models.positions import embed_positions, position_weights
 
-IMPLEMENTED_KINDS = ("global", "local", "none")
+__all__ = ["Weight", "is_weight", "shape_of"]
+
+
+IMPLEMENTED_KINDS = tuple(KINDS)
 
 
 def check_supported(config) -> None:
@@ -57,29 +58,36 @@ def check_supported(config) -> None:
             )
 
 
+# --- weights ----------------------------------------------------------------------------------
+
+
 def weights(config) -> dict:
-    """The parameter tree, each leaf a `Weight` with its dimension names and init."""
-    blocks = []
-    for kind in config.layer_kinds:
-        block = {"ln_2": layer_norm_weights(), "mlp": mlp_weights(config)}
-        if kind != "none":  # a `none` layer has no attention at all
-            block |= {"ln_1": layer_norm_weights(), "attn": attention_weights(config)}
-        blocks.append(block)
+    """The parameter tree, each leaf a `Weight`."""
     return {
         "wte": Weight(("vocab", "embd"), 0.02),
-        "wpe": Weight(("embed_sequence", "embd"), 0.01),
-        "blocks": blocks,
-        "ln_f": layer_norm_weights(),
+        **position_weights(config),
+        "blocks": [block_weights(kind, config) for kind in config.layer_kinds],
+        "ln_f": layer_norm_weights(config),
     }
 
 
-def is_weight(node) -> bool:
-    return isinstance(node, Weight)
+def block_weights(kind: str, config) -> dict:
+    block = {"ln_2": layer_norm_weights(config), "mlp": mlp_weights(config)}
+    attention = KINDS[kind].weights(config)
+    if attention:  # a `none` layer has no attention at all
+        block |= {"ln_1": layer_norm_weights(config), "attn": attention}
+    return block
 
 
-def shape_of(weight: Weight, config) -> tuple[int, ...]:
-    sizes = config.dim_sizes
-    return tuple(sizes[dim] for dim in weight.dims)
+def init_params(config, rng: jax.Array, shardings=None) -> dict:
+    """Random float32 parameters; with `shardings` each device makes only its own shard."""
+    return params.initialise(weights(config), config, rng, shardings)
+
+
+def param_shapes(config):
+    """The parameter tree as jax.ShapeDtypeStructs, without allocating anything."""
+    return jax.tree.map(lambda w: jax.ShapeDtypeStruct(shape_of(w, config), jnp.float32), weights(config),
+                        is_leaf=is_weight)
 
 
 def parameter_count(config, matmul_only: bool = False) -> int:
@@ -92,75 +100,89 @@ def parameter_count(config, matmul_only: bool = False) -> int:
     )
 
 
-def param_shapes(config):
-    """The parameter tree as jax.ShapeDtypeStructs, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def init_params(config, rng: jax.Array, shardings=None) -> dict:
-    """Random float32 parameters; with `shardings` (a tree like the parameters') each device makes
-    only its own shard. The values do not depend on the shardings."""
-    leaves, treedef = jax.tree.flatten(weights(config), is_leaf=is_weight)
-    keys = jax.random.split(rng, len(leaves))
-    placements = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
-    return treedef.unflatten([
-        _initial_weight(key, shape_of(weight, config), weight.init, placement)
-        for weight, key, placement in zip(leaves, keys, placements)
-    ])
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _initial_weight(key, shape: tuple, init, sharding):
-    """One weight. A program per (shape, init, sharding), reused by every layer: one program for
-    the whole tree took a GPU two minutes to compile (a kernel per weight), this takes seconds."""
-    if init == "zeros":
-        value = jnp.zeros(shape, jnp.float32)
-    elif init == "ones":
-        value = jnp.ones(shape, jnp.float32)
-    else:
-        value = init * jax.random.normal(key, shape, jnp.float32)
-    return value if sharding is None else jax.lax.with_sharding_constraint(value, sharding)
-
-
 def compute_dtype(config):
     return jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
 
 
-def block(p, x, kind: str, config, layout, dropout_rng):
-    """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x))."""
+# --- embed, block, forward ---------------------------------------------------------------------
+
+
+def embed(p, tokens, positions, config, layout, dropout_rng):
+    """tokens, positions [batch, sequence] -> [batch, sequence, embd]."""
+    x = p["wte"][tokens] + embed_positions(p, positions)
+    if layout is not None:
+        x = layout.constrain_letters(x, "bse")
+    if dropout_rng is not None and config.embed_dropout > 0:
+        x = dropout(jax.random.fold_in(dropout_rng, config.n_layer), x, config.embed_dropout)
+    return x
+
+
+def block(p, x, slots, first_slot, layer_cache, kind: str, config, layout, dropout_rng):
+    """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)). Returns (x, layer_cache)."""
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
-    if kind != "none":
-        a = attention(p["attn"], layer_norm(p["ln_1"], x, config.layer_norm_epsilon), kind, config, layout, attn_rng)
+    apply_attention = KINDS[kind].apply
+    if apply_attention is not None:
+        a, layer_cache = apply_attention(p["attn"], layer_norm(p["ln_1"], x, config), slots, first_slot,
+                                         layer_cache, config, layout, attn_rng)
         if res_rng_1 is not None and config.res_dropout > 0:
             a = dropout(res_rng_1, a, config.res_dropout)
         x = x + a
-    m = mlp(p["mlp"], layer_norm(p["ln_2"], x, config.layer_norm_epsilon), config, layout)
+    m = mlp(p["mlp"], layer_norm(p["ln_2"], x, config), config, layout)
     if res_rng_2 is not None and config.res_dropout > 0:
         m = dropout(res_rng_2, m, config.res_dropout)
     x = x + m
     if layout is not None:
-        x = layout.constrain(x, ("batch", "sequence", "embd"))
-    return x
+        x = layout.constrain_letters(x, "bse")
+    return x, layer_cache
 
 
-def forward(params, tokens, config, layout=None, dropout_rng=None):
-    """tokens [batch, sequence] -> final hidden states [batch, sequence, embd] (after ln_f).
+def forward(params, tokens, config, layout=None, *, positions=None, cache=None, dropout_rng=None):
+    """tokens [batch, sequence] -> (hidden [batch, sequence, embd] after ln_f, cache, aux).
 
-    dropout_rng None means no dropout (evaluation and sampling).
+    Without a cache the tokens are a whole sequence from position 0 (training, evaluation).
+    With one (`init_cache`) they are the next positions of the cached sequences: a prompt to
+    prefill, or one new token; the returned cache holds them too. `positions` default to each
+    row's slot minus its first slot. dropout_rng None means no dropout. `aux` maps the name of
+    each auxiliary loss to its value, already weighted (none yet: an empty dict).
     """
     p = jax.tree.map(lambda w: w.astype(compute_dtype(config)), params)
-    x = p["wte"][tokens] + p["wpe"][: tokens.shape[1]]
-    if layout is not None:
-        x = layout.constrain(x, ("batch", "sequence", "embd"))
-    if dropout_rng is not None and config.embed_dropout > 0:
-        x = dropout(jax.random.fold_in(dropout_rng, config.n_layer), x, config.embed_dropout)
-    for layer, (kind, block_params) in enumerate(zip(config.layer_kinds, p["blocks"])):
+    length = tokens.shape[1]
+    next_slot = 0 if cache is None else cache["next_slot"]
+    slots = next_slot + jnp.arange(length)
+    first_slot = None if cache is None else cache["first_slot"]
+    if positions is None:
+        positions = jnp.broadcast_to(slots, tokens.shape) if cache is None else \
+            jnp.maximum(slots[None, :] - first_slot[:, None], 0)  # padding slots reuse position 0
+    x = embed(p, tokens, positions, config, layout, dropout_rng)
+    layer_caches = [None] * config.n_layer if cache is None else cache["layers"]
+    new_caches = []
+    for layer, (kind, block_params, layer_cache) in enumerate(zip(config.layer_kinds, p["blocks"], layer_caches)):
         layer_fn = functools.partial(block, kind=kind, config=config, layout=layout)
         if config.recompute_grad:
             layer_fn = jax.checkpoint(layer_fn)
         layer_rng = jax.random.fold_in(dropout_rng, layer) if dropout_rng is not None else None
-        x = materialise_gradient(layer_fn(block_params, x, dropout_rng=layer_rng))
-    return layer_norm(p["ln_f"], x, config.layer_norm_epsilon)
+        x, layer_cache = layer_fn(block_params, x, slots, first_slot, layer_cache, dropout_rng=layer_rng)
+        x = kernels.residual_gradient_boundary(x, config)
+        new_caches.append(layer_cache)
+    hidden = layer_norm(p["ln_f"], x, config)
+    if cache is not None:
+        cache = {"next_slot": next_slot + length, "first_slot": first_slot, "layers": new_caches}
+    return hidden, cache, {}
+
+
+def init_cache(config, batch: int, cache_slots: int, first_slot=None, layout=None) -> dict:
+    """An empty decoding cache of `cache_slots` slots per row; row b's text starts at slot
+    first_slot[b] (its left padding; default 0)."""
+    dtype = compute_dtype(config)
+    layers = [KINDS[kind].init_cache(config, batch, cache_slots, dtype) for kind in config.layer_kinds]
+    if layout is not None:
+        layers = [None if c is None else {name: layout_constrained(a, layout) for name, a in c.items()}
+                  for c in layers]
+    first_slot = jnp.zeros((batch,), jnp.int32) if first_slot is None else jnp.asarray(first_slot, jnp.int32)
+    return {"next_slot": jnp.zeros((), jnp.int32), "first_slot": first_slot, "layers": layers}
+
+
+# --- logits -------------------------------------------------------------------------------------
 
 
 def output_embedding(params):
@@ -170,5 +192,5 @@ def output_embedding(params):
 
 def logits(params, tokens, config, layout=None):
     """tokens [batch, sequence] -> float32 logits [batch, sequence, vocab] (no dropout)."""
-    hidden = forward(params, tokens, config, layout)
+    hidden, _, _ = forward(params, tokens, config, layout)
     return jnp.einsum("bse,ve->bsv", hidden, output_embedding(params).astype(hidden.dtype)).astype(jnp.float32)

@@ -1,9 +1,12 @@
-"""models/layers.py: attention computed in causal query blocks equals attention written plainly,
-over the whole sequence with one mask, for both kinds, sequence lengths that do and do not
-divide into blocks, and windows shorter and longer than a block; the hand-written backward
-passes (blocked attention, CPU projections) equal JAX's autodiff of the same forward."""
+"""models/attention.py and models/kernels.py: attention by every kernel (blocked in causal query
+blocks, and plain) equals attention written plainly here, over the whole sequence with one mask,
+for both kinds, sequence lengths that do and do not divide into blocks, and windows shorter and
+longer than a block; the hand-written backward passes (blocked attention, CPU projections)
+equal JAX's autodiff of the same forward."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,9 @@ import numpy as np
 import pytest
 
 from configs import validate
-from models import layers
+from models import kernels
+from models.attention import KINDS, softmax_weights, windowed_probabilities
+from models.dropout import dropout
 
 
 def plain_attention(p, x, kind, radius):
@@ -26,20 +31,32 @@ def plain_attention(p, x, kind, radius):
     return jnp.einsum("bqhk,hke->bqe", attended, p["out"]) + p["out_bias"]
 
 
+def model_attention(p, x, kind, config):
+    """The model's attention of a whole sequence over itself (no cache), as a block applies it."""
+    out, _ = KINDS[kind].apply(p, x, jnp.arange(x.shape[1]), None, None, config, None, None)
+    return out
+
+
 @pytest.mark.parametrize("length", [100, 129, 300, 1100])
 @pytest.mark.parametrize("kind,radius", [("global", 256), ("local", 1), ("local", 37), ("local", 256), ("local", 5000)])
-def test_blocked_attention_equals_plain_attention(length, kind, radius):
+@pytest.mark.parametrize("kernel", ["auto", "plain"])
+def test_attention_kernels_equal_plain_attention(length, kind, radius, kernel):
+    if kernel == "plain" and length == 1100 and kind == "local" and radius != 37:
+        pytest.skip("the plain kernel's long cases are covered by radius 37")
     config = validate({"n_ctx": length, "n_embd": 32, "n_head": 4, "n_layer": 1, "n_vocab": 64,
-                       "attention_types": [[[kind], 1]], "local_attention_radius": radius}, "test")
-    weights = layers.attention_weights(config)
+                       "attention_types": [[[kind], 1]], "local_attention_radius": radius,
+                       "attention_kernel": kernel, "cpu_backward": "plain"}, "test")
+    weights = softmax_weights(config)
     keys = jax.random.split(jax.random.key(length), len(weights) + 1)
     p = {name: 0.3 * jax.random.normal(key, tuple(config.dim_sizes[d] for d in w.dims))
          for (name, w), key in zip(weights.items(), keys)}
     x = jax.random.normal(keys[-1], (2, length, config.n_embd))
-    assert len(layers.query_blocks(length)) == min(8, -(-length // 128))
+    assert len(kernels.query_blocks(length)) == min(8, -(-length // 128))
+    assert ("custom_vjp" in str(jax.make_jaxpr(lambda p, x: model_attention(p, x, kind, config))(p, x))) == \
+        (kernel == "auto")  # auto is the blocked kernel on a CPU (its only custom gradient here)
 
     def blocked(p, x):
-        return layers.attention(p, x, kind, config, None)
+        return model_attention(p, x, kind, config)
 
     def plain(p, x):
         return plain_attention(p, x, kind, radius)
@@ -65,14 +82,14 @@ def test_fused_gpu_attention_equals_plain_attention(length, kind, radius):
     config = validate({"n_ctx": length, "n_embd": 64, "n_head": 4, "n_layer": 1, "n_vocab": 64,
                        "attention_types": [[[kind], 1]], "local_attention_radius": radius,
                        "precision": "bfloat16"}, "test")
-    weights = layers.attention_weights(config)
+    weights = softmax_weights(config)
     keys = jax.random.split(jax.random.key(length), len(weights) + 1)
     p = {name: (0.3 * jax.random.normal(key, tuple(config.dim_sizes[d] for d in w.dims))).astype(jnp.bfloat16)
          for (name, w), key in zip(weights.items(), keys)}
     x = jax.random.normal(keys[-1], (2, length, config.n_embd)).astype(jnp.bfloat16)
 
     def fused(p, x):
-        return layers.attention(p, x, kind, config, None).astype(jnp.float32)
+        return model_attention(p, x, kind, config).astype(jnp.float32)
 
     def plain(p, x):
         as_float32 = jax.tree.map(lambda a: a.astype(jnp.float32), (p, x))
@@ -110,7 +127,7 @@ def test_cpu_projection_backward_equals_autodiff(spec, x_shape, w_shape):
     contracted = (len(x_shape) + len(w_shape) - len(out_shape)) // 2
 
     def ours(x, w):
-        return jnp.vdot(layers._cpu_projection(x, w, contracted), cotangent)
+        return jnp.vdot(kernels._cpu_projection(x, w, contracted), cotangent)
 
     def autodiff(x, w):
         return jnp.vdot(jnp.einsum(spec, x, w), cotangent)
@@ -127,7 +144,8 @@ def test_tied_output_projection_gradient_reaches_the_embedding_table():
     keys = jax.random.split(jax.random.key(4), 3)
     hidden, table = jax.random.normal(keys[0], (2, 5, 8)), jax.random.normal(keys[1], (30, 8))
     cotangent = jax.random.normal(keys[2], (2, 5, 30))
-    ours = jax.grad(lambda h, t: jnp.vdot(layers.project("bse,ev->bsv", h, t.T), cotangent), (0, 1))
+    config = validate({}, "test")
+    ours = jax.grad(lambda h, t: jnp.vdot(kernels.project("bse,ev->bsv", h, t.T, config), cotangent), (0, 1))
     plain = jax.grad(lambda h, t: jnp.vdot(jnp.einsum("bse,ve->bsv", h, t), cotangent), (0, 1))
     for a, b in zip(jax.jit(ours)(hidden, table), plain(hidden, table)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -137,7 +155,7 @@ def test_tied_output_projection_gradient_reaches_the_embedding_table():
 def test_project_refuses_a_spec_that_is_not_a_projection(spec):
     x = jnp.ones((2, 3, 4))
     with pytest.raises(ValueError, match="is not of the form"):
-        layers.project(spec, x, jnp.ones((4, 4)))
+        kernels.project(spec, x, jnp.ones((4, 4)), validate({}, "test"))
 
 
 @pytest.mark.parametrize("kind,radius", [("global", 256), ("local", 37)])
@@ -147,17 +165,18 @@ def test_blocked_attention_backward_equals_autodiff_with_attention_dropout(kind,
     length, batch, heads, kv = 300, 2, 4, 8
     keys = jax.random.split(jax.random.key(7), 5)
     q, k, v, cotangent = (jax.random.normal(key, (batch, length, heads, kv)) for key in keys[:4])
-    blocks = layers.attention_blocks(length, kind, radius)
-    keep = tuple(layers.dropout(jax.random.fold_in(keys[4], index),
-                                jnp.ones((batch, heads, stop - start, stop - first)), 0.3)
+    window = radius if kind == "local" else None
+    blocks = kernels.attention_blocks(length, window)
+    keep = tuple(dropout(jax.random.fold_in(keys[4], index), jnp.ones((batch, heads, stop - start, stop - first)), 0.3)
                  for index, (start, stop, first) in enumerate(blocks))
+    probabilities = functools.partial(windowed_probabilities, window=window)
     assert any(float((m == 0).mean()) > 0.2 for m in keep)
 
     def ours(q, k, v):
-        return jnp.vdot(layers.blocked_attention(q, k, v, keep, blocks, kind, radius), cotangent)
+        return jnp.vdot(kernels.blocked_attention(q, k, v, keep, blocks, probabilities), cotangent)
 
     def autodiff(q, k, v):
-        return jnp.vdot(layers._blocked_attention_forward(q, k, v, keep, blocks, kind, radius)[0], cotangent)
+        return jnp.vdot(kernels._blocked_attention_forward(q, k, v, keep, blocks, probabilities)[0], cotangent)
 
     grads = jax.jit(jax.grad(ours, (0, 1, 2)))(q, k, v)
     expected = jax.jit(jax.grad(autodiff, (0, 1, 2)))(q, k, v)
