@@ -39,6 +39,7 @@ DIMENSION_LETTERS = {
     "embed_sequence": "p",
 }
 DIMENSION_NAMES = tuple(DIMENSION_LETTERS)
+POSITION_DIMENSIONS = ("sequence", "memory_length")  # a decoding step holds fewer positions than n_ctx
 _LETTER_DIMENSIONS = {letter: name for name, letter in DIMENSION_LETTERS.items()}
 DATA_AXIS = "data"  # the axis an empty mesh_shape puts every local device on
 
@@ -140,10 +141,26 @@ class MeshLayout:
         return NamedSharding(self.mesh, self.spec(dims, shape, name))
 
     def constrain(self, x: jax.Array, dims: Sequence[str | None]) -> jax.Array:
-        """Pin an activation's sharding inside a jit-compiled function."""
+        """Pin an activation's sharding inside a jit-compiled function. A dimension shorter than
+        the config's (one new position while decoding, along `sequence` or `memory_length`) stays
+        whole where its mesh axis does not divide it; the full sizes are checked once, by
+        `check_dimensions`."""
         if self.mesh.size == 1:
             return x
-        return jax.lax.with_sharding_constraint(x, self.sharding(dims, x.shape, name="activation"))
+        whole = [None if dim in POSITION_DIMENSIONS and dim in self.layout and size % self.mesh.shape[self.layout[dim]]
+                 else dim for dim, size in zip(dims, x.shape)]
+        return jax.lax.with_sharding_constraint(x, self.sharding(whole, x.shape, name="activation"))
+
+    def check_dimensions(self, config) -> None:
+        """`sequence` and `memory_length`, at the config's sizes, divide evenly by their mesh axes
+        (every other dimension is checked on the tensors that have it)."""
+        for dim in POSITION_DIMENSIONS:
+            axis, size = self.layout.get(dim), config.dim_sizes[dim]
+            if axis is not None and size % self.mesh.shape[axis]:
+                raise ConfigError(
+                    f"{config.source}: key 'layout' = {config.layout!r}: dimension {dim!r} has size {size}, which "
+                    f"does not divide evenly by mesh axis {axis!r} of size {self.mesh.shape[axis]}"
+                )
 
     def constrain_letters(self, x: jax.Array, letters: str) -> jax.Array:
         """`constrain` with the dimensions named by einsum letters, e.g. "bshk"."""
@@ -180,7 +197,9 @@ def build_mesh_layout(config, devices: Sequence[jax.Device] | None = None) -> Me
         device_grid = mesh_utils.create_device_mesh(tuple(axes.values()), devices=devices)
     except Exception:  # noqa: BLE001 - any failure leaves the plain order, which is always valid
         pass
-    return MeshLayout(Mesh(device_grid, tuple(axes)), layout)
+    mesh_layout = MeshLayout(Mesh(device_grid, tuple(axes)), layout)
+    mesh_layout.check_dimensions(config)
+    return mesh_layout
 
 
 def auto_layout(config, device_count: int, device_memory_bytes: float, choose_mesh: bool) -> tuple[str, str]:

@@ -329,3 +329,22 @@ def test_predict_refuses_an_empty_prompt_file_by_name(predict_setup):
         run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(empty))
     with pytest.raises(ConfigError, match="missing.txt: no such file"):
         run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(workdir / "missing.txt"))
+
+
+@pytest.mark.parametrize("chunks", [[40], [5, 11, 24], [1] * 12 + [28]])
+def test_the_forward_over_a_cache_in_chunks_equals_one_pass_without_it(chunks):
+    """The one forward, fed a sequence piece by piece through its cache (prefill of any length,
+    then more of any length: rings that wrap inside a piece), gives the hidden states of one
+    pass over the whole sequence, for global, local (radius 8, shorter than most pieces) and none layers."""
+    config = tiny_config()
+    params = gpt2.init_params(config, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (2, sum(chunks)), 0, config.n_vocab)
+    whole, _, _ = gpt2.forward(params, tokens, config)
+    cache = gpt2.init_cache(config, 2, 64)
+    pieces, start = [], 0
+    for length in chunks:
+        hidden, cache, _ = gpt2.forward(params, tokens[:, start:start + length], config, cache=cache)
+        pieces.append(hidden)
+        start += length
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, rtol=1e-5, atol=1e-5)
+    assert int(cache["next_slot"]) == sum(chunks)
