@@ -13,19 +13,25 @@ from configs import KEYS, load_config, parse_override, resolve_datasets, validat
 from errors import ConfigError
 from models import gpt2
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gpt-neo-configs"
-REFERENCE_CONFIGS = sorted(REFERENCE.glob("*.json"))
+GPT_NEO_CONFIGS = Path(__file__).resolve().parent / "gpt_neo_configs"  # vendored, MIT (see its README)
+GPT_NEO_MODEL_CONFIGS = sorted(GPT_NEO_CONFIGS.glob("*.json"))
 SMALL = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2, "n_vocab": 64, "attention_types": None}
 
 
-@pytest.mark.skipif(not REFERENCE_CONFIGS, reason="reference configs not beside the repository")
-@pytest.mark.parametrize("path", REFERENCE_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", GPT_NEO_MODEL_CONFIGS, ids=lambda p: p.stem)
 def test_reference_gpt_neo_configs_load_unchanged(path):
     raw = json.loads(path.read_text())
     config = load_config(str(path))
     for key, value in raw.items():
         assert getattr(config, key) == value
     assert len(config.layer_kinds) == config.n_layer
+
+
+def test_gpt_neo_configs_are_vendored_and_their_dataset_config_resolves():
+    assert {p.stem for p in GPT_NEO_MODEL_CONFIGS} >= {"gpt3_small_256", "gpt3_XL_256_Pile", "gpt3_PAR_small_256"}
+    assert (GPT_NEO_CONFIGS / "LICENSE").read_text().startswith("MIT License")
+    (pile,) = resolve_datasets(load_config(str(GPT_NEO_CONFIGS / "gpt3_XL_256_Pile.json")))
+    assert (pile.tokenizer_path, pile.eos_id, pile.padding_id) == ("gpt2", 50256, 50257)
 
 
 def test_every_key_has_a_default_and_a_meaning():

@@ -24,7 +24,7 @@ from optimizers import learning_rate, make_optimizer
 from tfrecord import write_shard
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO.parent / "shared" / "reference" / "gpt-neo-configs"
+GPT_NEO_CONFIGS = REPO / "tests" / "gpt_neo_configs"  # vendored, MIT (see its README)
 TINY = {
     "n_ctx": 32, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_vocab": 256, "train_batch_size": 8,
     "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
@@ -301,9 +301,8 @@ def test_bad_override_on_the_command_line_is_one_clear_line(tmp_path):
     assert "n_embd" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(not (REFERENCE / "gpt3_small_256.json").exists(), reason="reference configs not present")
 def test_dry_run_on_gpt3_small_reports_about_125m_parameters():
-    result = main_py("--model", str(REFERENCE / "gpt3_small_256.json"), "--dry_run", "--set", "mesh_shape=x:2,y:1",
+    result = main_py("--model", str(GPT_NEO_CONFIGS / "gpt3_small_256.json"), "--dry_run", "--set", "mesh_shape=x:2,y:1",
                      "--set", "train_batch_size=2", devices=2)
     count = int(result.stdout.split("parameters: ")[1].split(" ")[0].replace(",", ""))
     assert 120e6 < count < 130e6
