@@ -124,6 +124,58 @@ KEYS: dict[str, Key] = {
 # fmt: on
 
 ATTENTION_KINDS = ("global", "local", "linear", "none")
+
+
+# --- GPT-Neo's architecture options: what neomesh builds, what Hugging Face GPTNeo can hold ------
+@dataclass(frozen=True)
+class Option:
+    what: str  # what the option is, in the words of messages and of README.md's table
+    implemented: bool  # neomesh builds it; False: a config that sets it is refused by validate()
+    hf: bool  # HF GPTNeoForCausalLM can express it; False: export.check_exportable refuses it
+    hf_lacks: str = ""  # when hf is False: what HF GPTNeo has instead, for export's message
+
+
+# activation_function: ours -> Hugging Face's ACT2FN name, for the activations HF can express
+# (tests/test_export.py checks each pair numerically); any other activation is not exportable
+HF_ACTIVATIONS = {
+    "gelu": "gelu_new",  # both the tanh form
+    "relu": "relu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "silu": "silu",
+    "swish": "swish",
+    "mish": "mish",
+    "id": "linear",
+    "lrelu001": "leaky_relu",  # torch's default slope, 0.01
+}
+
+# A row is a key of KEYS, set when its value is truthy; "attention_types: KIND" rows are set when a
+# layer has that kind; the activation_function row is set by an activation HF has no name for.
+# Implementing an option is a one-line change here: its `implemented` becomes True.
+# fmt: off
+OPTIONS: dict[str, Option] = {
+    #  row                       what                                                     implemented  hf
+    "attention_types: global": Option("global attention",                                      True,  True),
+    "attention_types: local":  Option("local attention",                                       True,  True),
+    "attention_types: linear": Option("linear attention",                                      False, False, "global and local attention only"),
+    "attention_types: none":   Option("layers without attention",                              True,  False, "global and local attention only"),
+    "rotary_emb":              Option("rotary position embeddings",                            False, False, "a learned position table only"),
+    "axial_pos_emb":           Option("axial position embeddings",                             False, False, "a learned position table only"),
+    "num_mem_kv":              Option("memory key/values",                                     False, False, "no memory key/values"),
+    "scalenorm":               Option("ScaleNorm",                                             False, False, "LayerNorm only"),
+    "rezero":                  Option("ReZero residuals",                                      False, False, "pre-LN residuals only"),
+    "macaron":                 Option("macaron blocks",                                        False, False, "one MLP per block"),
+    "mlp_glu":                 Option("a gated (GLU) MLP",                                     False, False, "a plain two-layer MLP"),
+    "share_parameters":        Option("parameters shared across layers",                       False, False, "separate weights in every layer"),
+    "no_weight_tie":           Option("an untied output projection",                           False, False, "lm_head tied to wte"),
+    "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", False, False, "no mixture of experts"),
+    "entmax_loss":             Option("the entmax loss",                                       False, False, "softmax outputs only"),
+    "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               False, False, "a causal LM only"),
+    "activation_function":     Option("an activation outside Hugging Face's names",            True,  False,
+                                      f"ACT2FN equivalents of {', '.join(HF_ACTIVATIONS)} only"),
+}
+# fmt: on
+
 SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
 DATASET_KEYS = {
     "n_vocab": Key(None, "int?", "token ids must be below this"),
@@ -137,11 +189,13 @@ DATASET_KEYS = {
 
 
 class Config:
-    """A validated config: every key of `KEYS` as an attribute, plus derived values."""
+    """A validated config: every key of `KEYS` as an attribute, plus derived values. Every Config
+    holds only options neomesh implements (see OPTIONS), however it was made."""
 
     def __init__(self, values: dict[str, Any], source: str):
         self.__dict__.update(values)
         self.source = source
+        check_implemented(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in KEYS}
@@ -342,7 +396,7 @@ def validate(raw: dict[str, Any], source: str) -> Config:
 
     mesh_axes = parse_mesh_shape(values["mesh_shape"], source)
     parse_layout(values["layout"], mesh_axes, source)
-    return Config(values, source)
+    return Config(values, source)  # refuses options not implemented yet
 
 
 def check_dataset_entry(entry: Any, source: str) -> None:
@@ -358,6 +412,69 @@ def check_dataset_entry(entry: Any, source: str) -> None:
         raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: sampling mode {mode!r} is not one of {', '.join(SAMPLING_MODES)}")
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
         raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: weight must be a positive number")
+
+
+# --- the options table, applied -------------------------------------------------------------
+
+
+def option_use(row: str, config: Config) -> str | None:
+    """How `config` uses the option of OPTIONS[row], for a message (e.g. "key 'rotary_emb' = True"), or
+    None when it does not."""
+    if row.startswith("attention_types: "):
+        kind = row.split(": ", 1)[1]
+        layers = [i for i, k in enumerate(config.layer_kinds) if k == kind]
+        return f"key 'attention_types': layer {layers[0]} is {kind!r}" if layers else None
+    value = getattr(config, row)
+    if row == "activation_function":
+        return None if value in HF_ACTIVATIONS else f"key 'activation_function' = {value!r}"
+    return f"key {row!r} = {value!r}" if value else None
+
+
+def options_in_use(config: Config) -> list[tuple[str, Option, str]]:
+    """(row, option, how it is used) for every row of OPTIONS the config uses, in table order."""
+    used = ((row, option, option_use(row, config)) for row, option in OPTIONS.items())
+    return [(row, option, use) for row, option, use in used if use is not None]
+
+
+def check_implemented(config: Config) -> None:
+    """Refuse, naming the key, an option neomesh does not build yet. Config() calls this, so no config
+    that reaches the model, a train or eval step, the sampler or a benchmark holds one."""
+    for row, option, use in options_in_use(config):
+        if option.implemented:
+            continue
+        if row.startswith("attention_types: "):
+            kinds = [r.split(": ", 1)[1] for r, o in OPTIONS.items() if r.startswith("attention_types: ") and o.implemented]
+            accepted = f"implemented kinds: {', '.join(kinds)}"
+        else:
+            accepted = f"accepted: {json.dumps(KEYS[row].default)}"
+        raise ConfigError(f"{config.source}: {use}: neomesh does not implement {option.what} yet; {accepted}")
+
+
+def options_table() -> str:
+    """README.md's table of GPT-Neo's architecture options, generated from OPTIONS (`python configs.py
+    --readme` rewrites it; tests/test_configs.py fails when README.md's copy is out of date)."""
+    lines = ["| option | neomesh | Hugging Face GPTNeo (export) |", "|---|---|---|"]
+    for row, option in OPTIONS.items():
+        if row.startswith("attention_types: "):
+            name = f"`attention_types` kind `{row.split(': ', 1)[1]}`"
+        else:
+            name = f"`{row}`"
+        hf = "yes" if option.hf else f"no: HF GPTNeo has {option.hf_lacks}"
+        lines.append(f"| {name}: {option.what} | {'yes' if option.implemented else 'not yet: refused'} | {hf} |")
+    return "\n".join(lines) + "\n"
+
+
+README_TABLE_START = "<!-- options table: generated from configs.OPTIONS by `python configs.py --readme` -->\n"
+README_TABLE_END = "<!-- end of options table -->\n"
+
+
+def readme_with_options_table(readme: str) -> str:
+    """README.md's text with the options table between its two markers replaced by options_table()."""
+    if README_TABLE_START not in readme or README_TABLE_END not in readme:
+        raise ValueError(f"README.md has lost the markers of the options table: {README_TABLE_START.strip()}")
+    head, rest = readme.split(README_TABLE_START, 1)
+    _, tail = rest.split(README_TABLE_END, 1)
+    return head + README_TABLE_START + options_table() + README_TABLE_END + tail
 
 
 @dataclass(frozen=True)
@@ -415,3 +532,13 @@ def resolve_datasets(config: Config) -> list[DatasetConfig]:
         resolved.append(DatasetConfig(id=dataset_id, file=str(found), stitch=stitch, mode=mode,
                                       weight=float(weight), **checked))
     return resolved
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--readme"]:
+        sys.exit("usage: python configs.py --readme   (rewrites README.md's table of architecture options)")
+    readme_path = REPO_DIR / "README.md"
+    readme_path.write_text(readme_with_options_table(readme_path.read_text()))
+    print(f"wrote the options table into {readme_path}")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configs import Config, load_config, validate
+from configs import HF_ACTIVATIONS, Config, load_config, options_in_use, validate
 from errors import ConfigError, ExportError
 
 log = logging.getLogger("neomesh")
@@ -78,18 +78,8 @@ TRANSFORMS = {
     "heads_out": (lambda x: x.reshape(-1, x.shape[-1]).T, lambda x, shape: x.T.reshape(shape)),
 }
 
-# activation_function: ours -> HF (ACT2FN names), checked numerically in tests/test_export.py
-ACTIVATIONS_TO_HF = {
-    "gelu": "gelu_new",  # both the tanh form
-    "relu": "relu",
-    "sigmoid": "sigmoid",
-    "tanh": "tanh",
-    "silu": "silu",
-    "swish": "swish",
-    "mish": "mish",
-    "id": "linear",
-    "lrelu001": "leaky_relu",  # torch's default slope, 0.01
-}
+# activation_function: ours -> HF (ACT2FN names); the table lives beside configs.OPTIONS
+ACTIVATIONS_TO_HF = HF_ACTIVATIONS
 # HF -> ours: the inverse, plus HF's other names for the tanh-form GELU
 ACTIVATIONS_FROM_HF = {hf: ours for ours, hf in ACTIVATIONS_TO_HF.items()} | {
     "gelu_pytorch_tanh": "gelu",
@@ -129,39 +119,12 @@ def set_path(tree, path, value) -> None:
 
 
 def check_exportable(config) -> None:
-    """Refuse, by name, every feature GPTNeoForCausalLM has no place for."""
-    features = {
-        "rotary_emb": "rotary position embeddings (HF GPTNeo has a learned position table only)",
-        "axial_pos_emb": "axial position embeddings (HF GPTNeo has a learned position table only)",
-        "num_mem_kv": "memory key/values",
-        "moe_layers": "mixture-of-experts layers",
-        "no_weight_tie": "an untied output projection (HF GPTNeo ties lm_head to wte)",
-        "scalenorm": "ScaleNorm",
-        "rezero": "ReZero",
-        "macaron": "macaron blocks",
-        "mlp_glu": "a gated (GLU) MLP",
-        "share_parameters": "parameters shared across layers",
-        "mlm_training": "a masked-LM objective (GPTNeoForCausalLM is causal)",
-        "entmax_loss": "entmax outputs (HF samples with softmax)",
-    }
-    for key, what in features.items():
-        value = getattr(config, key)
-        if value:
-            raise ExportError(
-                f"{config.source}: key {key!r} = {value!r}: Hugging Face GPTNeo cannot express {what}; "
-                "this model cannot be exported"
-            )
-    for layer, kind in enumerate(config.layer_kinds):
-        if kind not in ("global", "local"):
-            raise ExportError(
-                f"{config.source}: key 'attention_types': layer {layer} has {kind!r} attention, which Hugging Face "
-                "GPTNeo cannot express (it has global and local attention only); this model cannot be exported"
-            )
-    if config.activation_function not in ACTIVATIONS_TO_HF:
-        raise ExportError(
-            f"{config.source}: key 'activation_function' = {config.activation_function!r} has no Hugging Face "
-            f"equivalent; exportable: {', '.join(ACTIVATIONS_TO_HF)}"
-        )
+    """Refuse, by name, every option GPTNeoForCausalLM has no place for (the `hf` column of
+    configs.OPTIONS)."""
+    for _, option, use in options_in_use(config):
+        if not option.hf:
+            raise ExportError(f"{config.source}: {use}: Hugging Face GPTNeo cannot express {option.what} (it has "
+                              f"{option.hf_lacks}); this model cannot be exported")
 
 
 # --- export ----------------------------------------------------------------------------------------

@@ -407,7 +407,6 @@ def generate(
     row at n_ctx. Sampling settings default to the config's; temperature 0 is greedy. Rows of
     different lengths are fine. `params` is the float32 tree of gpt2.init_params, placed on any
     devices (they are resharded per the layout)."""
-    gpt2.check_supported(config)
     rows = check_prompts(as_token_rows(prompt, tokenizer), config)
     settings = SamplingSettings(
         temperature=config.temperature if temperature is None else float(temperature),

@@ -9,10 +9,23 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import KEYS, load_config, parse_override, resolve_datasets, validate
+from configs import (
+    ATTENTION_KINDS,
+    KEYS,
+    OPTIONS,
+    Config,
+    load_config,
+    options_in_use,
+    options_table,
+    parse_override,
+    readme_with_options_table,
+    resolve_datasets,
+    validate,
+)
 from errors import ConfigError
 from models import gpt2
 
+REPO = Path(__file__).resolve().parent.parent
 GPT_NEO_CONFIGS = Path(__file__).resolve().parent / "gpt_neo_configs"  # vendored, MIT (see its README)
 GPT_NEO_MODEL_CONFIGS = sorted(GPT_NEO_CONFIGS.glob("*.json"))
 SMALL = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2, "n_vocab": 64, "attention_types": None}
@@ -138,11 +151,80 @@ def test_activation_function_is_honoured():
     assert float(jnp.max(jnp.abs(outputs["gelu"] - outputs["relu"]))) > 1e-4
 
 
-def test_unimplemented_architecture_options_refuse_by_name():
-    for key, value in [("rotary_emb", True), ("moe_layers", [0]), ("no_weight_tie", True)]:
-        config = validate({**SMALL, key: value}, "test")
-        with pytest.raises(ConfigError, match=key):
-            gpt2.check_supported(config)
-    config = validate({**SMALL, "attention_types": [[["linear"], 2]]}, "test")
-    with pytest.raises(ConfigError, match="linear"):
-        gpt2.check_supported(config)
+# a value that turns each option of configs.OPTIONS on (a new row needs one here)
+OPTION_SETTINGS = {
+    "attention_types: global": {"attention_types": [[["local", "global"], 1]]},
+    "attention_types: local": {"attention_types": [[["global", "local"], 1]]},
+    "attention_types: linear": {"attention_types": [[["global", "linear"], 1]]},
+    "attention_types: none": {"attention_types": [[["global", "none"], 1]]},
+    "rotary_emb": {"rotary_emb": True},
+    "axial_pos_emb": {"axial_pos_emb": [4, 4]},
+    "num_mem_kv": {"num_mem_kv": 2},
+    "scalenorm": {"scalenorm": True},
+    "rezero": {"rezero": True},
+    "macaron": {"macaron": True},
+    "mlp_glu": {"mlp_glu": True},
+    "share_parameters": {"share_parameters": True},
+    "no_weight_tie": {"no_weight_tie": True},
+    "moe_layers": {"moe_layers": [1]},
+    "entmax_loss": {"entmax_loss": True},
+    "mlm_training": {"mlm_training": True, "mlm_mask_id": 3},
+    "activation_function": {"activation_function": "softplus"},
+}
+UNIMPLEMENTED = [row for row, option in OPTIONS.items() if not option.implemented]
+
+
+def test_options_table_covers_every_architecture_option_and_attention_kind():
+    architecture = {"rotary_emb", "axial_pos_emb", "num_mem_kv", "scalenorm", "rezero", "macaron", "mlp_glu",
+                    "share_parameters", "no_weight_tie", "moe_layers", "entmax_loss", "mlm_training",
+                    "activation_function"}
+    assert set(OPTIONS) == architecture | {f"attention_types: {kind}" for kind in ATTENTION_KINDS}
+    assert set(OPTION_SETTINGS) == set(OPTIONS)
+    for row, option in OPTIONS.items():
+        assert option.what and (option.hf or option.hf_lacks), row
+
+
+@pytest.mark.parametrize("row", [row for row, option in OPTIONS.items() if option.implemented], ids=str)
+def test_options_in_use_finds_each_implemented_option_a_config_sets(row):
+    config = validate({**SMALL, **OPTION_SETTINGS[row]}, "test")
+    assert row in [used for used, _, _ in options_in_use(config)]
+
+
+def test_a_plain_config_uses_only_global_attention():
+    assert [row for row, _, _ in options_in_use(validate(SMALL, "test"))] == ["attention_types: global"]
+
+
+@pytest.mark.parametrize("row", UNIMPLEMENTED, ids=str)
+def test_an_unimplemented_option_is_refused_by_name_however_the_config_is_made(row, tmp_path):
+    """validate, load_config (file and --set), Config.replace and Config itself all refuse, so no config
+    that make_train_step, make_eval_step, generate or a benchmark receives can hold the option."""
+    setting = OPTION_SETTINGS[row]
+    key = next(iter(setting))
+    named = f"layer 1 is '{row.split(': ')[1]}'" if row.startswith("attention_types") else f"key {key!r}"
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({**SMALL, **setting}))
+    makers = {
+        "validate": lambda: validate({**SMALL, **setting}, "test.json"),
+        "load_config": lambda: load_config(str(path)),
+        "--set": lambda: load_config("demo", [f"{k}={json.dumps(v)}" for k, v in {**SMALL, **setting}.items()]),
+        "replace": lambda: validate(SMALL, "test.json").replace(**setting),
+        "Config": lambda: Config({**validate(SMALL, "test.json").to_dict(), **setting}, "test.json"),
+    }
+    for maker in makers.values():
+        with pytest.raises(ConfigError, match="not implement") as err:
+            maker()
+        assert named in str(err.value) and OPTIONS[row].what in str(err.value)
+
+
+def test_benchmarks_build_their_configs_through_validation():
+    from bench.train_throughput import config_for
+
+    assert config_for(SMALL).n_layer == 2
+    with pytest.raises(ConfigError, match="'rotary_emb'"):
+        config_for({**SMALL, "rotary_emb": True})
+
+
+def test_readme_options_table_is_generated_from_the_options_table():
+    readme = (REPO / "README.md").read_text()
+    assert options_table() in readme
+    assert readme_with_options_table(readme) == readme, "README.md is out of date: run python configs.py --readme"
