@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from errors import ConfigError
+
+log = logging.getLogger("neomesh")
 
 REPO_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = REPO_DIR / "configs"
@@ -86,7 +89,7 @@ KEYS: dict[str, Key] = {
     "model_path": Key("", "str", "folder (local or gs://) for checkpoints, metrics and samples"),
     "model": Key("GPT", "str", 'model family: only "GPT"'),
     "seed": Key(0, "int", "seed of the initialisation, dropout and data order"),
-    "log_grads": Key(False, "bool", "accepted for GPT-Neo configs; the global gradient norm is always logged"),
+    "log_grads": Key(False, "bool", "true: also log each parameter's gradient norm (grad_norm/<path>, e.g. grad_norm/blocks.0.attn.q) with the metrics; the global norm is always logged"),
     # --- optimizer -----------------------------------------------------------------------------
     "opt_name": Key("adam", "str", "adam (decoupled weight decay, skipping norms and biases) | adafactor"),
     "lr": Key(6e-4, "float", "peak learning rate"),
@@ -102,18 +105,18 @@ KEYS: dict[str, Key] = {
     "gradient_clipping": Key(1.0, "float", "clip gradients to this global norm; 0 turns clipping off"),
     # --- data ----------------------------------------------------------------------------------
     "datasets": Key([], "list", "[[dataset_id, stitch, sampling_mode, weight], ...]; configs/dataset_configs/<id>.json"),
-    "input_fn": Key("sample_documents", "str", "accepted for GPT-Neo configs; neomesh has one sampler"),
-    "remove_partial_sequences": Key(False, "bool", "accepted for GPT-Neo configs"),
-    "shuffle_input_filenames": Key(True, "bool", "accepted for GPT-Neo configs; neomesh always shuffles"),
+    "input_fn": Key("sequential_input", "str", "GPT-Neo's reader: sequential_input | generic_text (others are refused); neomesh reads every dataset with its one sampler (deterministic, honouring stitch, mode and weight), so a config that sets it is logged once"),
+    "remove_partial_sequences": Key(False, "bool", "--predict: true writes each sample without its prompt (only the new tokens), as GPT-Neo's output without the partial sequences"),
+    "shuffle_input_filenames": Key(True, "bool", "GPT-Neo shuffled the shard list when true; neomesh always shuffles examples deterministically from (seed, step), so false has no effect and is logged once"),
     "padding_id": Key(None, "int?", "padding token id; absent: from the dataset config"),
     "eos_id": Key(None, "int?", "end-of-text token id; absent: from the dataset config"),
     # --- evaluation ----------------------------------------------------------------------------
     "eval_batch_size": Key(8, "int", "sequences per evaluation batch"),
     "eval_steps": Key(0, "int", "evaluation batches every checkpoint (0: no evaluation while training)"),
-    "eval_tasks": Key([], "list", "extra evaluation tasks (GPT-Neo: lambada)"),
+    "eval_tasks": Key([], "list", "task evaluations (GPT-Neo: lambada); neomesh implements none yet, so a non-empty list is refused"),
     # --- sampling ------------------------------------------------------------------------------
     "predict_batch_size": Key(1, "int", "completions sampled per prompt"),
-    "predict_steps": Key(0, "int", "accepted for GPT-Neo configs"),
+    "predict_steps": Key(0, "int", "GPT-Neo: above 0, sample from the prompt at every checkpoint while training; neomesh does not (run main.py --predict), so above 0 is logged once"),
     "predict_max_steps": Key(256, "int", "new tokens per completion (generation also stops at n_ctx)"),
     "temperature": Key(0.9, "float", "sampling temperature; 0 is greedy"),
     "top_k": Key(0, "int", "sample among the k most likely tokens; 0 turns it off"),
@@ -124,6 +127,8 @@ KEYS: dict[str, Key] = {
 # fmt: on
 
 ATTENTION_KINDS = ("global", "local", "linear", "none")
+INPUT_FNS = ("sequential_input", "generic_text")  # GPT-Neo's readers; neomesh has one sampler for both
+EVAL_TASKS = {"lambada": False}  # GPT-Neo's task evaluations: name -> implemented in neomesh
 
 
 # --- GPT-Neo's architecture options: what neomesh builds, what Hugging Face GPTNeo can hold ------
@@ -273,7 +278,26 @@ def load_config(model: str, overrides: list[str] | None = None) -> Config:
     for override in overrides or []:
         key, value = parse_override(override)
         values[key] = value
-    return validate(values, str(path))
+    config = validate(values, str(path))
+    for note in unused_key_notes(values, config):
+        log.warning("%s", note)
+    return config
+
+
+def unused_key_notes(raw: dict[str, Any], config: Config) -> list[str]:
+    """One line for each GPT-Neo key the config sets that neomesh accepts but does not act on (their
+    meanings in KEYS say why). load_config logs them, so a run logs each once."""
+    notes = []
+    if "input_fn" in raw:
+        notes.append(f"{config.source}: key 'input_fn' = {config.input_fn!r} selects nothing in neomesh: every "
+                     "dataset is read by its one sampler (deterministic, honouring stitch, mode and weight)")
+    if not config.shuffle_input_filenames:
+        notes.append(f"{config.source}: key 'shuffle_input_filenames' = false has no effect: neomesh always "
+                     "shuffles examples deterministically from (seed, step)")
+    if config.predict_steps > 0:
+        notes.append(f"{config.source}: key 'predict_steps' = {config.predict_steps} has no effect: neomesh does "
+                     "not sample while training; run main.py --predict on a checkpoint")
+    return notes
 
 
 def read_json(path: Path) -> Any:
@@ -347,7 +371,8 @@ def validate(raw: dict[str, Any], source: str) -> Config:
                 "local_attention_radius"):
         if values[key] <= 0:
             fail(key, "must be a positive integer")
-    for key in ("train_steps", "eval_steps", "warmup_steps", "num_mem_kv", "top_k", "predict_max_steps"):
+    for key in ("train_steps", "eval_steps", "warmup_steps", "num_mem_kv", "top_k", "predict_max_steps",
+                "predict_steps"):
         if values[key] < 0:
             fail(key, "must be zero or more")
     if values["n_embd"] % values["n_head"]:
@@ -365,6 +390,7 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         ("model", ("GPT",)),
         ("attention_kernel", ("auto", "plain", "blocked", "cudnn")),
         ("cpu_backward", ("auto", "plain")),
+        ("input_fn", INPUT_FNS),
     ):
         if values[key] not in accepted:
             fail(key, f"accepted: {', '.join(accepted)}")
@@ -374,6 +400,11 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         close = difflib.get_close_matches(values["activation_function"], ACTIVATIONS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         fail("activation_function", f"unknown activation{hint} (accepted: {', '.join(sorted(ACTIVATIONS))})")
+    for task in values["eval_tasks"]:
+        if task not in EVAL_TASKS:
+            fail("eval_tasks", f"unknown task {task!r}; GPT-Neo's tasks: {', '.join(EVAL_TASKS)}")
+        if not EVAL_TASKS[task]:
+            fail("eval_tasks", f"task evaluation ({task!r}) is not implemented in neomesh yet; accepted: []")
     for key in ("embed_dropout", "attn_dropout", "res_dropout"):
         if not 0.0 <= values[key] < 1.0:
             fail(key, "a dropout rate must be in [0, 1)")

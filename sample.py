@@ -491,7 +491,8 @@ def sample_header(i: int) -> str:
 def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: str = "nosacred") -> Path:
     """`main.py --predict`: sample predict_batch_size completions of the prompt from the newest
     checkpoint in model_path, print them, and write them to
-    model_path/predictions_<sacred_id>_<step>.txt (one `SAMPLE i` section per completion)."""
+    model_path/predictions_<sacred_id>_<step>.txt (one `SAMPLE i` section per completion: the prompt,
+    then the new text; only the new text with remove_partial_sequences)."""
     from checkpoints import restore_params
     from encoders import load_dataset_tokenizer
 
@@ -505,7 +506,8 @@ def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: 
                        eos_id=dataset_eos_id(config, tokenizer))
 
     prompt_text = tokenizer.decode(samples.prompt_tokens[0])
-    sections = [f"{sample_header(i)}\n{prompt_text}{completion}\n{'=' * 80}\n"
+    shown_prompt = "" if config.remove_partial_sequences else prompt_text  # GPT-Neo's key: new tokens only
+    sections = [f"{sample_header(i)}\n{shown_prompt}{completion}\n{'=' * 80}\n"
                 for i, completion in enumerate(samples.texts)]
     path = Path(config.model_path) / f"predictions_{sacred_id}_{step}.txt"
     if jax.process_index() == 0:

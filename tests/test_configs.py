@@ -96,6 +96,8 @@ BAD = [
     ('datasets=[["mydata", 25, "documents_random"]]', "datasets"),           # three fields, not four
     ('datasets=[["mydata", 25, "documents_sorted", 1.0]]', "datasets"),      # unknown sampling mode
     ("tokens_per_mb_per_replica=-1", "tokens_per_mb_per_replica"),
+    ("input_fn=sample_documents", "input_fn"),       # not one of GPT-Neo's readers
+    ("predict_steps=-1", "predict_steps"),
     ("train_steps", "train_steps"),                  # --set without a value
 ]
 
@@ -228,3 +230,33 @@ def test_readme_options_table_is_generated_from_the_options_table():
     readme = (REPO / "README.md").read_text()
     assert options_table() in readme
     assert readme_with_options_table(readme) == readme, "README.md is out of date: run python configs.py --readme"
+
+
+def test_eval_tasks_are_refused_naming_the_task():
+    with pytest.raises(ConfigError, match=r"key 'eval_tasks'.*'lambada'.*not implemented in neomesh yet"):
+        validate({**SMALL, "eval_tasks": ["lambada"]}, "test")
+    with pytest.raises(ConfigError, match=r"key 'eval_tasks'.*unknown task 'hellaswag'.*lambada"):
+        validate({**SMALL, "eval_tasks": ["hellaswag"]}, "test")
+    assert validate({**SMALL, "eval_tasks": []}, "test").eval_tasks == []
+
+
+def test_gpt_neo_keys_neomesh_does_not_act_on_are_logged_once_by_name_when_loaded(tmp_path, caplog):
+    path = tmp_path / "neo.json"
+    path.write_text(json.dumps({**SMALL, "input_fn": "generic_text", "shuffle_input_filenames": False,
+                                "predict_steps": 1}))
+    with caplog.at_level("INFO", logger="neomesh"):
+        config = load_config(str(path))
+        config.replace(train_steps=5)  # a derived config logs nothing again
+        validate(config.to_dict(), str(path))
+    messages = [record.getMessage() for record in caplog.records]
+    for key in ("input_fn", "shuffle_input_filenames", "predict_steps"):
+        assert sum(f"key {key!r}" in m for m in messages) == 1, (key, messages)
+    assert all(str(path) in m for m in messages) and len(messages) == 3
+
+
+def test_a_config_without_those_keys_logs_nothing(tmp_path, caplog):
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({**SMALL, "shuffle_input_filenames": True, "predict_steps": 0}))
+    with caplog.at_level("INFO", logger="neomesh"):
+        load_config(str(path))
+    assert caplog.records == []

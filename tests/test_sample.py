@@ -314,6 +314,19 @@ def test_predict_writes_sample_sections_continuing_the_prompt(predict_setup, cap
     assert written.strip() and written.split("\n", 1)[1] in capsys.readouterr().out
 
 
+def test_predict_with_remove_partial_sequences_writes_only_the_new_tokens(predict_setup):
+    workdir, config, params = predict_setup
+    prompt_file = workdir / "prompt.txt"
+    prompt_file.write_text("the named mesh")
+    config = config.replace(remove_partial_sequences=True)
+    written = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(prompt_file), "partial").read_text()
+    tokenizer = load_dataset_tokenizer(config)
+    expected = generate(params, config, [tokenizer.encode("the named mesh")] * 3, tokenizer=tokenizer, eos_id=0)
+    for i, completion in enumerate(expected.texts):
+        assert f" SAMPLE {i} " + "=" * 40 + f"\n{completion}\n" in written
+    assert "the named mesh" not in written
+
+
 def test_predict_without_a_prompt_uses_the_default_and_names_the_sacred_id(predict_setup):
     workdir, config, _ = predict_setup
     path = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), None, sacred_id="run42")
