@@ -108,8 +108,8 @@ KEYS: dict[str, Key] = {
     "input_fn": Key("sequential_input", "str", "GPT-Neo's reader: sequential_input | generic_text (others are refused); neomesh reads every dataset with its one sampler (deterministic, honouring stitch, mode and weight), so a config that sets it is logged once"),
     "remove_partial_sequences": Key(False, "bool", "--predict: true writes each sample without its prompt (only the new tokens), as GPT-Neo's output without the partial sequences"),
     "shuffle_input_filenames": Key(True, "bool", "GPT-Neo shuffled the shard list when true; neomesh always shuffles examples deterministically from (seed, step), so false has no effect and is logged once"),
-    "padding_id": Key(None, "int?", "padding token id; absent: from the dataset config"),
-    "eos_id": Key(None, "int?", "end-of-text token id; absent: from the dataset config"),
+    "padding_id": Key(None, "int?", "padding token id; absent: the dataset config's; one >= n_vocab, or none, means eos_id (configs.special_ids)"),
+    "eos_id": Key(None, "int?", "end-of-text token id; absent: the first dataset config's, else the tokenizer's (configs.special_ids)"),
     # --- evaluation ----------------------------------------------------------------------------
     "eval_batch_size": Key(8, "int", "sequences per evaluation batch"),
     "eval_steps": Key(0, "int", "evaluation batches every checkpoint (0: no evaluation while training)"),
@@ -539,30 +539,68 @@ def resolve_datasets(config: Config) -> list[DatasetConfig]:
         raise ConfigError(f"{config.source}: key 'datasets' is empty; name at least one dataset, e.g. "
                           '[["mydata", 25, "documents_random", 1.0]] with configs/dataset_configs/mydata.json')
     resolved = []
-    for dataset_id, stitch, mode, weight in config.datasets:
-        candidates = [d / f"{dataset_id}.json" for d in dataset_config_dirs(config)]
-        found = next((p for p in candidates if p.is_file()), None)
+    for entry in config.datasets:
+        dataset_id = entry[0]
+        found = find_dataset_config(config, dataset_id)
         if found is None:
+            candidates = [d / f"{dataset_id}.json" for d in dataset_config_dirs(config)]
             raise ConfigError(
                 f"{config.source}: key 'datasets' names {dataset_id!r} but no dataset config exists at "
                 f"{' or '.join(str(p) for p in candidates)}"
             )
-        values = read_json(found)
-        if not isinstance(values, dict):
-            raise ConfigError(f"{found}: a dataset config is a JSON object")
-        checked = {}
-        for key, value in values.items():
-            if key not in DATASET_KEYS:
-                raise ConfigError(f"{found}: unknown key {key!r}; accepted: {', '.join(DATASET_KEYS)}")
-            checked[key] = check_type(key, value, DATASET_KEYS[key].kind, str(found))
-        for key, spec in DATASET_KEYS.items():
-            checked.setdefault(key, spec.default)
-        if not checked["path"]:
-            raise ConfigError(f"{found}: key 'path' is empty; it is the glob of the training shards")
-        # relative paths are relative to the working directory, as in GPT-Neo
-        resolved.append(DatasetConfig(id=dataset_id, file=str(found), stitch=stitch, mode=mode,
-                                      weight=float(weight), **checked))
+        resolved.append(read_dataset_config(found, entry))
     return resolved
+
+
+def find_dataset_config(config: Config, dataset_id: str) -> Path | None:
+    candidates = [d / f"{dataset_id}.json" for d in dataset_config_dirs(config)]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def read_dataset_config(found: Path, entry: list) -> DatasetConfig:
+    dataset_id, stitch, mode, weight = entry
+    values = read_json(found)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{found}: a dataset config is a JSON object")
+    checked = {}
+    for key, value in values.items():
+        if key not in DATASET_KEYS:
+            raise ConfigError(f"{found}: unknown key {key!r}; accepted: {', '.join(DATASET_KEYS)}")
+        checked[key] = check_type(key, value, DATASET_KEYS[key].kind, str(found))
+    for key, spec in DATASET_KEYS.items():
+        checked.setdefault(key, spec.default)
+    if not checked["path"]:
+        raise ConfigError(f"{found}: key 'path' is empty; it is the glob of the training shards")
+    # relative paths are relative to the working directory, as in GPT-Neo
+    return DatasetConfig(id=dataset_id, file=str(found), stitch=stitch, mode=mode, weight=float(weight), **checked)
+
+
+def special_ids(config: Config, tokenizer=None, dataset: DatasetConfig | None = None) -> tuple[int | None, int | None]:
+    """(eos_id, padding_id) for a config: the one rule that training, sampling and export follow.
+
+    eos_id: the config's key 'eos_id'; else the dataset config's 'eos_id' (of `dataset`, or else of the
+        first entry of `datasets`, when its dataset config exists); else the end-of-text token of
+        `tokenizer`, when the caller has one loaded (sampling and export do; training reads ids only);
+        else None: no end-of-text token, so generation runs to its length.
+    padding_id: the config's key 'padding_id'; else the dataset config's. One that no embedding row
+        holds (>= n_vocab, as GPT-Neo's GPT-2 dataset configs say: padding_id = n_vocab), or none at
+        all, means eos_id.
+    `tokenizer` is any object with an `eos_id` (encoders.Tokenizer), so configs imports no tokenizer.
+    """
+    if dataset is None and config.datasets:
+        found = find_dataset_config(config, config.datasets[0][0])
+        dataset = read_dataset_config(found, config.datasets[0]) if found is not None else None
+    eos_id = config.eos_id
+    if eos_id is None and dataset is not None:
+        eos_id = dataset.eos_id
+    if eos_id is None and tokenizer is not None:
+        eos_id = tokenizer.eos_id
+    padding_id = config.padding_id
+    if padding_id is None and dataset is not None:
+        padding_id = dataset.padding_id
+    if padding_id is None or padding_id >= config.n_vocab:
+        padding_id = eos_id
+    return eos_id, padding_id
 
 
 if __name__ == "__main__":

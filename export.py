@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configs import HF_ACTIVATIONS, Config, load_config, options_in_use, validate
+from configs import HF_ACTIVATIONS, Config, load_config, options_in_use, special_ids, validate
 from errors import ConfigError, ExportError
 
 log = logging.getLogger("neomesh")
@@ -185,24 +185,20 @@ def hf_config(config, eos_id: int | None, padding_id: int | None) -> dict:
 
 def export_tokenizer(config, out: Path) -> tuple[int | None, int | None]:
     """Write the config's dataset tokenizer as tokenizer.json + tokenizer_config.json; returns
-    (eos_id, padding_id). A model without a findable tokenizer is still exported (weights and
-    config), with a warning."""
-    from configs import resolve_datasets
+    (eos_id, padding_id) by configs.special_ids, as training and sampling choose them. A model
+    without a findable tokenizer is still exported (weights and config), with a warning."""
     from encoders import load_dataset_tokenizer
 
-    eos_id, padding_id = config.eos_id, config.padding_id
     try:
-        dataset = resolve_datasets(config)[0]
         tokenizer = load_dataset_tokenizer(config)
     except ConfigError as err:
         log.warning("no tokenizer exported (%s); config.json and model.safetensors are written", err)
-        return eos_id, padding_id
-    eos_id = eos_id if eos_id is not None else dataset.eos_id if dataset.eos_id is not None else tokenizer.eos_id
-    padding_id = padding_id if padding_id is not None else dataset.padding_id
+        return special_ids(config)
+    eos_id, padding_id = special_ids(config, tokenizer)
     if tokenizer.vocab_size > config.n_vocab:
         raise ExportError(
             f"{config.source}: key 'n_vocab' = {config.n_vocab} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens ({dataset.tokenizer_path})"
+            f"{tokenizer.vocab_size} tokens ({tokenizer.source})"
         )
     tokenizer.tokenizer.save(str(out / "tokenizer.json"))
     token = tokenizer.tokenizer.id_to_token

@@ -20,6 +20,7 @@ from configs import (
     parse_override,
     readme_with_options_table,
     resolve_datasets,
+    special_ids,
     validate,
 )
 from errors import ConfigError
@@ -260,3 +261,14 @@ def test_a_config_without_those_keys_logs_nothing(tmp_path, caplog):
     with caplog.at_level("INFO", logger="neomesh"):
         load_config(str(path))
     assert caplog.records == []
+
+
+def test_special_ids_take_the_key_then_the_dataset_config_and_pad_with_eos_where_none_fits(tmp_path):
+    xl = load_config(str(GPT_NEO_CONFIGS / "gpt3_XL_256_Pile.json"))  # pile.json: eos 50256, padding 50257 = n_vocab
+    assert special_ids(xl) == (50256, 50256)
+    assert special_ids(xl.replace(eos_id=7, padding_id=9)) == (7, 9)
+    assert special_ids(xl.replace(eos_id=7)) == (7, 7)
+    assert special_ids(validate(SMALL, "test")) == (None, None)  # no datasets: nothing to read
+    path = tmp_path / "elsewhere.json"
+    path.write_text(json.dumps({**SMALL, "datasets": [["nowhere", 1, "chunks", 1.0]], "eos_id": 3}))
+    assert special_ids(load_config(str(path))) == (3, 3)  # a dataset config not here is training's error
