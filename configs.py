@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from errors import ConfigError
+
+log = logging.getLogger("neomesh")
 
 REPO_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = REPO_DIR / "configs"
@@ -86,7 +89,7 @@ KEYS: dict[str, Key] = {
     "model_path": Key("", "str", "folder (local or gs://) for checkpoints, metrics and samples"),
     "model": Key("GPT", "str", 'model family: only "GPT"'),
     "seed": Key(0, "int", "seed of the initialisation, dropout and data order"),
-    "log_grads": Key(False, "bool", "accepted for GPT-Neo configs; the global gradient norm is always logged"),
+    "log_grads": Key(False, "bool", "true: also log each parameter's gradient norm (grad_norm/<path>, e.g. grad_norm/blocks.0.attn.q) with the metrics; the global norm is always logged"),
     # --- optimizer -----------------------------------------------------------------------------
     "opt_name": Key("adam", "str", "adam (decoupled weight decay, skipping norms and biases) | adafactor"),
     "lr": Key(6e-4, "float", "peak learning rate"),
@@ -102,18 +105,18 @@ KEYS: dict[str, Key] = {
     "gradient_clipping": Key(1.0, "float", "clip gradients to this global norm; 0 turns clipping off"),
     # --- data ----------------------------------------------------------------------------------
     "datasets": Key([], "list", "[[dataset_id, stitch, sampling_mode, weight], ...]; configs/dataset_configs/<id>.json"),
-    "input_fn": Key("sample_documents", "str", "accepted for GPT-Neo configs; neomesh has one sampler"),
-    "remove_partial_sequences": Key(False, "bool", "accepted for GPT-Neo configs"),
-    "shuffle_input_filenames": Key(True, "bool", "accepted for GPT-Neo configs; neomesh always shuffles"),
-    "padding_id": Key(None, "int?", "padding token id; absent: from the dataset config"),
-    "eos_id": Key(None, "int?", "end-of-text token id; absent: from the dataset config"),
+    "input_fn": Key("sequential_input", "str", "GPT-Neo's reader: sequential_input | generic_text (others are refused); neomesh reads every dataset with its one sampler (deterministic, honouring stitch, mode and weight), so a config that sets it is logged once"),
+    "remove_partial_sequences": Key(False, "bool", "--predict: true writes each sample without its prompt (only the new tokens), as GPT-Neo's output without the partial sequences"),
+    "shuffle_input_filenames": Key(True, "bool", "GPT-Neo shuffled the shard list when true; neomesh always shuffles examples deterministically from (seed, step), so false has no effect and is logged once"),
+    "padding_id": Key(None, "int?", "padding token id; absent: the dataset config's; one >= n_vocab, or none, means eos_id (configs.special_ids)"),
+    "eos_id": Key(None, "int?", "end-of-text token id; absent: the first dataset config's, else the tokenizer's (configs.special_ids)"),
     # --- evaluation ----------------------------------------------------------------------------
     "eval_batch_size": Key(8, "int", "sequences per evaluation batch"),
     "eval_steps": Key(0, "int", "evaluation batches every checkpoint (0: no evaluation while training)"),
-    "eval_tasks": Key([], "list", "extra evaluation tasks (GPT-Neo: lambada)"),
+    "eval_tasks": Key([], "list", "task evaluations (GPT-Neo: lambada); neomesh implements none yet, so a non-empty list is refused"),
     # --- sampling ------------------------------------------------------------------------------
     "predict_batch_size": Key(1, "int", "completions sampled per prompt"),
-    "predict_steps": Key(0, "int", "accepted for GPT-Neo configs"),
+    "predict_steps": Key(0, "int", "GPT-Neo: above 0, sample from the prompt at every checkpoint while training; neomesh does not (run main.py --predict), so above 0 is logged once"),
     "predict_max_steps": Key(256, "int", "new tokens per completion (generation also stops at n_ctx)"),
     "temperature": Key(0.9, "float", "sampling temperature; 0 is greedy"),
     "top_k": Key(0, "int", "sample among the k most likely tokens; 0 turns it off"),
@@ -124,6 +127,60 @@ KEYS: dict[str, Key] = {
 # fmt: on
 
 ATTENTION_KINDS = ("global", "local", "linear", "none")
+INPUT_FNS = ("sequential_input", "generic_text")  # GPT-Neo's readers; neomesh has one sampler for both
+EVAL_TASKS = {"lambada": False}  # GPT-Neo's task evaluations: name -> implemented in neomesh
+
+
+# --- GPT-Neo's architecture options: what neomesh builds, what Hugging Face GPTNeo can hold ------
+@dataclass(frozen=True)
+class Option:
+    what: str  # what the option is, in the words of messages and of README.md's table
+    implemented: bool  # neomesh builds it; False: a config that sets it is refused by validate()
+    hf: bool  # HF GPTNeoForCausalLM can express it; False: export.check_exportable refuses it
+    hf_lacks: str = ""  # when hf is False: what HF GPTNeo has instead, for export's message
+
+
+# activation_function: ours -> Hugging Face's ACT2FN name, for the activations HF can express
+# (tests/test_export.py checks each pair numerically); any other activation is not exportable
+HF_ACTIVATIONS = {
+    "gelu": "gelu_new",  # both the tanh form
+    "relu": "relu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "silu": "silu",
+    "swish": "swish",
+    "mish": "mish",
+    "id": "linear",
+    "lrelu001": "leaky_relu",  # torch's default slope, 0.01
+}
+
+# A row is a key of KEYS, set when its value is truthy; "attention_types: KIND" rows are set when a
+# layer has that kind; the activation_function row is set by an activation HF has no name for.
+# Implementing an option is a one-line change here: its `implemented` becomes True.
+# fmt: off
+OPTIONS: dict[str, Option] = {
+    #  row                       what                                                     implemented  hf
+    "attention_types: global": Option("global attention",                                      True,  True),
+    "attention_types: local":  Option("local attention",                                       True,  True),
+    "attention_types: linear": Option("linear attention",                                      False, False, "global and local attention only"),
+    "attention_types: none":   Option("layers without attention",                              True,  False, "global and local attention only"),
+    "rotary_emb":              Option("rotary position embeddings",                            False, False, "a learned position table only"),
+    "axial_pos_emb":           Option("axial position embeddings",                             False, False, "a learned position table only"),
+    "num_mem_kv":              Option("memory key/values",                                     False, False, "no memory key/values"),
+    "scalenorm":               Option("ScaleNorm",                                             False, False, "LayerNorm only"),
+    "rezero":                  Option("ReZero residuals",                                      False, False, "pre-LN residuals only"),
+    "macaron":                 Option("macaron blocks",                                        False, False, "one MLP per block"),
+    "mlp_glu":                 Option("a gated (GLU) MLP",                                     False, False, "a plain two-layer MLP"),
+    "share_parameters":        Option("parameters shared across layers",                       False, False, "separate weights in every layer"),
+    "no_weight_tie":           Option("an untied output projection",                           False, False, "lm_head tied to wte"),
+    "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", False, False, "no mixture of experts"),
+    "entmax_loss":             Option("the entmax loss",                                       False, False, "softmax outputs only"),
+    "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               False, False, "a causal LM only"),
+    "activation_function":     Option("an activation outside Hugging Face's names",            True,  False,
+                                      f"ACT2FN equivalents of {', '.join(HF_ACTIVATIONS)} only"),
+}
+# fmt: on
+
 SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
 DATASET_KEYS = {
     "n_vocab": Key(None, "int?", "token ids must be below this"),
@@ -137,11 +194,13 @@ DATASET_KEYS = {
 
 
 class Config:
-    """A validated config: every key of `KEYS` as an attribute, plus derived values."""
+    """A validated config: every key of `KEYS` as an attribute, plus derived values. Every Config
+    holds only options neomesh implements (see OPTIONS), however it was made."""
 
     def __init__(self, values: dict[str, Any], source: str):
         self.__dict__.update(values)
         self.source = source
+        check_implemented(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in KEYS}
@@ -219,7 +278,26 @@ def load_config(model: str, overrides: list[str] | None = None) -> Config:
     for override in overrides or []:
         key, value = parse_override(override)
         values[key] = value
-    return validate(values, str(path))
+    config = validate(values, str(path))
+    for note in unused_key_notes(values, config):
+        log.warning("%s", note)
+    return config
+
+
+def unused_key_notes(raw: dict[str, Any], config: Config) -> list[str]:
+    """One line for each GPT-Neo key the config sets that neomesh accepts but does not act on (their
+    meanings in KEYS say why). load_config logs them, so a run logs each once."""
+    notes = []
+    if "input_fn" in raw:
+        notes.append(f"{config.source}: key 'input_fn' = {config.input_fn!r} selects nothing in neomesh: every "
+                     "dataset is read by its one sampler (deterministic, honouring stitch, mode and weight)")
+    if not config.shuffle_input_filenames:
+        notes.append(f"{config.source}: key 'shuffle_input_filenames' = false has no effect: neomesh always "
+                     "shuffles examples deterministically from (seed, step)")
+    if config.predict_steps > 0:
+        notes.append(f"{config.source}: key 'predict_steps' = {config.predict_steps} has no effect: neomesh does "
+                     "not sample while training; run main.py --predict on a checkpoint")
+    return notes
 
 
 def read_json(path: Path) -> Any:
@@ -293,7 +371,8 @@ def validate(raw: dict[str, Any], source: str) -> Config:
                 "local_attention_radius"):
         if values[key] <= 0:
             fail(key, "must be a positive integer")
-    for key in ("train_steps", "eval_steps", "warmup_steps", "num_mem_kv", "top_k", "predict_max_steps"):
+    for key in ("train_steps", "eval_steps", "warmup_steps", "num_mem_kv", "top_k", "predict_max_steps",
+                "predict_steps"):
         if values[key] < 0:
             fail(key, "must be zero or more")
     if values["n_embd"] % values["n_head"]:
@@ -311,6 +390,7 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         ("model", ("GPT",)),
         ("attention_kernel", ("auto", "plain", "blocked", "cudnn")),
         ("cpu_backward", ("auto", "plain")),
+        ("input_fn", INPUT_FNS),
     ):
         if values[key] not in accepted:
             fail(key, f"accepted: {', '.join(accepted)}")
@@ -320,6 +400,11 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         close = difflib.get_close_matches(values["activation_function"], ACTIVATIONS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         fail("activation_function", f"unknown activation{hint} (accepted: {', '.join(sorted(ACTIVATIONS))})")
+    for task in values["eval_tasks"]:
+        if task not in EVAL_TASKS:
+            fail("eval_tasks", f"unknown task {task!r}; GPT-Neo's tasks: {', '.join(EVAL_TASKS)}")
+        if not EVAL_TASKS[task]:
+            fail("eval_tasks", f"task evaluation ({task!r}) is not implemented in neomesh yet; accepted: []")
     for key in ("embed_dropout", "attn_dropout", "res_dropout"):
         if not 0.0 <= values[key] < 1.0:
             fail(key, "a dropout rate must be in [0, 1)")
@@ -342,7 +427,7 @@ def validate(raw: dict[str, Any], source: str) -> Config:
 
     mesh_axes = parse_mesh_shape(values["mesh_shape"], source)
     parse_layout(values["layout"], mesh_axes, source)
-    return Config(values, source)
+    return Config(values, source)  # refuses options not implemented yet
 
 
 def check_dataset_entry(entry: Any, source: str) -> None:
@@ -358,6 +443,69 @@ def check_dataset_entry(entry: Any, source: str) -> None:
         raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: sampling mode {mode!r} is not one of {', '.join(SAMPLING_MODES)}")
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
         raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: weight must be a positive number")
+
+
+# --- the options table, applied -------------------------------------------------------------
+
+
+def option_use(row: str, config: Config) -> str | None:
+    """How `config` uses the option of OPTIONS[row], for a message (e.g. "key 'rotary_emb' = True"), or
+    None when it does not."""
+    if row.startswith("attention_types: "):
+        kind = row.split(": ", 1)[1]
+        layers = [i for i, k in enumerate(config.layer_kinds) if k == kind]
+        return f"key 'attention_types': layer {layers[0]} is {kind!r}" if layers else None
+    value = getattr(config, row)
+    if row == "activation_function":
+        return None if value in HF_ACTIVATIONS else f"key 'activation_function' = {value!r}"
+    return f"key {row!r} = {value!r}" if value else None
+
+
+def options_in_use(config: Config) -> list[tuple[str, Option, str]]:
+    """(row, option, how it is used) for every row of OPTIONS the config uses, in table order."""
+    used = ((row, option, option_use(row, config)) for row, option in OPTIONS.items())
+    return [(row, option, use) for row, option, use in used if use is not None]
+
+
+def check_implemented(config: Config) -> None:
+    """Refuse, naming the key, an option neomesh does not build yet. Config() calls this, so no config
+    that reaches the model, a train or eval step, the sampler or a benchmark holds one."""
+    for row, option, use in options_in_use(config):
+        if option.implemented:
+            continue
+        if row.startswith("attention_types: "):
+            kinds = [r.split(": ", 1)[1] for r, o in OPTIONS.items() if r.startswith("attention_types: ") and o.implemented]
+            accepted = f"implemented kinds: {', '.join(kinds)}"
+        else:
+            accepted = f"accepted: {json.dumps(KEYS[row].default)}"
+        raise ConfigError(f"{config.source}: {use}: neomesh does not implement {option.what} yet; {accepted}")
+
+
+def options_table() -> str:
+    """README.md's table of GPT-Neo's architecture options, generated from OPTIONS (`python configs.py
+    --readme` rewrites it; tests/test_configs.py fails when README.md's copy is out of date)."""
+    lines = ["| option | neomesh | Hugging Face GPTNeo (export) |", "|---|---|---|"]
+    for row, option in OPTIONS.items():
+        if row.startswith("attention_types: "):
+            name = f"`attention_types` kind `{row.split(': ', 1)[1]}`"
+        else:
+            name = f"`{row}`"
+        hf = "yes" if option.hf else f"no: HF GPTNeo has {option.hf_lacks}"
+        lines.append(f"| {name}: {option.what} | {'yes' if option.implemented else 'not yet: refused'} | {hf} |")
+    return "\n".join(lines) + "\n"
+
+
+README_TABLE_START = "<!-- options table: generated from configs.OPTIONS by `python configs.py --readme` -->\n"
+README_TABLE_END = "<!-- end of options table -->\n"
+
+
+def readme_with_options_table(readme: str) -> str:
+    """README.md's text with the options table between its two markers replaced by options_table()."""
+    if README_TABLE_START not in readme or README_TABLE_END not in readme:
+        raise ValueError(f"README.md has lost the markers of the options table: {README_TABLE_START.strip()}")
+    head, rest = readme.split(README_TABLE_START, 1)
+    _, tail = rest.split(README_TABLE_END, 1)
+    return head + README_TABLE_START + options_table() + README_TABLE_END + tail
 
 
 @dataclass(frozen=True)
@@ -391,27 +539,75 @@ def resolve_datasets(config: Config) -> list[DatasetConfig]:
         raise ConfigError(f"{config.source}: key 'datasets' is empty; name at least one dataset, e.g. "
                           '[["mydata", 25, "documents_random", 1.0]] with configs/dataset_configs/mydata.json')
     resolved = []
-    for dataset_id, stitch, mode, weight in config.datasets:
-        candidates = [d / f"{dataset_id}.json" for d in dataset_config_dirs(config)]
-        found = next((p for p in candidates if p.is_file()), None)
+    for entry in config.datasets:
+        dataset_id = entry[0]
+        found = find_dataset_config(config, dataset_id)
         if found is None:
+            candidates = [d / f"{dataset_id}.json" for d in dataset_config_dirs(config)]
             raise ConfigError(
                 f"{config.source}: key 'datasets' names {dataset_id!r} but no dataset config exists at "
                 f"{' or '.join(str(p) for p in candidates)}"
             )
-        values = read_json(found)
-        if not isinstance(values, dict):
-            raise ConfigError(f"{found}: a dataset config is a JSON object")
-        checked = {}
-        for key, value in values.items():
-            if key not in DATASET_KEYS:
-                raise ConfigError(f"{found}: unknown key {key!r}; accepted: {', '.join(DATASET_KEYS)}")
-            checked[key] = check_type(key, value, DATASET_KEYS[key].kind, str(found))
-        for key, spec in DATASET_KEYS.items():
-            checked.setdefault(key, spec.default)
-        if not checked["path"]:
-            raise ConfigError(f"{found}: key 'path' is empty; it is the glob of the training shards")
-        # relative paths are relative to the working directory, as in GPT-Neo
-        resolved.append(DatasetConfig(id=dataset_id, file=str(found), stitch=stitch, mode=mode,
-                                      weight=float(weight), **checked))
+        resolved.append(read_dataset_config(found, entry))
     return resolved
+
+
+def find_dataset_config(config: Config, dataset_id: str) -> Path | None:
+    candidates = [d / f"{dataset_id}.json" for d in dataset_config_dirs(config)]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def read_dataset_config(found: Path, entry: list) -> DatasetConfig:
+    dataset_id, stitch, mode, weight = entry
+    values = read_json(found)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{found}: a dataset config is a JSON object")
+    checked = {}
+    for key, value in values.items():
+        if key not in DATASET_KEYS:
+            raise ConfigError(f"{found}: unknown key {key!r}; accepted: {', '.join(DATASET_KEYS)}")
+        checked[key] = check_type(key, value, DATASET_KEYS[key].kind, str(found))
+    for key, spec in DATASET_KEYS.items():
+        checked.setdefault(key, spec.default)
+    if not checked["path"]:
+        raise ConfigError(f"{found}: key 'path' is empty; it is the glob of the training shards")
+    # relative paths are relative to the working directory, as in GPT-Neo
+    return DatasetConfig(id=dataset_id, file=str(found), stitch=stitch, mode=mode, weight=float(weight), **checked)
+
+
+def special_ids(config: Config, tokenizer=None, dataset: DatasetConfig | None = None) -> tuple[int | None, int | None]:
+    """(eos_id, padding_id) for a config: the one rule that training, sampling and export follow.
+
+    eos_id: the config's key 'eos_id'; else the dataset config's 'eos_id' (of `dataset`, or else of the
+        first entry of `datasets`, when its dataset config exists); else the end-of-text token of
+        `tokenizer`, when the caller has one loaded (sampling and export do; training reads ids only);
+        else None: no end-of-text token, so generation runs to its length.
+    padding_id: the config's key 'padding_id'; else the dataset config's. One that no embedding row
+        holds (>= n_vocab, as GPT-Neo's GPT-2 dataset configs say: padding_id = n_vocab), or none at
+        all, means eos_id.
+    `tokenizer` is any object with an `eos_id` (encoders.Tokenizer), so configs imports no tokenizer.
+    """
+    if dataset is None and config.datasets:
+        found = find_dataset_config(config, config.datasets[0][0])
+        dataset = read_dataset_config(found, config.datasets[0]) if found is not None else None
+    eos_id = config.eos_id
+    if eos_id is None and dataset is not None:
+        eos_id = dataset.eos_id
+    if eos_id is None and tokenizer is not None:
+        eos_id = tokenizer.eos_id
+    padding_id = config.padding_id
+    if padding_id is None and dataset is not None:
+        padding_id = dataset.padding_id
+    if padding_id is None or padding_id >= config.n_vocab:
+        padding_id = eos_id
+    return eos_id, padding_id
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--readme"]:
+        sys.exit("usage: python configs.py --readme   (rewrites README.md's table of architecture options)")
+    readme_path = REPO_DIR / "README.md"
+    readme_path.write_text(readme_with_options_table(readme_path.read_text()))
+    print(f"wrote the options table into {readme_path}")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configs import Config, load_config, validate
+from configs import HF_ACTIVATIONS, Config, load_config, options_in_use, special_ids, validate
 from errors import ConfigError, ExportError
 
 log = logging.getLogger("neomesh")
@@ -78,18 +78,8 @@ TRANSFORMS = {
     "heads_out": (lambda x: x.reshape(-1, x.shape[-1]).T, lambda x, shape: x.T.reshape(shape)),
 }
 
-# activation_function: ours -> HF (ACT2FN names), checked numerically in tests/test_export.py
-ACTIVATIONS_TO_HF = {
-    "gelu": "gelu_new",  # both the tanh form
-    "relu": "relu",
-    "sigmoid": "sigmoid",
-    "tanh": "tanh",
-    "silu": "silu",
-    "swish": "swish",
-    "mish": "mish",
-    "id": "linear",
-    "lrelu001": "leaky_relu",  # torch's default slope, 0.01
-}
+# activation_function: ours -> HF (ACT2FN names); the table lives beside configs.OPTIONS
+ACTIVATIONS_TO_HF = HF_ACTIVATIONS
 # HF -> ours: the inverse, plus HF's other names for the tanh-form GELU
 ACTIVATIONS_FROM_HF = {hf: ours for ours, hf in ACTIVATIONS_TO_HF.items()} | {
     "gelu_pytorch_tanh": "gelu",
@@ -129,39 +119,12 @@ def set_path(tree, path, value) -> None:
 
 
 def check_exportable(config) -> None:
-    """Refuse, by name, every feature GPTNeoForCausalLM has no place for."""
-    features = {
-        "rotary_emb": "rotary position embeddings (HF GPTNeo has a learned position table only)",
-        "axial_pos_emb": "axial position embeddings (HF GPTNeo has a learned position table only)",
-        "num_mem_kv": "memory key/values",
-        "moe_layers": "mixture-of-experts layers",
-        "no_weight_tie": "an untied output projection (HF GPTNeo ties lm_head to wte)",
-        "scalenorm": "ScaleNorm",
-        "rezero": "ReZero",
-        "macaron": "macaron blocks",
-        "mlp_glu": "a gated (GLU) MLP",
-        "share_parameters": "parameters shared across layers",
-        "mlm_training": "a masked-LM objective (GPTNeoForCausalLM is causal)",
-        "entmax_loss": "entmax outputs (HF samples with softmax)",
-    }
-    for key, what in features.items():
-        value = getattr(config, key)
-        if value:
-            raise ExportError(
-                f"{config.source}: key {key!r} = {value!r}: Hugging Face GPTNeo cannot express {what}; "
-                "this model cannot be exported"
-            )
-    for layer, kind in enumerate(config.layer_kinds):
-        if kind not in ("global", "local"):
-            raise ExportError(
-                f"{config.source}: key 'attention_types': layer {layer} has {kind!r} attention, which Hugging Face "
-                "GPTNeo cannot express (it has global and local attention only); this model cannot be exported"
-            )
-    if config.activation_function not in ACTIVATIONS_TO_HF:
-        raise ExportError(
-            f"{config.source}: key 'activation_function' = {config.activation_function!r} has no Hugging Face "
-            f"equivalent; exportable: {', '.join(ACTIVATIONS_TO_HF)}"
-        )
+    """Refuse, by name, every option GPTNeoForCausalLM has no place for (the `hf` column of
+    configs.OPTIONS)."""
+    for _, option, use in options_in_use(config):
+        if not option.hf:
+            raise ExportError(f"{config.source}: {use}: Hugging Face GPTNeo cannot express {option.what} (it has "
+                              f"{option.hf_lacks}); this model cannot be exported")
 
 
 # --- export ----------------------------------------------------------------------------------------
@@ -222,24 +185,20 @@ def hf_config(config, eos_id: int | None, padding_id: int | None) -> dict:
 
 def export_tokenizer(config, out: Path) -> tuple[int | None, int | None]:
     """Write the config's dataset tokenizer as tokenizer.json + tokenizer_config.json; returns
-    (eos_id, padding_id). A model without a findable tokenizer is still exported (weights and
-    config), with a warning."""
-    from configs import resolve_datasets
+    (eos_id, padding_id) by configs.special_ids, as training and sampling choose them. A model
+    without a findable tokenizer is still exported (weights and config), with a warning."""
     from encoders import load_dataset_tokenizer
 
-    eos_id, padding_id = config.eos_id, config.padding_id
     try:
-        dataset = resolve_datasets(config)[0]
         tokenizer = load_dataset_tokenizer(config)
     except ConfigError as err:
         log.warning("no tokenizer exported (%s); config.json and model.safetensors are written", err)
-        return eos_id, padding_id
-    eos_id = eos_id if eos_id is not None else dataset.eos_id if dataset.eos_id is not None else tokenizer.eos_id
-    padding_id = padding_id if padding_id is not None else dataset.padding_id
+        return special_ids(config)
+    eos_id, padding_id = special_ids(config, tokenizer)
     if tokenizer.vocab_size > config.n_vocab:
         raise ExportError(
             f"{config.source}: key 'n_vocab' = {config.n_vocab} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens ({dataset.tokenizer_path})"
+            f"{tokenizer.vocab_size} tokens ({tokenizer.source})"
         )
     tokenizer.tokenizer.save(str(out / "tokenizer.json"))
     token = tokenizer.tokenizer.id_to_token

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import fsspec
 import numpy as np
 
-from configs import DatasetConfig, resolve_datasets
+from configs import DatasetConfig, resolve_datasets, special_ids
 from errors import ConfigError, DataError
 from tfrecord import ShardReader, ShardScan, scan_shard
 
@@ -278,11 +278,9 @@ class Sampler:
         if dataset.n_vocab is not None and dataset.n_vocab > config.n_vocab:
             raise ConfigError(f"{dataset.file}: key 'n_vocab' = {dataset.n_vocab} exceeds the model's n_vocab = "
                               f"{config.n_vocab} ({config.source}); the model could not embed every token")
-        eos_id = config.eos_id if config.eos_id is not None else dataset.eos_id
-        padding_id = config.padding_id if config.padding_id is not None else dataset.padding_id
-        # GPT-Neo's GPT-2 configs set padding_id = n_vocab, which no embedding row holds; pad with eos then
-        if padding_id is None or padding_id >= config.n_vocab:
-            padding_id = eos_id if eos_id is not None else 0
+        eos_id, padding_id = special_ids(config, dataset=dataset)  # this dataset's ids, by the one rule
+        if padding_id is None:  # neither an eos nor a padding id: rows are padded with 0
+            padding_id = 0
         if dataset.mode in ("documents_random", "documents_fixed") and eos_id is None:
             log.warning("dataset %s: no eos_id in %s; stitched documents are joined without a separator",
                         dataset.id, dataset.file)

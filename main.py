@@ -135,9 +135,6 @@ def run(args, config) -> int:
 
         print(inputs.check_dataset(config))
         return 0
-    from models import gpt2
-
-    gpt2.check_supported(config)
     layout = build_mesh_layout(config)
     if args.predict:
         import sample

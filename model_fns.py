@@ -89,7 +89,8 @@ def init_state(config, layout: MeshLayout, optimizer, shardings):
 
 
 def make_train_step(config, layout: MeshLayout, optimizer, shardings):
-    """(state, inputs, labels) -> (state, metrics); inputs and labels [batch, sequence]."""
+    """(state, inputs, labels) -> (state, metrics); inputs and labels [batch, sequence]. metrics: loss,
+    cross_entropy, grad_norm, and with log_grads each parameter's gradient norm (grad_norm/<path>)."""
     microbatches = microbatch_count(config, layout)
     batch_sharding = layout.sharding(BATCH_DIMS, (config.train_batch_size, config.n_ctx), name="batch")
     dropout_on = max(config.embed_dropout, config.attn_dropout, config.res_dropout) > 0
@@ -122,6 +123,9 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
         metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": optax.tree.norm(grads)}
+        if config.log_grads:  # GPT-Neo's per-variable gradient norms, by the parameter's path
+            metrics |= {f"grad_norm/{parameter_name(path)}": jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+                        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
         return new_state, metrics
 
     return jax.jit(
@@ -130,6 +134,11 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
         out_shardings=(shardings, layout.replicated()),
         donate_argnums=0,
     )
+
+
+def parameter_name(path) -> str:
+    """A parameter's path in the tree as export.py's MAPPING writes it, e.g. blocks.0.attn.q."""
+    return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
 
 
 def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import special_ids
 from errors import ConfigError
 from mesh import MeshLayout
 from models import gpt2
@@ -291,11 +292,10 @@ def generate(
     eos_id: int | None = None,
 ) -> Samples:
     """Continue each prompt row by up to max_new_tokens tokens (default: predict_max_steps),
-    stopping a row at eos_id (default: the config's, else the tokenizer's; none: never) and every
+    stopping a row at eos_id (default: configs.special_ids' rule; none: never) and every
     row at n_ctx. Sampling settings default to the config's; temperature 0 is greedy. Rows of
     different lengths are fine. `params` is the float32 tree of gpt2.init_params, placed on any
     devices (they are resharded per the layout)."""
-    gpt2.check_supported(config)
     rows = check_prompts(as_token_rows(prompt, tokenizer), config)
     settings = SamplingSettings(
         temperature=config.temperature if temperature is None else float(temperature),
@@ -305,7 +305,7 @@ def generate(
     )
     settings.check("generate")
     if eos_id is None:
-        eos_id = config.eos_id if config.eos_id is not None else getattr(tokenizer, "eos_id", None)
+        eos_id = special_ids(config, tokenizer)[0]
     seed = config.sampling_seed if seed is None else int(seed)
     requested = config.predict_max_steps if max_new_tokens is None else int(max_new_tokens)
     if requested < 0:
@@ -363,16 +363,6 @@ def read_prompt(prompt_file: str | None) -> str:
     return text
 
 
-def dataset_eos_id(config, tokenizer) -> int | None:
-    """eos_id from the config, else from the first dataset config, else the tokenizer's."""
-    if config.eos_id is not None:
-        return config.eos_id
-    from configs import resolve_datasets
-
-    dataset_eos = resolve_datasets(config)[0].eos_id
-    return dataset_eos if dataset_eos is not None else tokenizer.eos_id
-
-
 def sample_header(i: int) -> str:
     return "=" * 40 + f" SAMPLE {i} " + "=" * 40
 
@@ -380,7 +370,8 @@ def sample_header(i: int) -> str:
 def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: str = "nosacred") -> Path:
     """`main.py --predict`: sample predict_batch_size completions of the prompt from the newest
     checkpoint in model_path, print them, and write them to
-    model_path/predictions_<sacred_id>_<step>.txt (one `SAMPLE i` section per completion)."""
+    model_path/predictions_<sacred_id>_<step>.txt (one `SAMPLE i` section per completion: the prompt,
+    then the new text; only the new text with remove_partial_sequences)."""
     from checkpoints import restore_params
     from encoders import load_dataset_tokenizer
 
@@ -390,11 +381,11 @@ def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: 
     if not prompt:
         raise ConfigError(f"--prompt {prompt_file}: the prompt encodes to no tokens")
     params, step = restore_params(config, layout)
-    samples = generate(params, config, [prompt] * config.predict_batch_size, tokenizer=tokenizer, layout=layout,
-                       eos_id=dataset_eos_id(config, tokenizer))
+    samples = generate(params, config, [prompt] * config.predict_batch_size, tokenizer=tokenizer, layout=layout)
 
     prompt_text = tokenizer.decode(samples.prompt_tokens[0])
-    sections = [f"{sample_header(i)}\n{prompt_text}{completion}\n{'=' * 80}\n"
+    shown_prompt = "" if config.remove_partial_sequences else prompt_text  # GPT-Neo's key: new tokens only
+    sections = [f"{sample_header(i)}\n{shown_prompt}{completion}\n{'=' * 80}\n"
                 for i, completion in enumerate(samples.texts)]
     path = Path(config.model_path) / f"predictions_{sacred_id}_{step}.txt"
     if jax.process_index() == 0:

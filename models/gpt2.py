@@ -16,7 +16,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from errors import ConfigError
 from models import kernels, params
 from models.attention import KINDS, layout_constrained
 from models.dropout import dropout
@@ -26,36 +25,6 @@ from models.params import Weight, is_weight, shape_of
 from models.positions import embed_positions, position_weights
 
 __all__ = ["Weight", "is_weight", "shape_of"]
-
-
-IMPLEMENTED_KINDS = tuple(KINDS)
-
-
-def check_supported(config) -> None:
-    """Options GPT-Neo had that this model does not implement yet refuse to run, by name."""
-    unsupported = {
-        "rotary_emb": config.rotary_emb,
-        "axial_pos_emb": config.axial_pos_emb,
-        "num_mem_kv": config.num_mem_kv,
-        "scalenorm": config.scalenorm,
-        "rezero": config.rezero,
-        "macaron": config.macaron,
-        "mlp_glu": config.mlp_glu,
-        "share_parameters": config.share_parameters,
-        "no_weight_tie": config.no_weight_tie,
-        "moe_layers": config.moe_layers,
-        "entmax_loss": config.entmax_loss,
-        "mlm_training": config.mlm_training,
-    }
-    for key, value in unsupported.items():
-        if value:
-            raise ConfigError(f"{config.source}: key {key!r} = {value!r} is not implemented in neomesh yet; remove it")
-    for layer, kind in enumerate(config.layer_kinds):
-        if kind not in IMPLEMENTED_KINDS:
-            raise ConfigError(
-                f"{config.source}: key 'attention_types': layer {layer} is {kind!r}, which is not implemented in "
-                f"neomesh yet (implemented: {', '.join(IMPLEMENTED_KINDS)})"
-            )
 
 
 # --- weights ----------------------------------------------------------------------------------

@@ -9,23 +9,43 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import KEYS, load_config, parse_override, resolve_datasets, validate
+from configs import (
+    ATTENTION_KINDS,
+    KEYS,
+    OPTIONS,
+    Config,
+    load_config,
+    options_in_use,
+    options_table,
+    parse_override,
+    readme_with_options_table,
+    resolve_datasets,
+    special_ids,
+    validate,
+)
 from errors import ConfigError
 from models import gpt2
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gpt-neo-configs"
-REFERENCE_CONFIGS = sorted(REFERENCE.glob("*.json"))
+REPO = Path(__file__).resolve().parent.parent
+GPT_NEO_CONFIGS = Path(__file__).resolve().parent / "gpt_neo_configs"  # vendored, MIT (see its README)
+GPT_NEO_MODEL_CONFIGS = sorted(GPT_NEO_CONFIGS.glob("*.json"))
 SMALL = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2, "n_vocab": 64, "attention_types": None}
 
 
-@pytest.mark.skipif(not REFERENCE_CONFIGS, reason="reference configs not beside the repository")
-@pytest.mark.parametrize("path", REFERENCE_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", GPT_NEO_MODEL_CONFIGS, ids=lambda p: p.stem)
 def test_reference_gpt_neo_configs_load_unchanged(path):
     raw = json.loads(path.read_text())
     config = load_config(str(path))
     for key, value in raw.items():
         assert getattr(config, key) == value
     assert len(config.layer_kinds) == config.n_layer
+
+
+def test_gpt_neo_configs_are_vendored_and_their_dataset_config_resolves():
+    assert {p.stem for p in GPT_NEO_MODEL_CONFIGS} >= {"gpt3_small_256", "gpt3_XL_256_Pile", "gpt3_PAR_small_256"}
+    assert (GPT_NEO_CONFIGS / "LICENSE").read_text().startswith("MIT License")
+    (pile,) = resolve_datasets(load_config(str(GPT_NEO_CONFIGS / "gpt3_XL_256_Pile.json")))
+    assert (pile.tokenizer_path, pile.eos_id, pile.padding_id) == ("gpt2", 50256, 50257)
 
 
 def test_every_key_has_a_default_and_a_meaning():
@@ -77,6 +97,8 @@ BAD = [
     ('datasets=[["mydata", 25, "documents_random"]]', "datasets"),           # three fields, not four
     ('datasets=[["mydata", 25, "documents_sorted", 1.0]]', "datasets"),      # unknown sampling mode
     ("tokens_per_mb_per_replica=-1", "tokens_per_mb_per_replica"),
+    ("input_fn=sample_documents", "input_fn"),       # not one of GPT-Neo's readers
+    ("predict_steps=-1", "predict_steps"),
     ("train_steps", "train_steps"),                  # --set without a value
 ]
 
@@ -132,11 +154,121 @@ def test_activation_function_is_honoured():
     assert float(jnp.max(jnp.abs(outputs["gelu"] - outputs["relu"]))) > 1e-4
 
 
-def test_unimplemented_architecture_options_refuse_by_name():
-    for key, value in [("rotary_emb", True), ("moe_layers", [0]), ("no_weight_tie", True)]:
-        config = validate({**SMALL, key: value}, "test")
-        with pytest.raises(ConfigError, match=key):
-            gpt2.check_supported(config)
-    config = validate({**SMALL, "attention_types": [[["linear"], 2]]}, "test")
-    with pytest.raises(ConfigError, match="linear"):
-        gpt2.check_supported(config)
+# a value that turns each option of configs.OPTIONS on (a new row needs one here)
+OPTION_SETTINGS = {
+    "attention_types: global": {"attention_types": [[["local", "global"], 1]]},
+    "attention_types: local": {"attention_types": [[["global", "local"], 1]]},
+    "attention_types: linear": {"attention_types": [[["global", "linear"], 1]]},
+    "attention_types: none": {"attention_types": [[["global", "none"], 1]]},
+    "rotary_emb": {"rotary_emb": True},
+    "axial_pos_emb": {"axial_pos_emb": [4, 4]},
+    "num_mem_kv": {"num_mem_kv": 2},
+    "scalenorm": {"scalenorm": True},
+    "rezero": {"rezero": True},
+    "macaron": {"macaron": True},
+    "mlp_glu": {"mlp_glu": True},
+    "share_parameters": {"share_parameters": True},
+    "no_weight_tie": {"no_weight_tie": True},
+    "moe_layers": {"moe_layers": [1]},
+    "entmax_loss": {"entmax_loss": True},
+    "mlm_training": {"mlm_training": True, "mlm_mask_id": 3},
+    "activation_function": {"activation_function": "softplus"},
+}
+UNIMPLEMENTED = [row for row, option in OPTIONS.items() if not option.implemented]
+
+
+def test_options_table_covers_every_architecture_option_and_attention_kind():
+    architecture = {"rotary_emb", "axial_pos_emb", "num_mem_kv", "scalenorm", "rezero", "macaron", "mlp_glu",
+                    "share_parameters", "no_weight_tie", "moe_layers", "entmax_loss", "mlm_training",
+                    "activation_function"}
+    assert set(OPTIONS) == architecture | {f"attention_types: {kind}" for kind in ATTENTION_KINDS}
+    assert set(OPTION_SETTINGS) == set(OPTIONS)
+    for row, option in OPTIONS.items():
+        assert option.what and (option.hf or option.hf_lacks), row
+
+
+@pytest.mark.parametrize("row", [row for row, option in OPTIONS.items() if option.implemented], ids=str)
+def test_options_in_use_finds_each_implemented_option_a_config_sets(row):
+    config = validate({**SMALL, **OPTION_SETTINGS[row]}, "test")
+    assert row in [used for used, _, _ in options_in_use(config)]
+
+
+def test_a_plain_config_uses_only_global_attention():
+    assert [row for row, _, _ in options_in_use(validate(SMALL, "test"))] == ["attention_types: global"]
+
+
+@pytest.mark.parametrize("row", UNIMPLEMENTED, ids=str)
+def test_an_unimplemented_option_is_refused_by_name_however_the_config_is_made(row, tmp_path):
+    """validate, load_config (file and --set), Config.replace and Config itself all refuse, so no config
+    that make_train_step, make_eval_step, generate or a benchmark receives can hold the option."""
+    setting = OPTION_SETTINGS[row]
+    key = next(iter(setting))
+    named = f"layer 1 is '{row.split(': ')[1]}'" if row.startswith("attention_types") else f"key {key!r}"
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({**SMALL, **setting}))
+    makers = {
+        "validate": lambda: validate({**SMALL, **setting}, "test.json"),
+        "load_config": lambda: load_config(str(path)),
+        "--set": lambda: load_config("demo", [f"{k}={json.dumps(v)}" for k, v in {**SMALL, **setting}.items()]),
+        "replace": lambda: validate(SMALL, "test.json").replace(**setting),
+        "Config": lambda: Config({**validate(SMALL, "test.json").to_dict(), **setting}, "test.json"),
+    }
+    for maker in makers.values():
+        with pytest.raises(ConfigError, match="not implement") as err:
+            maker()
+        assert named in str(err.value) and OPTIONS[row].what in str(err.value)
+
+
+def test_benchmarks_build_their_configs_through_validation():
+    from bench.train_throughput import config_for
+
+    assert config_for(SMALL).n_layer == 2
+    with pytest.raises(ConfigError, match="'rotary_emb'"):
+        config_for({**SMALL, "rotary_emb": True})
+
+
+def test_readme_options_table_is_generated_from_the_options_table():
+    readme = (REPO / "README.md").read_text()
+    assert options_table() in readme
+    assert readme_with_options_table(readme) == readme, "README.md is out of date: run python configs.py --readme"
+
+
+def test_eval_tasks_are_refused_naming_the_task():
+    with pytest.raises(ConfigError, match=r"key 'eval_tasks'.*'lambada'.*not implemented in neomesh yet"):
+        validate({**SMALL, "eval_tasks": ["lambada"]}, "test")
+    with pytest.raises(ConfigError, match=r"key 'eval_tasks'.*unknown task 'hellaswag'.*lambada"):
+        validate({**SMALL, "eval_tasks": ["hellaswag"]}, "test")
+    assert validate({**SMALL, "eval_tasks": []}, "test").eval_tasks == []
+
+
+def test_gpt_neo_keys_neomesh_does_not_act_on_are_logged_once_by_name_when_loaded(tmp_path, caplog):
+    path = tmp_path / "neo.json"
+    path.write_text(json.dumps({**SMALL, "input_fn": "generic_text", "shuffle_input_filenames": False,
+                                "predict_steps": 1}))
+    with caplog.at_level("INFO", logger="neomesh"):
+        config = load_config(str(path))
+        config.replace(train_steps=5)  # a derived config logs nothing again
+        validate(config.to_dict(), str(path))
+    messages = [record.getMessage() for record in caplog.records]
+    for key in ("input_fn", "shuffle_input_filenames", "predict_steps"):
+        assert sum(f"key {key!r}" in m for m in messages) == 1, (key, messages)
+    assert all(str(path) in m for m in messages) and len(messages) == 3
+
+
+def test_a_config_without_those_keys_logs_nothing(tmp_path, caplog):
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({**SMALL, "shuffle_input_filenames": True, "predict_steps": 0}))
+    with caplog.at_level("INFO", logger="neomesh"):
+        load_config(str(path))
+    assert caplog.records == []
+
+
+def test_special_ids_take_the_key_then_the_dataset_config_and_pad_with_eos_where_none_fits(tmp_path):
+    xl = load_config(str(GPT_NEO_CONFIGS / "gpt3_XL_256_Pile.json"))  # pile.json: eos 50256, padding 50257 = n_vocab
+    assert special_ids(xl) == (50256, 50256)
+    assert special_ids(xl.replace(eos_id=7, padding_id=9)) == (7, 9)
+    assert special_ids(xl.replace(eos_id=7)) == (7, 7)
+    assert special_ids(validate(SMALL, "test")) == (None, None)  # no datasets: nothing to read
+    path = tmp_path / "elsewhere.json"
+    path.write_text(json.dumps({**SMALL, "datasets": [["nowhere", 1, "chunks", 1.0]], "eos_id": 3}))
+    assert special_ids(load_config(str(path))) == (3, 3)  # a dataset config not here is training's error

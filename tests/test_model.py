@@ -182,3 +182,11 @@ def test_blocked_attention_backward_equals_autodiff_with_attention_dropout(kind,
     expected = jax.jit(jax.grad(autodiff, (0, 1, 2)))(q, k, v)
     for name, a, b in zip("qkv", grads, expected):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name)
+
+
+def test_the_attention_registry_holds_exactly_the_kinds_the_options_table_calls_implemented():
+    from configs import OPTIONS
+
+    implemented = {row.split(": ", 1)[1] for row, option in OPTIONS.items()
+                   if row.startswith("attention_types: ") and option.implemented}
+    assert implemented == set(KINDS)

@@ -36,6 +36,7 @@ from sample import (
     choose_tokens,
     generate,
     run_predict,
+    sample_header,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -312,6 +313,63 @@ def test_predict_writes_sample_sections_continuing_the_prompt(predict_setup, cap
         assert f"\n{prompt_text}{completion}\n" in written
     assert " SAMPLE 3 " not in written
     assert written.strip() and written.split("\n", 1)[1] in capsys.readouterr().out
+
+
+def test_predict_with_remove_partial_sequences_writes_only_the_new_tokens(predict_setup):
+    workdir, config, params = predict_setup
+    prompt_file = workdir / "prompt.txt"
+    prompt_file.write_text("the named mesh")
+    config = config.replace(remove_partial_sequences=True)
+    written = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(prompt_file), "partial").read_text()
+    tokenizer = load_dataset_tokenizer(config)
+    expected = generate(params, config, [tokenizer.encode("the named mesh")] * 3, tokenizer=tokenizer, eos_id=0)
+    for i, completion in enumerate(expected.texts):
+        assert f" SAMPLE {i} " + "=" * 40 + f"\n{completion}\n" in written
+    assert "the named mesh" not in written
+
+
+@pytest.mark.parametrize("source", ["config key", "dataset config", "tokenizer"])
+def test_generate_predict_and_export_choose_the_same_eos_when_its_sources_differ(predict_setup, source):
+    """The config key, the dataset config and the tokenizer (eos 0) name three different ids; the one
+    that wins by configs.special_ids' precedence is the first token greedy decoding emits (the others
+    are never emitted), so generate and --predict stop at once exactly when they chose it, and export
+    must write it as HF's eos."""
+    workdir, base, params = predict_setup
+    tokenizer = load_dataset_tokenizer(base)
+    prompt = tokenizer.encode("the named mesh")
+    free = generate(params, base, prompt, temperature=0.0, max_new_tokens=12, eos_id=-1).tokens[0]  # -1: never
+    unused = [t for t in range(2, tokenizer.vocab_size) if t not in free]
+    winner = free[0] if source != "tokenizer" else tokenizer.eos_id
+    assert winner != tokenizer.eos_id or source == "tokenizer"
+    configs_dir = workdir / f"eos-{source.replace(' ', '-')}"
+    (configs_dir / "dataset_configs").mkdir(parents=True)
+    dataset = json.loads((workdir / "configs" / "dataset_configs" / "tiny.json").read_text())
+    dataset.pop("eos_id")
+    values = json.loads((workdir / "configs" / "tiny_model.json").read_text()) | {"predict_batch_size": 1,
+                                                                                   "temperature": 0.0}
+    if source == "config key":
+        values["eos_id"], dataset["eos_id"] = winner, unused[0]
+    elif source == "dataset config":
+        dataset["eos_id"] = winner
+    (configs_dir / "dataset_configs" / "tiny.json").write_text(json.dumps(dataset))
+    (configs_dir / "model.json").write_text(json.dumps(values))
+    config = load_config(str(configs_dir / "model.json"))
+    stop = free.index(winner) if winner in free else len(free) - 1
+
+    generated = generate(params, config, prompt, tokenizer=tokenizer, max_new_tokens=12).tokens[0]
+    assert generated == free[: stop + 1]
+    if source != "tokenizer":
+        assert generated == [winner]
+    (configs_dir / "prompt.txt").write_text("the named mesh")
+    written = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(configs_dir / "prompt.txt"))
+    shown = free[:stop] if winner in free else free
+    assert f"{sample_header(0)}\n{tokenizer.decode(prompt)}{tokenizer.decode(shown)}\n" in written.read_text()
+    import export
+
+    out = export.export_to_hf(config, configs_dir / "hf")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == winner
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    assert settings["eos_token"] == tokenizer.tokenizer.id_to_token(winner)
 
 
 def test_predict_without_a_prompt_uses_the_default_and_names_the_sacred_id(predict_setup):

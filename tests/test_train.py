@@ -24,7 +24,7 @@ from optimizers import learning_rate, make_optimizer
 from tfrecord import write_shard
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO.parent / "shared" / "reference" / "gpt-neo-configs"
+GPT_NEO_CONFIGS = REPO / "tests" / "gpt_neo_configs"  # vendored, MIT (see its README)
 TINY = {
     "n_ctx": 32, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_vocab": 256, "train_batch_size": 8,
     "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
@@ -156,6 +156,24 @@ print(faults[-1])
     assert faults_on_reuse({**default, "GLIBC_TUNABLES": "glibc.malloc.check=0"}) > 10_000
     # on an accelerator the compiler's threads keep their own arenas
     assert faults_on_reuse({**default, "JAX_PLATFORMS": "cuda"}) > 10_000
+
+
+def test_log_grads_adds_each_parameter_gradient_norm_to_the_metrics():
+    config = validate({**TINY, "log_grads": True}, "test")
+    layout = build_mesh_layout(config, jax.devices()[:1])
+    optimizer = make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    state = model_fns.init_state(config, layout, optimizer, shardings)
+    batch = jnp.asarray(random_batches(config, 1)[0])
+    state, metrics = model_fns.make_train_step(config, layout, optimizer, shardings)(state, batch[:, :-1], batch[:, 1:])
+    per_parameter = {k.removeprefix("grad_norm/"): float(v) for k, v in metrics.items() if k.startswith("grad_norm/")}
+    assert {"wte", "wpe", "ln_f.scale", "blocks.0.attn.q", "blocks.1.mlp.proj_bias"} <= per_parameter.keys()
+    assert len(per_parameter) == len(jax.tree.leaves(state["params"]))
+    total = np.sqrt(sum(norm**2 for norm in per_parameter.values()))
+    assert total == pytest.approx(float(metrics["grad_norm"]), rel=1e-5)
+    off = validate(TINY, "test")  # without log_grads only the global norm (the state was donated: use the new one)
+    _, metrics = model_fns.make_train_step(off, layout, optimizer, shardings)(state, batch[:, :-1], batch[:, 1:])
+    assert sorted(metrics) == ["cross_entropy", "grad_norm", "loss"]
 
 
 def test_weight_decay_skips_norms_and_biases():
@@ -293,6 +311,24 @@ def test_new_refuses_without_a_terminal_unless_yes(tmp_path):
     assert sorted(logged(model_path, "loss")) == [2]  # started afresh: step 1 was logged by the deleted run only
 
 
+def test_training_logs_gradient_norms_with_log_grads_and_each_unused_gpt_neo_key_once(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    model_path = tmp_path / "run"
+    result = main_py("--model", str(model_config), "--set", f"model_path={model_path}", "--set", "train_steps=2",
+                     "--set", "eval_steps=0", "--set", "log_grads=true", "--set", "predict_steps=1",
+                     "--set", "shuffle_input_filenames=false")
+    assert result.stdout.count("key 'predict_steps'") == 1 and result.stdout.count("key 'shuffle_input_filenames'") == 1
+    record = json.loads((model_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and record["grad_norm/wte"] > 0 and "grad_norm/blocks.1.mlp.fc" in record
+
+
+def test_main_refuses_an_option_neomesh_does_not_implement_in_one_line(tmp_path):
+    result = main_py("--model", "demo", "--set", "rotary_emb=true", "--dry_run", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "key 'rotary_emb' = True" in result.stderr and "not implement" in result.stderr
+
+
 def test_training_refuses_token_ids_at_or_above_n_vocab(tmp_path):
     model_config = write_dataset(tmp_path, n_vocab=TINY["n_vocab"], max_id=290)  # the config claims 256; a shard holds 290
     result = main_py("--model", str(model_config), "--set", f"model_path={tmp_path / 'run'}", check=False)
@@ -307,9 +343,8 @@ def test_bad_override_on_the_command_line_is_one_clear_line(tmp_path):
     assert "n_embd" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(not (REFERENCE / "gpt3_small_256.json").exists(), reason="reference configs not present")
 def test_dry_run_on_gpt3_small_reports_about_125m_parameters():
-    result = main_py("--model", str(REFERENCE / "gpt3_small_256.json"), "--dry_run", "--set", "mesh_shape=x:2,y:1",
+    result = main_py("--model", str(GPT_NEO_CONFIGS / "gpt3_small_256.json"), "--dry_run", "--set", "mesh_shape=x:2,y:1",
                      "--set", "train_batch_size=2", devices=2)
     count = int(result.stdout.split("parameters: ")[1].split(" ")[0].replace(",", ""))
     assert 120e6 < count < 130e6
