@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from checkpoints import Checkpoints
+from checkpoints import CheckpointMeta, Checkpoints
 from configs import load_config, validate
 from encoders import load_dataset_tokenizer
 from errors import ConfigError
@@ -289,7 +289,7 @@ def predict_setup(tmp_path_factory):
 
     params = gpt2.init_params(config, jax.random.key(0))
     checkpoints = Checkpoints(config.model_path, asynchronous=False)
-    checkpoints.save(7, {"params": params, "opt_state": None}, {"step": 7})
+    checkpoints.save(7, {"params": params, "opt_state": None}, CheckpointMeta.for_config(config, 7, params_only=True))
     checkpoints.close()
     return workdir, config, params
 
@@ -302,8 +302,8 @@ def test_predict_writes_sample_sections_continuing_the_prompt(predict_setup, cap
 
     path = run_predict(config, layout, str(prompt_file))
 
-    assert path == Path(config.model_path) / "predictions_nosacred_7.txt"
-    written = path.read_text()
+    assert path == str(Path(config.model_path) / "predictions_nosacred_7.txt")
+    written = Path(path).read_text()
     tokenizer = load_dataset_tokenizer(config)
     expected = generate(params, config, [tokenizer.encode("the named mesh")] * 3, tokenizer=tokenizer, eos_id=0)
     prompt_text = tokenizer.decode(tokenizer.encode("the named mesh"))
@@ -317,8 +317,8 @@ def test_predict_writes_sample_sections_continuing_the_prompt(predict_setup, cap
 def test_predict_without_a_prompt_uses_the_default_and_names_the_sacred_id(predict_setup):
     workdir, config, _ = predict_setup
     path = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), None, sacred_id="run42")
-    assert path.name == "predictions_run42_7.txt"
-    assert "SAMPLE 0" in path.read_text()
+    assert Path(path).name == "predictions_run42_7.txt"
+    assert "SAMPLE 0" in Path(path).read_text()
 
 
 def test_predict_refuses_an_empty_prompt_file_by_name(predict_setup):
