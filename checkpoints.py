@@ -27,6 +27,13 @@ ITEM_HANDLERS = {"params": ocp.StandardCheckpointHandler, "opt_state": ocp.Stand
                  "meta": ocp.JsonCheckpointHandler}
 
 
+def item_handlers(directory: str) -> dict:
+    # against a GCS emulator, no OCDBT (see storage.py: the emulator lacks what its manifest needs)
+    ocdbt = not (storage.protocol(directory) == "gs" and storage.emulator())
+    return {item: handler(use_ocdbt=ocdbt) if handler is ocp.StandardCheckpointHandler else handler()
+            for item, handler in ITEM_HANDLERS.items()}
+
+
 @dataclasses.dataclass
 class CheckpointMeta:
     """The `meta` item of every checkpoint, written and read only here.
@@ -94,10 +101,11 @@ def tree_names(tree) -> dict[str, Any]:
 class Checkpoints:
     def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
         self.directory = checkpoints_directory(model_path)
+        storage.forget_listings()  # another process (or --new) may have changed the folder since it was listed
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=tuple(ITEM_HANDLERS),
-            item_handlers={item: handler() for item, handler in ITEM_HANDLERS.items()},
+            item_handlers=item_handlers(self.directory),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=asynchronous, create=not read_only,
             ),

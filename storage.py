@@ -19,6 +19,11 @@ parts that do not read it themselves:
                                looks for Google credentials nor asks a metadata server
   tensorboardX                 event files go through fsspec (`tensorboard_writer_factory`)
 
+One difference remains: gcp-storage-emulator sends no `x-goog-generation` header with a
+download, which tensorstore's OCDBT format needs for its conditional manifest writes ("Malformed
+StorageGeneration"); so against an emulator orbax writes one zarr folder per array instead
+(`checkpoints.py`, via `emulator()`); either format restores.
+
 A variable the user already set is left as it is. Without STORAGE_EMULATOR_HOST nothing is
 changed: real buckets use the default endpoints and Application Default Credentials.
 
@@ -78,6 +83,26 @@ def configure() -> str | None:
         _EMULATOR_SETTINGS["fsspec"] = True
     _clear_gcs_instances()
     return emulator
+
+
+def emulator() -> str | None:
+    """The GCS emulator's address when STORAGE_EMULATOR_HOST names one, else None."""
+    value = os.environ.get(EMULATOR_VARIABLE, "")
+    return None if value in ("", "default") else value
+
+
+def forget_listings() -> None:
+    """Drop every cached folder listing of every remote filesystem instance (gcsfs keeps them, and
+    orbax's etils.epath has an instance of its own): after a folder was deleted or another process
+    wrote, a listing must come from the store."""
+    for fs in list(getattr(fsspec.AbstractFileSystem, "_cache", {}).values()):
+        if protocol_of(fs) != "file":
+            fs.invalidate_cache()
+    import sys
+
+    gcsfs = sys.modules.get("gcsfs")
+    for fs in list(getattr(getattr(gcsfs, "GCSFileSystem", None), "_cache", {}).values()):
+        fs.invalidate_cache()
 
 
 def _clear_gcs_instances() -> None:
@@ -234,6 +259,7 @@ def rm_tree(path: str) -> None:
     fs, fs_path = filesystem(path)
     if fs.exists(fs_path):
         fs.rm(fs_path, recursive=True)
+    forget_listings()
     if fs.exists(fs_path):
         raise StorageError(f"{path}: could not delete everything in it")
 
@@ -258,18 +284,16 @@ def copy_to_local(path: str, local_dir: str) -> str:
 # --- TensorBoard event files ---------------------------------------------------------------------
 
 
-class RewriteOnFlush(io.RawIOBase):
+class RewriteOnFlush:
     """A write-only file on an object store: what was written is uploaded, whole, at every flush
-    (an object cannot be appended to). TensorBoard event files of scalars stay small."""
+    (an object cannot be appended to). TensorBoard event files of scalars stay small. It has no
+    fileno, so tensorboardX does not try to fsync it."""
 
     def __init__(self, path: str):
-        super().__init__()
         self.path = path
         self.buffer = io.BytesIO()
         self.uploaded = -1
-
-    def writable(self) -> bool:
-        return True
+        self.closed = False
 
     def write(self, data) -> int:
         return self.buffer.write(data)
@@ -282,7 +306,7 @@ class RewriteOnFlush(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self.flush()
-        super().close()
+            self.closed = True
 
 
 class _EventFileFactory:

@@ -228,6 +228,16 @@ def write_shard(path: str, examples: Iterable[np.ndarray | list[int]]) -> int:
     A crash leaves either the complete shard or no shard under `path`, never a truncated one.
     """
     fs, fs_path = fsspec.core.url_to_fs(path)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" not in protocols and "local" not in protocols:
+        # an object store's upload is atomic already (the object appears when it completes), and a
+        # rename there is a copy and a delete
+        with fs.open(fs_path, "wb") as out:
+            count = 0
+            for ids in examples:
+                out.write(frame_record(encode_example(ids)))
+                count += 1
+        return count
     temporary = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
     count = 0
     with fs.open(temporary, "wb") as out:
