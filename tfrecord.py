@@ -274,7 +274,9 @@ class ShardReader:
     def _open(self):
         if self._file is None:
             try:
-                self._file = fsspec.open(self.path, "rb").open()
+                # readahead: gcsfs's default ("adaptive") runs a background prefetcher, which random
+                # access does not use and which outlives a reader dropped without close()
+                self._file = fsspec.open(self.path, "rb", cache_type="readahead").open()
             except FileNotFoundError:
                 raise DataError(f"{self.path}: shard not found") from None
         return self._file
