@@ -291,8 +291,9 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
             return [shard_path(n) for n in progress.shard_names]
         print(f"resuming {args.name!r}: {progress.shards_written} shards written, continuing at file "
               f"{progress.next_file + 1}/{len(files)}, document {progress.next_document}")
-    for stale in storage.glob(storage.join(output_dir, f"{args.name}_*.tfrecords.tmp-*")):
-        storage.rm(stale)  # a shard an interrupted run had not finished; it is rewritten below
+    unfinished = [f"{args.name}_*.tfrecords.tmp-*", f"{storage.name(progress_path(output_dir, args.name))}.tmp-*"]
+    for stale in [path for pattern in unfinished for path in storage.glob(storage.join(output_dir, pattern))]:
+        storage.rm(stale)  # a shard (or progress file) an interrupted run had not finished; rewritten below
 
     record_length = args.chunk_size + 1
     separator_array = np.asarray([separator], dtype=np.int32)
