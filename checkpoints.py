@@ -1,63 +1,152 @@
 """Checkpoints in model_path: orbax, asynchronous and atomic, keeping the newest few.
 
 A checkpoint at step s holds three items: `params`, `opt_state` (absent in a checkpoint
-imported from Hugging Face) and `meta` (JSON: the step, seed, the data position and the config
-it was trained with). Training always resumes from the newest complete checkpoint: orbax
-writes into a temporary folder and renames it when done, so a crash mid-save leaves the
-previous checkpoint as the newest one.
+imported from Hugging Face) and `meta` (JSON, the `CheckpointMeta` below: the step, seed, the
+data position, the config it was trained with, and whether it holds parameters only). Training
+always resumes from the newest complete checkpoint: orbax writes into a temporary folder and
+renames it when done (on a bucket, it marks a finished checkpoint with commit_success.txt), so
+a crash mid-save leaves the previous checkpoint as the newest one.
+
+model_path may be a local folder or `gs://bucket/...` (storage.py points orbax at
+STORAGE_EMULATOR_HOST when it is set); orbax cannot write `memory://`.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+import storage
+from errors import StorageError
 
-def absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
+# What each item is; also lets orbax report a saved item's tree and shapes without reading arrays.
+ITEM_HANDLERS = {"params": ocp.StandardCheckpointHandler, "opt_state": ocp.StandardCheckpointHandler,
+                 "meta": ocp.JsonCheckpointHandler}
+
+
+def item_handlers(directory: str) -> dict:
+    # against a GCS emulator, no OCDBT (see storage.py: the emulator lacks what its manifest needs)
+    ocdbt = not (storage.protocol(directory) == "gs" and storage.emulator())
+    return {item: handler(use_ocdbt=ocdbt) if handler is ocp.StandardCheckpointHandler else handler()
+            for item, handler in ITEM_HANDLERS.items()}
+
+
+@dataclasses.dataclass
+class CheckpointMeta:
+    """The `meta` item of every checkpoint, written and read only here.
+
+    schema 1 (this one); a checkpoint written before the schema existed reads as schema 0, with
+    params_only taken from `imported_from`."""
+
+    SCHEMA = 1
+
+    step: int
+    seed: int
+    data_position: int  # the step whose batch comes next: batches are a pure function of (seed, step)
+    config: dict
+    params_only: bool = False  # no optimizer state: an import; training starts a fresh optimizer from it
+    imported_from: str | None = None
+    schema: int = SCHEMA
+
+    @classmethod
+    def for_config(cls, config, step: int, **extra) -> CheckpointMeta:
+        return cls(step=step, seed=config.seed, data_position=step, config=config.to_dict(), **extra)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any], where: str) -> CheckpointMeta:
+        saved = dict(saved)
+        schema = saved.pop("schema", 0)
+        if schema > cls.SCHEMA:
+            raise StorageError(f"{where}: checkpoint meta schema {schema} is newer than this neomesh reads "
+                               f"({cls.SCHEMA}); update neomesh")
+        if schema == 0:
+            saved.setdefault("params_only", bool(saved.get("imported_from")))
+        known = {field.name for field in dataclasses.fields(cls)}
+        missing = {"step", "seed", "config"} - saved.keys()
+        if missing:
+            raise StorageError(f"{where}: checkpoint meta lacks {', '.join(sorted(missing))}")
+        saved.setdefault("data_position", saved["step"])
+        return cls(**{k: v for k, v in saved.items() if k in known}, schema=cls.SCHEMA)
 
 
 def checkpoints_directory(model_path: str) -> str:
     if not model_path:
         raise FileNotFoundError("model_path is empty: set it in the config or with --set model_path=DIR")
-    return os.path.join(absolute(model_path), "checkpoints")
+    if storage.protocol(model_path) not in ("file", "gs"):
+        raise StorageError(f"model_path {model_path}: orbax checkpoints need a local folder or gs://bucket/...; "
+                           f"{storage.protocol(model_path)}:// cannot hold them")
+    return storage.join(storage.absolute(model_path), "checkpoints")
+
+
+def tree_names(tree) -> dict[str, Any]:
+    """{'blocks.0.attn.q': leaf, ...}: a tree's leaves by a path that does not depend on whether a
+    level is a dict, a list or a named tuple (orbax's metadata spells named tuples as dicts)."""
+
+    def part(key) -> str:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(part(k) for k in path): leaf for path, leaf in leaves}
 
 
 class Checkpoints:
     def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
         self.directory = checkpoints_directory(model_path)
+        storage.forget_listings()  # another process (or --new) may have changed the folder since it was listed
         self.manager = ocp.CheckpointManager(
             self.directory,
+            item_names=tuple(ITEM_HANDLERS),
+            item_handlers=item_handlers(self.directory),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=asynchronous, create=not read_only,
             ),
         )
 
+    def where(self, step: int) -> str:
+        return storage.join(self.directory, str(step))
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def items(self, step: int) -> set[str]:
+        return set(storage.listdir(self.where(step))) & set(ITEM_HANDLERS)
 
     def has_optimizer_state(self, step: int) -> bool:
         return "opt_state" in self.items(step)
 
-    def items(self, step: int) -> set[str]:
-        folder = Path(self.directory) / str(step)
-        return {p.name for p in folder.iterdir()} if folder.is_dir() else {"params", "opt_state", "meta"}
-
-    def meta(self, step: int) -> dict[str, Any]:
+    def meta(self, step: int) -> CheckpointMeta:
         """The JSON item alone: cheap, and readable whatever the shapes of the arrays beside it."""
-        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return CheckpointMeta.from_json(dict(saved), self.where(step))
 
-    def save(self, step: int, state: dict, meta: dict[str, Any]) -> None:
-        items = {"params": ocp.args.StandardSave(state["params"]), "meta": ocp.args.JsonSave(meta)}
+    def saved_shapes(self, step: int) -> dict[str, dict[str, tuple] | None]:
+        """{'params': {name: shape}, 'opt_state': {name: shape} or None}, from orbax's metadata (no
+        array is read)."""
+        present = self.items(step)
+        metadata = self.manager.item_metadata(step)
+        shapes = {}
+        for item in ("params", "opt_state"):
+            tree = metadata[item] if item in present else None
+            tree = getattr(tree, "tree", tree)
+            shapes[item] = None if tree is None else {k: tuple(v.shape) for k, v in tree_names(tree).items()}
+        return shapes
+
+    def save(self, step: int, state: dict, meta: CheckpointMeta) -> None:
+        items = {"params": ocp.args.StandardSave(state["params"]), "meta": ocp.args.JsonSave(meta.to_json())}
         if state.get("opt_state") is not None:
             items["opt_state"] = ocp.args.StandardSave(state["opt_state"])
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract: dict) -> tuple[dict, dict]:
+    def restore(self, step: int, abstract: dict) -> tuple[dict, CheckpointMeta]:
         """Restore `step` into the shardings of `abstract` (a tree of jax.ShapeDtypeStruct with
         .sharding): the mesh and layout may differ from the ones it was saved with."""
         wanted = {"params": ocp.args.StandardRestore(abstract["params"]), "meta": ocp.args.JsonRestore()}
@@ -65,7 +154,7 @@ class Checkpoints:
             wanted["opt_state"] = ocp.args.StandardRestore(abstract["opt_state"])
         restored = self.manager.restore(step, args=ocp.args.Composite(**wanted))
         state = {"params": restored["params"], "opt_state": restored.get("opt_state")}
-        return state, dict(restored["meta"])
+        return state, CheckpointMeta.from_json(dict(restored["meta"]), self.where(step))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -87,7 +176,7 @@ def restore_params(config, layout, step: int | None = None) -> tuple[dict, int]:
 
     directory = checkpoints_directory(config.model_path)
     missing = f"no checkpoint in {directory}: train first, or import one with export.py --from_hf"
-    if "://" not in directory and not os.path.isdir(directory):
+    if not storage.isdir(directory):
         raise FileNotFoundError(missing)
     checkpoints = Checkpoints(config.model_path, read_only=True)
     step = checkpoints.latest_step() if step is None else step

@@ -246,6 +246,23 @@ def _from_file(path: Path) -> Tokenizer:
         raise ConfigError(f"{path}: not a tokenizers tokenizer.json file ({err})") from None
 
 
+def _from_storage(url: str) -> Tokenizer:
+    """A tokenizer.json at a URL (or the first *tokenizer.json in a folder there)."""
+    import storage
+
+    if storage.isdir(url):
+        candidates = storage.glob(storage.join(url, "*tokenizer.json"))
+        if not candidates:
+            raise ConfigError(f"{url}: folder holds no *tokenizer.json file")
+        url = candidates[0]
+    if not storage.isfile(url):
+        raise ConfigError(f"tokenizer {url!r}: no such file")
+    try:
+        return Tokenizer(_RustTokenizer.from_str(storage.read_text(url)), url)
+    except Exception as err:  # the Rust side raises a plain Exception with a serde message
+        raise ConfigError(f"{url}: not a tokenizers tokenizer.json file ({err})") from None
+
+
 def _cached_pretrained_file(name: str) -> Path | None:
     """tokenizer.json of a pretrained tokenizer in the local Hugging Face cache, if present."""
     try:
@@ -282,6 +299,8 @@ def load_tokenizer(path_or_name: str, is_pretrained: bool = False) -> Tokenizer:
     if not path_or_name:
         raise ConfigError("no tokenizer given: set tokenizer_path in the dataset config (a tokenizer.json path, "
                           "or a pretrained name such as gpt2 with tokenizer_is_pretrained: true)")
+    if "://" in path_or_name:  # gs://..., memory://...: read through storage
+        return _from_storage(path_or_name)
     path = Path(path_or_name)
     if path.is_dir():
         candidates = sorted(path.glob("*tokenizer.json"))

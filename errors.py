@@ -18,3 +18,8 @@ class DataError(ValueError):
 
 class ExportError(ConfigError):
     """A model HF GPTNeo cannot express, or an HF folder neomesh cannot read: names what and why."""
+
+
+class StorageError(OSError):
+    """A path neomesh cannot read or write as asked (a protocol it cannot use there, a folder it
+    could not delete): names the path and why."""

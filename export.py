@@ -28,14 +28,14 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+import storage
 from configs import HF_ACTIVATIONS, Config, load_config, options_in_use, special_ids, validate
-from errors import ConfigError, ExportError
+from errors import ConfigError, ExportError, StorageError
 
 log = logging.getLogger("neomesh")
 
@@ -133,7 +133,7 @@ def check_exportable(config) -> None:
 def export_to_hf(config, out_dir, step: int | None = None) -> Path:
     """The newest (or a given) checkpoint in config.model_path -> an HF GPTNeoForCausalLM folder."""
     import jax
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from checkpoints import restore_params
     from mesh import build_mesh_layout
@@ -141,18 +141,18 @@ def export_to_hf(config, out_dir, step: int | None = None) -> Path:
     check_exportable(config)
     single = config.replace(mesh_shape="", layout="")  # export gathers everything on one device
     params, step = restore_params(single, build_mesh_layout(single, jax.devices()[:1]), step)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir)  # a local folder or gs://...: every file goes through storage
+    storage.makedirs(out)
 
     eos_id, padding_id = export_tokenizer(config, out)
     tensors = {}
     for path, hf_name, transform in expanded_mapping(config):
         to_hf, _ = TRANSFORMS[transform]
         tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(get_path(params, path), dtype=np.float32)))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(config, eos_id, padding_id), indent=2) + "\n")
+    storage.write_bytes(storage.join(out, "model.safetensors"), save(tensors, metadata={"format": "pt"}))
+    storage.write_text(storage.join(out, "config.json"), json.dumps(hf_config(config, eos_id, padding_id), indent=2) + "\n")
     log.info("exported step %d of %s to %s", step, config.model_path, out)
-    return out
+    return Path(out) if not storage.is_remote(out) else out
 
 
 def hf_config(config, eos_id: int | None, padding_id: int | None) -> dict:
@@ -183,7 +183,7 @@ def hf_config(config, eos_id: int | None, padding_id: int | None) -> dict:
     }
 
 
-def export_tokenizer(config, out: Path) -> tuple[int | None, int | None]:
+def export_tokenizer(config, out: str) -> tuple[int | None, int | None]:
     """Write the config's dataset tokenizer as tokenizer.json + tokenizer_config.json; returns
     (eos_id, padding_id) by configs.special_ids, as training and sampling choose them. A model
     without a findable tokenizer is still exported (weights and config), with a warning."""
@@ -200,7 +200,7 @@ def export_tokenizer(config, out: Path) -> tuple[int | None, int | None]:
             f"{config.source}: key 'n_vocab' = {config.n_vocab} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens ({tokenizer.source})"
         )
-    tokenizer.tokenizer.save(str(out / "tokenizer.json"))
+    storage.write_text(storage.join(out, "tokenizer.json"), tokenizer.tokenizer.to_str())
     token = tokenizer.tokenizer.id_to_token
     settings = {
         "tokenizer_class": TOKENIZER_CLASS,
@@ -211,7 +211,7 @@ def export_tokenizer(config, out: Path) -> tuple[int | None, int | None]:
         settings |= {"eos_token": token(eos_id), "bos_token": token(eos_id)}
     if padding_id is not None:
         settings["pad_token"] = token(padding_id)
-    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    storage.write_text(storage.join(out, "tokenizer_config.json"), json.dumps(settings, indent=2) + "\n")
     return eos_id, padding_id
 
 
@@ -221,16 +221,22 @@ def export_tokenizer(config, out: Path) -> tuple[int | None, int | None]:
 def import_from_hf(hf_dir, model_path, config_out) -> Config:
     """An HF GPTNeo folder -> a step-0 checkpoint in model_path, its tokenizer there, and a config at
     config_out (with a dataset config beside it that names the tokenizer); returns the config."""
+    import tempfile
+
     import jax
     import jax.numpy as jnp
 
-    from checkpoints import Checkpoints
+    from checkpoints import CheckpointMeta, Checkpoints
     from models import gpt2
 
+    source, model_path = str(hf_dir), str(model_path)
+    if storage.is_remote(source):  # safetensors and tokenizers read local files: fetch the folder once
+        download = tempfile.TemporaryDirectory(prefix="neomesh-hf-")
+        hf_dir = Path(storage.copy_to_local(source, download.name))
     hf_dir, config_out = Path(hf_dir), Path(config_out)
     hf = read_hf_config(hf_dir)
-    checkpoints_dir = Path(model_path) / "checkpoints"
-    if checkpoints_dir.is_dir() and any(p.name.isdigit() for p in checkpoints_dir.iterdir()):
+    checkpoints_dir = storage.join(model_path, "checkpoints")
+    if any(name.isdigit() for name in storage.listdir(checkpoints_dir)):
         raise ExportError(f"--model_path {model_path}: {checkpoints_dir} already holds checkpoints; import into "
                           "an empty folder so that step 0 is the newest checkpoint")
 
@@ -239,7 +245,7 @@ def import_from_hf(hf_dir, model_path, config_out) -> Config:
         if existing.exists():
             raise ExportError(f"--config_out {config_out}: {existing} exists; choose another name or remove it")
 
-    values = config_values(hf, hf_dir, str(model_path))
+    values = config_values(hf, hf_dir, model_path)
     tensors = read_safetensors(hf_dir)  # refuses a pickle before anything is written
     tokenizer_name = "tokenizer.json" if has_tokenizer(hf_dir) else None
     if tokenizer_name:  # a dataset config beside config_out names the tokenizer, for --predict
@@ -262,19 +268,18 @@ def import_from_hf(hf_dir, model_path, config_out) -> Config:
     check_leftovers(tensors, params, hf_dir)
 
     if tokenizer_name:
-        import_tokenizer(hf_dir, Path(model_path) / tokenizer_name)
-        write_dataset_config(dataset_config, values, str(Path(model_path) / tokenizer_name))
+        import_tokenizer(hf_dir, storage.join(model_path, tokenizer_name))
+        write_dataset_config(dataset_config, values, storage.join(model_path, tokenizer_name))
     else:
         log.warning("%s has no tokenizer (tokenizer.json, or vocab.json + merges.txt); --predict needs one: "
                     "name it as tokenizer_path in a dataset config", hf_dir)
     config_out.parent.mkdir(parents=True, exist_ok=True)
     config_out.write_text(json.dumps(values, indent=2) + "\n")
-    checkpoints = Checkpoints(str(model_path), asynchronous=False)
-    meta = {"step": 0, "seed": config.seed, "data_position": 0, "config": config.to_dict(),
-            "imported_from": str(hf_dir.resolve())}
+    checkpoints = Checkpoints(model_path, asynchronous=False)
+    meta = CheckpointMeta.for_config(config, 0, params_only=True, imported_from=storage.absolute(source))
     checkpoints.save(0, {"params": params, "opt_state": None}, meta)
     checkpoints.close()
-    log.info("imported %s into %s (step 0); config %s", hf_dir, model_path, config_out)
+    log.info("imported %s into %s (step 0); config %s", source, model_path, config_out)
     return load_config(str(config_out))
 
 
@@ -373,12 +378,11 @@ def has_tokenizer(hf_dir: Path) -> bool:
     return (hf_dir / "tokenizer.json").is_file() or all((hf_dir / f).is_file() for f in ("vocab.json", "merges.txt"))
 
 
-def import_tokenizer(hf_dir: Path, target: Path) -> None:
-    """Write the HF folder's tokenizer to target (a tokenizer.json): copied when the folder has one,
-    else built from vocab.json + merges.txt the way HF's GPT-2 tokenizer builds it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def import_tokenizer(hf_dir: Path, target: str) -> None:
+    """Write the HF folder's tokenizer to target (a tokenizer.json, local or gs://): copied when the
+    folder has one, else built from vocab.json + merges.txt the way HF's GPT-2 tokenizer builds it."""
     if (hf_dir / "tokenizer.json").is_file():
-        shutil.copyfile(hf_dir / "tokenizer.json", target)
+        storage.write_bytes(target, (hf_dir / "tokenizer.json").read_bytes())
         return
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -398,7 +402,7 @@ def import_tokenizer(hf_dir: Path, target: Path) -> None:
     if tokenizer.token_to_id("<|endoftext|>") is not None and "<|endoftext|>" not in specials:
         specials.append("<|endoftext|>")
     tokenizer.add_special_tokens([AddedToken(token, special=True) for token in specials])
-    tokenizer.save(str(target))
+    storage.write_text(target, tokenizer.to_str())
 
 
 def write_dataset_config(path: Path, values: dict, tokenizer_path: str) -> None:
@@ -406,7 +410,7 @@ def write_dataset_config(path: Path, values: dict, tokenizer_path: str) -> None:
     fine-tuning shards go (none yet: training says so until shards are there or `path` is edited)."""
     dataset = {
         "n_vocab": values["n_vocab"],
-        "path": str(Path(values["model_path"]) / "data" / "*.tfrecords"),
+        "path": storage.join(values["model_path"], "data", "*.tfrecords"),
         "eval_path": "",
         "tokenizer_is_pretrained": False,
         "tokenizer_path": tokenizer_path,
@@ -443,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imported to {args.model_path}; train, fine-tune or predict with --model {args.config_out}")
         else:
             parser.error("use either --model M --to_hf OUT_DIR, or --from_hf HF_DIR --model_path DIR --config_out FILE")
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

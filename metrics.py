@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import datetime
 import functools
+import io
 import json
 import logging
 import math
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+
+import storage
 
 # Dense peak FLOP/s per device of the compute dtype a run uses (vendor figures).
 PEAK_FLOPS = {
@@ -68,30 +70,41 @@ def format_eta(seconds: float) -> str:
 
 
 class RunLog:
-    """Progress lines on stdout; TensorBoard scalars and metrics.jsonl in model_path (process 0 only)."""
+    """metrics.jsonl and TensorBoard scalars in model_path (process 0 only): the training loop's
+    first metric sink. model_path may be local, gs:// or memory:// (all through storage.py)."""
 
     def __init__(self, model_path: str, enabled: bool, start_step: int = 0):
         self.enabled = enabled
-        self.path = os.path.join(model_path, "metrics.jsonl")
+        self.path = storage.join(model_path, "metrics.jsonl")
+        self.remote = storage.is_remote(model_path)
         self.writer = None
+        self.rows: list[dict] = []
         if enabled:
-            os.makedirs(model_path, exist_ok=True)
+            storage.makedirs(model_path)
             # a run that crashed after its last checkpoint logged steps that will be trained again
-            kept = [r for r in read_metrics(model_path) if r["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            self.rows = [r for r in read_metrics(model_path) if r["step"] <= start_step]
+            storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(model_path, "tensorboard"))
+            tensorboard = storage.join(model_path, "tensorboard")
+            storage.tensorboard_writer_factory(tensorboard)
+            self.writer = SummaryWriter(tensorboard)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        row = {"step": step, **values}
+        self.rows.append(row)
+        if self.remote:  # an object cannot be appended to: the file is uploaded whole (rows are small)
+            storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
+
+    __call__ = log
 
     def close(self) -> None:
         if self.writer is not None:
@@ -108,11 +121,10 @@ def progress_line(step: int, total: int, values: dict[str, float], seconds_per_s
 
 
 def read_metrics(model_path: str) -> list[dict]:
-    path = os.path.join(model_path, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(model_path, "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def plot_loss_curve(model_path: str) -> str | None:
@@ -135,8 +147,8 @@ def plot_loss_curve(model_path: str) -> str | None:
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = os.path.join(model_path, "loss_curve.png")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()  # rendered here, written through storage: the same for a bucket
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return storage.write_bytes(storage.join(model_path, "loss_curve.png"), image.getvalue())

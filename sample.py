@@ -18,7 +18,6 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -354,10 +353,11 @@ def read_prompt(prompt_file: str | None) -> str:
     if prompt_file is None:
         log.info("no --prompt given: using the default prompt %r", DEFAULT_PROMPT)
         return DEFAULT_PROMPT
-    path = Path(prompt_file)
-    if not path.is_file():
+    import storage
+
+    if not storage.isfile(prompt_file):
         raise ConfigError(f"--prompt {prompt_file}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = storage.read_text(prompt_file)
     if not text.strip():
         raise ConfigError(f"--prompt {prompt_file}: the prompt file is empty; write the text to continue into it")
     return text
@@ -367,11 +367,12 @@ def sample_header(i: int) -> str:
     return "=" * 40 + f" SAMPLE {i} " + "=" * 40
 
 
-def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: str = "nosacred") -> Path:
+def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: str = "nosacred") -> str:
     """`main.py --predict`: sample predict_batch_size completions of the prompt from the newest
     checkpoint in model_path, print them, and write them to
     model_path/predictions_<sacred_id>_<step>.txt (one `SAMPLE i` section per completion: the prompt,
     then the new text; only the new text with remove_partial_sequences)."""
+    import storage
     from checkpoints import restore_params
     from encoders import load_dataset_tokenizer
 
@@ -387,11 +388,10 @@ def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: 
     shown_prompt = "" if config.remove_partial_sequences else prompt_text  # GPT-Neo's key: new tokens only
     sections = [f"{sample_header(i)}\n{shown_prompt}{completion}\n{'=' * 80}\n"
                 for i, completion in enumerate(samples.texts)]
-    path = Path(config.model_path) / f"predictions_{sacred_id}_{step}.txt"
+    path = storage.join(config.model_path, f"predictions_{sacred_id}_{step}.txt")  # local or gs://
     if jax.process_index() == 0:
         print(f"prompt ({len(prompt)} tokens):\n{prompt_text}\n")
         print("".join(sections), end="", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(sections), encoding="utf-8")
+        storage.write_text(path, "".join(sections))
         log.info("wrote %d samples to %s", len(sections), path)
     return path

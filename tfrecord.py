@@ -228,6 +228,16 @@ def write_shard(path: str, examples: Iterable[np.ndarray | list[int]]) -> int:
     A crash leaves either the complete shard or no shard under `path`, never a truncated one.
     """
     fs, fs_path = fsspec.core.url_to_fs(path)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" not in protocols and "local" not in protocols:
+        # an object store's upload is atomic already (the object appears when it completes), and a
+        # rename there is a copy and a delete
+        with fs.open(fs_path, "wb") as out:
+            count = 0
+            for ids in examples:
+                out.write(frame_record(encode_example(ids)))
+                count += 1
+        return count
     temporary = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
     count = 0
     with fs.open(temporary, "wb") as out:
@@ -264,7 +274,9 @@ class ShardReader:
     def _open(self):
         if self._file is None:
             try:
-                self._file = fsspec.open(self.path, "rb").open()
+                # readahead: gcsfs's default ("adaptive") runs a background prefetcher, which random
+                # access does not use and which outlives a reader dropped without close()
+                self._file = fsspec.open(self.path, "rb", cache_type="readahead").open()
             except FileNotFoundError:
                 raise DataError(f"{self.path}: shard not found") from None
         return self._file

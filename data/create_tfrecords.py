@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -35,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import storage  # noqa: E402
 from data.corpus import LM_DATAFORMAT_NAMES, LM_DATAFORMAT_SUFFIXES, find_files, read_documents  # noqa: E402
 from tfrecord import write_shard  # noqa: E402
 
@@ -174,26 +176,26 @@ class Progress:
     shard_names: list = field(default_factory=list)
 
 
-def progress_path(output_dir: Path, name: str) -> Path:
-    return output_dir / f".{name}.progress.npz"
+def progress_path(output_dir: str, name: str) -> str:
+    return storage.join(output_dir, f".{name}.progress.npz")
 
 
-def save_progress(output_dir: Path, name: str, progress: Progress, pending: list[np.ndarray], carry: np.ndarray) -> None:
-    """Atomically record the progress and the tokens already read but not yet in a shard."""
-    path = progress_path(output_dir, name)
-    temporary = path.with_suffix(".tmp.npz")
+def save_progress(output_dir: str, name: str, progress: Progress, pending: list[np.ndarray], carry: np.ndarray) -> None:
+    """Atomically record the progress and the tokens already read but not yet in a shard (locally
+    a temporary file renamed; on a bucket one upload)."""
     lengths = np.asarray([len(r) for r in pending], dtype=np.int64)
     flat = np.concatenate(pending) if pending else np.zeros(0, dtype=np.int32)
-    np.savez(temporary, state=np.array(json.dumps(asdict(progress))), pending_lengths=lengths,
+    buffer = io.BytesIO()
+    np.savez(buffer, state=np.array(json.dumps(asdict(progress))), pending_lengths=lengths,
              pending_tokens=flat.astype(np.int32), carry=carry.astype(np.int32))
-    os.replace(temporary, path)
+    storage.write_bytes(progress_path(output_dir, name), buffer.getvalue())
 
 
-def load_progress(output_dir: Path, name: str) -> tuple[Progress, list[np.ndarray], np.ndarray] | None:
+def load_progress(output_dir: str, name: str) -> tuple[Progress, list[np.ndarray], np.ndarray] | None:
     path = progress_path(output_dir, name)
-    if not path.exists():
+    if not storage.exists(path):
         return None
-    with np.load(path) as saved:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as saved:
         progress = Progress(**json.loads(str(saved["state"])))
         pending = np.split(saved["pending_tokens"], np.cumsum(saved["pending_lengths"])[:-1]) \
             if len(saved["pending_lengths"]) else []
@@ -220,7 +222,7 @@ def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, 
 def tokenizer_identity(encoder_path: str, is_pretrained: bool, tokenizer) -> str:
     if is_pretrained:
         return f"pretrained:{encoder_path}"
-    return "sha256:" + hashlib.sha256(Path(tokenizer.source).read_bytes()).hexdigest()
+    return "sha256:" + hashlib.sha256(storage.read_bytes(tokenizer.source)).hexdigest()
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -243,12 +245,12 @@ def parse_separator(text: str | None, tokenizer) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
+def main(argv: list[str] | None = None) -> list[Path | str]:
     args = parse_args(argv)
     from encoders import load_tokenizer
     from errors import ConfigError
 
-    is_pretrained = not Path(args.encoder_path).exists()
+    is_pretrained = not storage.exists(args.encoder_path)
     try:
         tokenizer = load_tokenizer(args.encoder_path, is_pretrained)
     except ConfigError as err:
@@ -263,8 +265,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
                          + (f" for *.{args.file_type})" if args.file_type else
                             f" for {', '.join(DEFAULT_SUFFIXES)}); set --file_type for other extensions"))
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = args.output_dir  # a local folder or gs://...: every file goes through storage
+    storage.makedirs(output_dir)
+
+    def shard_path(shard_name: str) -> Path | str:
+        path = storage.join(output_dir, shard_name)
+        return path if storage.is_remote(path) else Path(path)
+
     settings = settings_of(args, files, tokenizer_identity(args.encoder_path, is_pretrained, tokenizer), separator)
     saved = load_progress(output_dir, args.name)
     if saved is None:
@@ -281,20 +288,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if progress.complete:
             print(f"{output_dir}: {args.name!r} is already complete ({progress.shards_written} shards, "
                   f"{progress.tokens} tokens); nothing to do")
-            return [output_dir / n for n in progress.shard_names]
+            return [shard_path(n) for n in progress.shard_names]
         print(f"resuming {args.name!r}: {progress.shards_written} shards written, continuing at file "
               f"{progress.next_file + 1}/{len(files)}, document {progress.next_document}")
-    for stale in output_dir.glob(f"{args.name}_*.tfrecords.tmp-*"):
-        stale.unlink()  # a shard an interrupted run had not finished; it is rewritten below
+    unfinished = [f"{args.name}_*.tfrecords.tmp-*", f"{storage.name(progress_path(output_dir, args.name))}.tmp-*"]
+    for stale in [path for pattern in unfinished for path in storage.glob(storage.join(output_dir, pattern))]:
+        storage.rm(stale)  # a shard (or progress file) an interrupted run had not finished; rewritten below
 
     record_length = args.chunk_size + 1
     separator_array = np.asarray([separator], dtype=np.int32)
 
     def write_next_shard(records: list[np.ndarray]) -> None:
-        shard = output_dir / f"{args.name}_{progress.shards_written}_{len(records)}.tfrecords"
-        write_shard(str(shard), records)
+        shard = f"{args.name}_{progress.shards_written}_{len(records)}.tfrecords"
+        write_shard(storage.join(output_dir, shard), records)
         progress.shards_written += 1
-        progress.shard_names.append(shard.name)
+        progress.shard_names.append(shard)
 
     stream = document_stream(files, progress.next_file, progress.next_document)
     tasks = batched(stream, DOCUMENTS_PER_TASK)
@@ -362,7 +370,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     print(f"{args.name}: {progress.shards_written} shards in {output_dir}, {progress.documents} documents, "
           f"{progress.tokens} tokens ({progress.skipped_documents} documents under --minimum_size "
           f"{args.minimum_size} skipped); this run: {run_tokens / max(elapsed, 1e-9):,.0f} tokens/s")
-    return [output_dir / n for n in progress.shard_names]
+    return [shard_path(n) for n in progress.shard_names]
 
 
 def _encode_batch_task(batch: list[tuple[int, int, str]]) -> tuple[list[tuple[int, int]], list[np.ndarray]]:

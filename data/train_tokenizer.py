@@ -3,7 +3,7 @@
     python data/train_tokenizer.py --base_dir corpus/ --output_dir tok/ --file_type txt --vocab_size 50257
 
 Writes `byte-level-bpe.tokenizer.json` and `dataset_config.json` (a dataset config to copy into
-configs/dataset_configs/) into --output_dir. Special tokens: `<|endoftext|>` is id 0 and
+configs/dataset_configs/) into --output_dir, a local folder or gs://bucket/... . Special tokens: `<|endoftext|>` is id 0 and
 `<|padding|>` id 1. Every matching file is used, and an existing tokenizer is only overwritten
 after asking (or with --overwrite); nothing else in the folder is touched.
 """
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tokenizers import ByteLevelBPETokenizer  # noqa: E402
 
+import storage  # noqa: E402
 from data.corpus import find_files, read_documents  # noqa: E402
 
 TOKENIZER_FILE = "byte-level-bpe.tokenizer.json"
@@ -41,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def confirm_overwrite(path: Path, overwrite: bool) -> None:
-    if not path.exists() or overwrite:
+def confirm_overwrite(path: str, overwrite: bool) -> None:
+    if not storage.exists(path) or overwrite:
         return
     if sys.stdin.isatty():
         answer = input(f"{path} exists. Overwrite it? [y/N] ")
@@ -75,7 +76,7 @@ def train_tokenizer(files: list[Path], file_type: str, vocab_size: int, min_freq
     return tokenizer
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | str:
     args = parse_args(argv)
     if args.vocab_size <= len(SPECIAL_TOKENS):
         raise SystemExit(f"--vocab_size {args.vocab_size}: must exceed the {len(SPECIAL_TOKENS)} special tokens")
@@ -86,15 +87,15 @@ def main(argv: list[str] | None = None) -> Path:
     if not files:
         raise SystemExit(f"--base_dir {args.base_dir}: no files ending in .{args.file_type.lstrip('.')} "
                          "(searched recursively); set --file_type to the corpus's extension")
-    output_dir = Path(args.output_dir)
-    tokenizer_path = output_dir / TOKENIZER_FILE
+    output_dir = args.output_dir  # a local folder or gs://...
+    tokenizer_path = storage.join(output_dir, TOKENIZER_FILE)
     confirm_overwrite(tokenizer_path, args.overwrite)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(output_dir)
 
     total_bytes = sum(p.stat().st_size for p in files)
     print(f"training a {args.vocab_size}-token byte-level BPE on {len(files)} files ({total_bytes / 1e6:.1f} MB)")
     tokenizer = train_tokenizer(files, args.file_type, args.vocab_size, args.min_frequency)
-    tokenizer.save(str(tokenizer_path))
+    storage.write_text(tokenizer_path, tokenizer.to_str(pretty=True))
 
     eos_id = tokenizer.token_to_id(SPECIAL_TOKENS[0])
     padding_id = tokenizer.token_to_id(SPECIAL_TOKENS[1])
@@ -108,11 +109,11 @@ def main(argv: list[str] | None = None) -> Path:
         "eos_id": eos_id,
         "padding_id": padding_id,
     }
-    (output_dir / DATASET_CONFIG_FILE).write_text(json.dumps(dataset_config, indent=2) + "\n")
+    storage.write_text(storage.join(output_dir, DATASET_CONFIG_FILE), json.dumps(dataset_config, indent=2) + "\n")
     print(f"saved {tokenizer_path} (vocabulary {vocab_size})")
     print(f"{SPECIAL_TOKENS[0]} id {eos_id}; {SPECIAL_TOKENS[1]} id {padding_id}")
-    print(f"suggested dataset config: {output_dir / DATASET_CONFIG_FILE}")
-    return tokenizer_path
+    print(f"suggested dataset config: {storage.join(output_dir, DATASET_CONFIG_FILE)}")
+    return tokenizer_path if storage.is_remote(tokenizer_path) else Path(tokenizer_path)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import export  # noqa: E402
-from checkpoints import Checkpoints, restore_params  # noqa: E402
+from checkpoints import CheckpointMeta, Checkpoints, restore_params  # noqa: E402
 from configs import OPTIONS, load_config  # noqa: E402
 from encoders import load_dataset_tokenizer, load_tokenizer  # noqa: E402
 from export import ACTIVATIONS_TO_HF, ExportError, export_to_hf, import_from_hf  # noqa: E402
@@ -90,7 +90,7 @@ def perturbed_params(config, seed: int):
 
 def save_checkpoint(config, params, step: int) -> None:
     checkpoints = Checkpoints(config.model_path, asynchronous=False)
-    checkpoints.save(step, {"params": params, "opt_state": None}, {"step": step})
+    checkpoints.save(step, {"params": params, "opt_state": None}, CheckpointMeta.for_config(config, step, params_only=True))
     checkpoints.close()
 
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from checkpoints import Checkpoints
+from checkpoints import CheckpointMeta, Checkpoints
 from configs import load_config, validate
 from encoders import load_dataset_tokenizer
 from errors import ConfigError
@@ -290,7 +290,7 @@ def predict_setup(tmp_path_factory):
 
     params = gpt2.init_params(config, jax.random.key(0))
     checkpoints = Checkpoints(config.model_path, asynchronous=False)
-    checkpoints.save(7, {"params": params, "opt_state": None}, {"step": 7})
+    checkpoints.save(7, {"params": params, "opt_state": None}, CheckpointMeta.for_config(config, 7, params_only=True))
     checkpoints.close()
     return workdir, config, params
 
@@ -303,8 +303,8 @@ def test_predict_writes_sample_sections_continuing_the_prompt(predict_setup, cap
 
     path = run_predict(config, layout, str(prompt_file))
 
-    assert path == Path(config.model_path) / "predictions_nosacred_7.txt"
-    written = path.read_text()
+    assert path == str(Path(config.model_path) / "predictions_nosacred_7.txt")
+    written = Path(path).read_text()
     tokenizer = load_dataset_tokenizer(config)
     expected = generate(params, config, [tokenizer.encode("the named mesh")] * 3, tokenizer=tokenizer, eos_id=0)
     prompt_text = tokenizer.decode(tokenizer.encode("the named mesh"))
@@ -320,7 +320,7 @@ def test_predict_with_remove_partial_sequences_writes_only_the_new_tokens(predic
     prompt_file = workdir / "prompt.txt"
     prompt_file.write_text("the named mesh")
     config = config.replace(remove_partial_sequences=True)
-    written = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(prompt_file), "partial").read_text()
+    written = Path(run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(prompt_file), "partial")).read_text()
     tokenizer = load_dataset_tokenizer(config)
     expected = generate(params, config, [tokenizer.encode("the named mesh")] * 3, tokenizer=tokenizer, eos_id=0)
     for i, completion in enumerate(expected.texts):
@@ -361,7 +361,7 @@ def test_generate_predict_and_export_choose_the_same_eos_when_its_sources_differ
     if source != "tokenizer":
         assert generated == [winner]
     (configs_dir / "prompt.txt").write_text("the named mesh")
-    written = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(configs_dir / "prompt.txt"))
+    written = Path(run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(configs_dir / "prompt.txt")))
     shown = free[:stop] if winner in free else free
     assert f"{sample_header(0)}\n{tokenizer.decode(prompt)}{tokenizer.decode(shown)}\n" in written.read_text()
     import export
@@ -375,8 +375,8 @@ def test_generate_predict_and_export_choose_the_same_eos_when_its_sources_differ
 def test_predict_without_a_prompt_uses_the_default_and_names_the_sacred_id(predict_setup):
     workdir, config, _ = predict_setup
     path = run_predict(config, build_mesh_layout(config, jax.devices()[:1]), None, sacred_id="run42")
-    assert path.name == "predictions_run42_7.txt"
-    assert "SAMPLE 0" in path.read_text()
+    assert Path(path).name == "predictions_run42_7.txt"
+    assert "SAMPLE 0" in Path(path).read_text()
 
 
 def test_predict_refuses_an_empty_prompt_file_by_name(predict_setup):

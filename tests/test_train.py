@@ -349,3 +349,114 @@ def test_dry_run_on_gpt3_small_reports_about_125m_parameters():
     count = int(result.stdout.split("parameters: ")[1].split(" ")[0].replace(",", ""))
     assert 120e6 < count < 130e6
     assert "per-device memory:" in result.stdout
+
+
+# --- resume refuses what would break it (train.run in this process) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run trained for one step by train.run: its checkpoint folder, the model config and a
+    second dataset config (another shard mix)."""
+    import train
+    from configs import load_config
+
+    folder = tmp_path_factory.mktemp("resume")
+    model_config = write_dataset(folder, TINY["n_vocab"])
+    other = json.loads((folder / "dataset_configs" / "tiny.json").read_text())
+    (folder / "dataset_configs" / "other.json").write_text(json.dumps(other))
+    config = load_config(str(model_config), [f"model_path={folder / 'run'}", "train_steps=1", "eval_steps=0"])
+    train.run(config, layout=build_mesh_layout(config, jax.devices()[:1]))
+    return folder / "run", model_config
+
+
+def resume(saved_run, tmp_path, overrides, **options):
+    """train.run one more step from a copy of the saved run, with the config changed by `overrides`."""
+    import shutil
+
+    import train
+    from configs import load_config
+
+    saved, model_config = saved_run
+    model_path = tmp_path / "run"
+    shutil.copytree(saved, model_path)
+    config = load_config(str(model_config), [f"model_path={model_path}", "train_steps=2", "eval_steps=0", *overrides])
+    return train.run(config, layout=build_mesh_layout(config, jax.devices()[:1]), **options)
+
+
+DATA_CHANGES = {
+    "seed": ["seed=7"],
+    "train_batch_size": ["train_batch_size=4"],
+    "datasets": ['datasets=[["tiny", 2, "documents_random", 1.0], ["other", 2, "documents_random", 1.0]]'],
+    "n_ctx": ["n_ctx=16"],
+}
+
+
+@pytest.mark.parametrize("key", ["seed", "train_batch_size", "datasets"])
+def test_resume_refuses_a_change_of_data_order_by_key_and_says_how_to_override(saved_run, tmp_path, key):
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key}: checkpoint .*--allow_data_change") as refused:
+        resume(saved_run, tmp_path, DATA_CHANGES[key])
+    assert "order of the training data" in str(refused.value)
+
+
+@pytest.mark.parametrize("key", ["seed", "train_batch_size", "datasets"])
+def test_resume_with_allow_data_change_continues_at_the_saved_step(saved_run, tmp_path, key):
+    result = resume(saved_run, tmp_path, DATA_CHANGES[key], allow_data_change=True)
+    assert (result.start_step, result.step) == (1, 2)
+    assert np.isfinite(result.metrics["loss"])
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_resume_refuses_another_n_ctx_by_key_with_or_without_allow_data_change(saved_run, tmp_path, allow):
+    """n_ctx also sets the learned position table's length: the flag allows other data, not other
+    shapes, so the refusal names the key and the table, and does not offer the flag."""
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"wpe \(32, 64\) in the checkpoint, \(16, 64\) now.*n_ctx: checkpoint 32") as refused:
+        resume(saved_run, tmp_path, DATA_CHANGES["n_ctx"], allow_data_change=allow)
+    assert "--allow_data_change" not in str(refused.value)
+
+
+def test_resume_refuses_another_n_embd_naming_the_shapes_and_the_key(saved_run, tmp_path):
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"blocks\.0\.attn\.q \(64, 4, 16\) in the checkpoint, \(128, 4, 32\) now") as refused:
+        resume(saved_run, tmp_path, ["n_embd=128"])
+    assert "n_embd: checkpoint 64, config 128" in str(refused.value)
+
+
+@pytest.mark.parametrize("change,key", [(["opt_name=adafactor"], "opt_name"),
+                                        (["gradient_clipping=0.0"], "gradient_clipping")])
+def test_resume_refuses_an_optimizer_state_of_another_structure_by_key(saved_run, tmp_path, change, key):
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"optimizer state this config cannot continue \\({key}: checkpoint"):
+        resume(saved_run, tmp_path, change)
+
+
+def test_params_only_checkpoint_starts_a_fresh_optimizer_and_ignores_data_keys(saved_run, tmp_path, caplog):
+    """What export.py --from_hf writes: parameters and meta (params_only) at step 0; fine-tuning it
+    with another seed and batch size is no resume of a data order."""
+    import train
+    from checkpoints import CheckpointMeta, Checkpoints
+    from configs import load_config
+
+    _, model_config = saved_run
+    model_path = tmp_path / "imported"
+    config = load_config(str(model_config), [f"model_path={model_path}", "train_steps=2", "eval_steps=0"])
+    params = gpt2.init_params(config, jax.random.key(3))
+    checkpoints = Checkpoints(str(model_path), asynchronous=False)
+    checkpoints.save(0, {"params": params, "opt_state": None},
+                     CheckpointMeta.for_config(config, 0, params_only=True, imported_from="hf"))
+    checkpoints.close()
+    assert Checkpoints(str(model_path), read_only=True).meta(0).params_only
+
+    tuned = config.replace(seed=11, train_batch_size=4)
+    with caplog.at_level("INFO", logger="neomesh"):
+        result = train.run(tuned, layout=build_mesh_layout(tuned, jax.devices()[:1]))
+    assert "holds parameters only: starting a fresh optimizer state" in caplog.text
+    assert (result.start_step, result.step) == (0, 2)
+    saved = Checkpoints(str(model_path), read_only=True)
+    assert saved.has_optimizer_state(2) and not saved.meta(2).params_only and saved.meta(2).seed == 11

@@ -1,0 +1,363 @@
+"""The training loop: batch -> sharded step -> metrics -> checkpoint, importable without a command line.
+
+    import train
+    from configs import load_config
+    result = train.run(load_config("demo", ["train_steps=100"]))
+    result.step, result.metrics["loss"]
+
+`run` resumes from the newest checkpoint in model_path (local or gs://) when there is one. It
+refuses a checkpoint it cannot continue exactly: parameters or optimizer state of other shapes
+(named, with the config keys that changed), and, unless `allow_data_change`, a changed seed,
+train_batch_size, n_ctx or datasets mix, each of which would silently change the order of the
+data. `main.py` is the command line around it; a notebook or the sacred wrapper call `run` directly
+and may subscribe `sinks` to every metric row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import storage
+from errors import ConfigError
+
+log = logging.getLogger("neomesh")
+
+# A metric sink receives (step, {name: value}) for every row the loop produces, on process 0.
+Sink = Callable[[int, dict], None]
+
+# keys that decide which rows make up each step's batch: resuming with another value trains on
+# other data than an uninterrupted run would have, without any error
+DATA_KEYS = ("seed", "train_batch_size", "n_ctx", "datasets")
+# keys that change the optimizer state's tree (clipping on or off; another optimizer's moments)
+OPTIMIZER_KEYS = ("opt_name", "gradient_clipping", "weight_decay")
+# keys that differ between runs of one model without changing what a checkpoint holds
+RUN_KEYS = ("train_steps", "model_path", "steps_per_checkpoint", "keep_checkpoints", "iterations", "eval_steps",
+            "eval_batch_size", "predict_batch_size", "predict_max_steps")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # the step the last checkpoint holds
+    start_step: int  # where this run began (0, or the step it resumed from)
+    metrics: dict  # the last metric row (loss, cross_entropy, lr, tokens_per_sec, mfu, ...), {} if none
+    stopped_by_signal: bool = False
+
+
+def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: bool = False, layout=None,
+        sinks: Sequence[Sink] = (), handle_signals: bool = True) -> TrainResult:
+    """Train `config` (a validated configs.Config) to config.train_steps.
+
+    new: delete model_path first (asks on a terminal unless assume_yes; refuses without one).
+    allow_data_change: resume although seed / train_batch_size / n_ctx / datasets changed.
+    layout: a mesh.MeshLayout; default: built from the config on all devices.
+    sinks: callables given every metric row (step, values) on process 0, after metrics.jsonl and
+    TensorBoard have it. handle_signals: SIGTERM / SIGINT save a checkpoint and return."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import inputs
+    import model_fns
+    from checkpoints import CheckpointMeta, Checkpoints
+    from mesh import build_mesh_layout
+    from metrics import RunLog, peak_flops_per_device, plot_loss_curve, progress_line
+    from models import gpt2
+    from optimizers import learning_rate, make_optimizer
+
+    require_model_path(config)
+    layout = layout if layout is not None else build_mesh_layout(config)
+    main_process = jax.process_index() == 0
+
+    # --- where the run starts: afresh, or from the newest checkpoint ---------------------------
+    if new:
+        if main_process:
+            confirm_new(config.model_path, assume_yes)
+        if jax.process_count() > 1:  # no host looks for checkpoints before process 0 has deleted them
+            multihost_utils.sync_global_devices("neomesh --new")
+    train_data = inputs.Sampler(config, "train")  # refuses ids >= n_vocab before anything is compiled
+    eval_data = inputs.Sampler(config, "eval") if config.eval_steps > 0 and has_eval_data(config) else None
+
+    optimizer = make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    checkpoints = Checkpoints(config.model_path, config.keep_checkpoints)
+    state, start = restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change)
+    train_step = model_fns.make_train_step(config, layout, optimizer, shardings)
+    eval_step = model_fns.make_eval_step(config, layout, shardings, config.eval_batch_size) if eval_data else None
+
+    run_log = RunLog(config.model_path, main_process, start)
+    every_sink = [run_log.log, *sinks] if main_process else []
+
+    def emit(step: int, values: dict) -> None:
+        for sink in every_sink:
+            sink(step, values)
+
+    schedule = learning_rate(config)
+    tokens_per_step = config.train_batch_size * config.n_ctx
+    peak, peak_source = peak_flops_per_device(config.precision)
+    flops_per_step = model_fns.flops_per_token(config) * tokens_per_step
+    log.info("training %s: %s parameters, %d devices (mesh %s, layout %s), steps %d..%d; MFU against %s",
+             config.source, f"{gpt2.parameter_count(config):,}", layout.mesh.size, dict(layout.mesh.shape),
+             layout.layout or "{}", start, config.train_steps, peak_source)
+
+    # --- preemption: a signal saves at the next step boundary, then the run returns ------------
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    previous_handlers = {}
+    if handle_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous_handlers[signum] = signal.signal(signum, on_signal)
+
+    def stopping() -> bool:
+        """Every host stops at the same step (saving is collective), if any host was signalled."""
+        if jax.process_count() == 1:
+            return stop["signal"] is not None
+        flags = multihost_utils.process_allgather(np.asarray(stop["signal"] is not None))
+        return bool(np.any(flags))
+
+    # --- the loop ---------------------------------------------------------------------------
+    step, values, stopped = start, {}, False
+    window_start, window_steps, window_sums = time.perf_counter(), 0, None
+    try:
+        while step < config.train_steps:
+            batch_inputs, batch_labels = inputs.global_batch(train_data, step, layout, config.train_batch_size)
+            state, step_metrics = train_step(state, batch_inputs, batch_labels)
+            # summed on the device: the host waits for nothing until the next progress line
+            losses = {k: step_metrics[k] for k in ("loss", "cross_entropy")}
+            window_sums = losses if window_sums is None else jax.tree.map(jax.numpy.add, window_sums, losses)
+            step += 1
+            window_steps += 1
+            last = step == config.train_steps
+            stopped = stopping()
+            if step % config.iterations == 0 or last or stopped:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                # loss and cross_entropy: the mean over the steps since the last line, not one noisy batch
+                values |= {k: float(v) / window_steps for k, v in jax.device_get(window_sums).items()}
+                if not np.isfinite(values["loss"]):
+                    raise FloatingPointError(f"loss is {values['loss']} at step {step}; the checkpoints saved "
+                                             "before it are kept (lower lr, or raise warmup_steps, and resume)")
+                seconds = (time.perf_counter() - window_start) / window_steps
+                values |= {"lr": float(schedule(step - 1)), "tokens_per_sec": tokens_per_step / seconds,
+                           "mfu": flops_per_step / seconds / (peak * layout.mesh.size)}
+                if main_process:
+                    print(progress_line(step, config.train_steps, values, seconds), flush=True)
+                emit(step, values)
+                window_start, window_steps, window_sums = time.perf_counter(), 0, None
+            if step % config.steps_per_checkpoint == 0 or last or stopped:
+                checkpoints.save(step, state, CheckpointMeta.for_config(config, step))
+                if eval_step is not None and not stopped:
+                    eval_loss = run_eval(config, layout, eval_step, state["params"], eval_data)
+                    if main_process:
+                        print(f"step {step} | eval loss {eval_loss:.4f}", flush=True)
+                    emit(step, {"eval_loss": eval_loss})
+                    values = {**values, "eval_loss": eval_loss}
+                window_start, window_steps, window_sums = time.perf_counter(), 0, None  # saving is not training
+            if stopped:
+                log.info("stopped by a signal at step %d; checkpoint saved", step)
+                break
+    finally:
+        checkpoints.close()
+        run_log.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+    if main_process:
+        curve = plot_loss_curve(config.model_path)
+        if curve:
+            log.info("loss curve: %s", curve)
+    return TrainResult(step=step, start_step=start, metrics=values, stopped_by_signal=stopped)
+
+
+# --- where a run starts ---------------------------------------------------------------------------
+
+
+def require_model_path(config) -> None:
+    if not config.model_path:
+        raise ConfigError(f"{config.source}: key 'model_path' is empty; set the folder for checkpoints and metrics, "
+                          "e.g. --set model_path=runs/mymodel")
+
+
+def confirm_new(model_path: str, assume_yes: bool) -> None:
+    """--new: delete model_path (a local folder, or every object under a gs:// prefix)."""
+    if not storage.exists(model_path):
+        return
+    if not assume_yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"--new would delete {model_path}; pass --yes as well to confirm without a terminal")
+        answer = input(f"--new: delete everything in {model_path}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise SystemExit("kept model_path; nothing deleted")
+    storage.rm_tree(model_path)
+    log.info("--new: deleted %s", model_path)
+
+
+def restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change: bool = False):
+    """(state, first step): the newest checkpoint if there is one, else a fresh initialisation."""
+    import jax
+
+    import model_fns
+    from checkpoints import abstract_tree
+
+    step = checkpoints.latest_step()
+    if step is None:
+        return model_fns.init_state(config, layout, optimizer, shardings), 0
+    where = checkpoints.where(step)
+    meta = checkpoints.meta(step)
+    shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
+    check_resumable(config, meta, checkpoints.saved_shapes(step), shapes, where, allow_data_change)
+    state, _ = checkpoints.restore(step, abstract_tree(shardings, shapes))
+    if state["opt_state"] is None:  # imported weights: a fresh optimizer from them
+        log.info("checkpoint %d holds parameters only: starting a fresh optimizer state", step)
+        state["opt_state"] = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(state["params"])
+    state["step"] = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings["step"])
+    log.info("resumed from %s at step %d", checkpoints.directory, step)
+    return state, step
+
+
+def changed_keys(config, saved_config: dict, keys=None) -> dict[str, tuple]:
+    """{key: (checkpoint's value, config's value)} for the keys whose values differ."""
+    current = json.loads(json.dumps(config.to_dict()))  # compared as the checkpoint stored them
+    keys = keys if keys is not None else [k for k in current if k not in RUN_KEYS]
+    return {k: (saved_config.get(k), current.get(k)) for k in keys
+            if k in saved_config and saved_config[k] != current.get(k)}
+
+
+def describe(changes: dict[str, tuple]) -> str:
+    return "; ".join(f"{k}: checkpoint {saved!r}, config {now!r}" for k, (saved, now) in changes.items())
+
+
+def shape_differences(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+    differ = [f"{name} {saved[name]} in the checkpoint, {expected[name]} now"
+              for name in expected if name in saved and tuple(saved[name]) != tuple(expected[name])]
+    differ += [f"{name} missing from the checkpoint" for name in expected if name not in saved]
+    differ += [f"{name} only in the checkpoint" for name in saved if name not in expected]
+    return differ
+
+
+def check_resumable(config, meta, saved_shapes: dict, state_shapes: dict, where: str,
+                    allow_data_change: bool = False) -> None:
+    """Refuse, with a message that names what differs, a checkpoint that this config would not
+    continue exactly (or not at all)."""
+    from checkpoints import tree_names
+
+    def listed(items, limit=8):
+        return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    expected = {k: tuple(v.shape) for k, v in tree_names(state_shapes["params"]).items()}
+    differ = shape_differences(saved_shapes["params"] or {}, expected)
+    if differ:
+        changes = changed_keys(config, meta.config)
+        keys = f"; config keys changed: {describe(changes)}" if changes else ""
+        raise ConfigError(f"{where} holds parameters of other shapes ({listed(differ)}){keys}. Use another "
+                          "model_path, or --new to start afresh")
+
+    if saved_shapes["opt_state"] is not None and not meta.params_only:
+        expected = {k: tuple(v.shape) for k, v in tree_names(state_shapes["opt_state"]).items()}
+        differ = shape_differences(saved_shapes["opt_state"], expected)
+        if differ:
+            changes = changed_keys(config, meta.config, OPTIMIZER_KEYS)
+            why = describe(changes) if changes else listed(differ)
+            raise ConfigError(f"{where} holds an optimizer state this config cannot continue ({why}). Restore those "
+                              "keys, use another model_path, or --new to start afresh")
+
+    changes = changed_keys(config, meta.config, DATA_KEYS)
+    if changes and not meta.params_only:
+        message = (f"{where}: resuming would change the order of the training data ({describe(changes)}); "
+                   "restore the checkpoint's values, or pass --allow_data_change "
+                   "(train.run(..., allow_data_change=True)) to resume with the new ones")
+        if not allow_data_change:
+            raise ConfigError(message)
+        log.warning("--allow_data_change: %s", describe(changes))
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+
+
+def has_eval_data(config) -> bool:
+    from configs import resolve_datasets
+
+    return any(dataset.eval_path for dataset in resolve_datasets(config))
+
+
+def run_eval(config, layout, eval_step, params, eval_data) -> float:
+    import inputs
+
+    losses = []
+    for i in range(max(config.eval_steps, 1)):
+        batch_inputs, batch_labels = inputs.global_batch(eval_data, i, layout, config.eval_batch_size)
+        losses.append(float(eval_step(params, batch_inputs, batch_labels)[1]))
+    return sum(losses) / len(losses)
+
+
+def evaluate(config, layout) -> dict:
+    """--eval: cross-entropy, perplexity and bits per byte of the newest checkpoint on eval_path
+    (the train split when there is none); printed on process 0, and returned."""
+    import math
+
+    import jax
+
+    import encoders
+    import inputs
+    import model_fns
+    from checkpoints import restore_params
+
+    params, step = restore_params(config, layout)
+    split = "eval" if has_eval_data(config) else "train"
+    data = inputs.Sampler(config, split)
+    eval_step = model_fns.make_eval_step(config, layout, {"params": model_fns.param_shardings(config, layout)},
+                                         config.eval_batch_size)
+    tokenizer = encoders.load_dataset_tokenizer(config)
+    losses, byte_count, token_count = [], 0, 0
+    for i in range(max(config.eval_steps, 1)):
+        batch_inputs, batch_labels = inputs.global_batch(data, i, layout, config.eval_batch_size)
+        losses.append(float(eval_step(params, batch_inputs, batch_labels)[1]))
+        # batches are a pure function of the step: this host can rebuild every row to count its bytes
+        labels = data.rows(i, range(config.eval_batch_size), config.eval_batch_size)[:, 1:]
+        byte_count += sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in labels)
+        token_count += labels.size
+    loss = sum(losses) / len(losses)
+    bits_per_byte = loss * token_count / max(byte_count, 1) / math.log(2)
+    if jax.process_index() == 0:
+        print(f"step {step} | {split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits per byte {bits_per_byte:.4f}")
+    return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte}
+
+
+def dry_run(config, layout) -> dict:
+    """Validate, compile the train step for the real shapes, and report its memory; train nothing."""
+    import jax
+
+    import model_fns
+    from models import gpt2
+    from optimizers import make_optimizer
+
+    optimizer = make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    state_shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
+    batch = jax.ShapeDtypeStruct((config.train_batch_size, config.n_ctx), jax.numpy.int32)
+    start = time.perf_counter()
+    step = model_fns.make_train_step(config, layout, optimizer, shardings)
+    compiled = step.lower(state_shapes, batch, batch).compile()
+    seconds = time.perf_counter() - start
+    count = gpt2.parameter_count(config)
+    print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
+    print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}; "
+          f"microbatches per step: {model_fns.microbatch_count(config, layout)}")
+    memory = compiled.memory_analysis()
+    report = {"parameters": count, "compile_seconds": seconds}
+    if memory is not None:
+        gib = 2**30
+        total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                 - memory.alias_size_in_bytes)
+        print(f"per-device memory: {total / gib:.2f} GiB (arguments {memory.argument_size_in_bytes / gib:.2f}, "
+              f"outputs {memory.output_size_in_bytes / gib:.2f}, temporaries {memory.temp_size_in_bytes / gib:.2f}, "
+              f"donated {memory.alias_size_in_bytes / gib:.2f})")
+        report["per_device_bytes"] = total
+    print(f"train step compiled in {seconds:.1f} s")
+    return report
