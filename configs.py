@@ -102,6 +102,7 @@ KEYS: dict[str, Key] = {
     "ada_epsilon1": Key(1e-30, "float", "Adafactor epsilon added to squared gradients"),
     "ada_epsilon2": Key(1e-3, "float", "Adafactor parameter-scale floor"),
     "weight_decay": Key(0.01, "float", "decoupled weight decay (not applied to norms and biases)"),
+    "skip_nonfinite_steps": Key(False, "bool", "a step whose loss, gradient norm or updated parameters are not finite is skipped (the state stays as it was) and counted in metrics as skipped_steps; false: the run stops at such a step, saving nothing from it"),
     "gradient_clipping": Key(1.0, "float", "clip gradients to this global norm; 0 turns clipping off"),
     # --- data ----------------------------------------------------------------------------------
     "datasets": Key([], "list", "[[dataset_id, stitch, sampling_mode, weight], ...]; configs/dataset_configs/<id>.json"),

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import storage
+from errors import StorageError
 
 # Dense peak FLOP/s per device of the compute dtype a run uses (vendor figures).
 PEAK_FLOPS = {
@@ -83,7 +84,7 @@ class RunLog:
             storage.makedirs(model_path)
             # a run that crashed after its last checkpoint logged steps that will be trained again
             self.rows = [r for r in read_metrics(model_path) if r["step"] <= start_step]
-            storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            storage.write_text(self.path, "".join(map(metrics_row, self.rows)))
             from tensorboardX import SummaryWriter
 
             tensorboard = storage.join(model_path, "tensorboard")
@@ -96,10 +97,10 @@ class RunLog:
         row = {"step": step, **values}
         self.rows.append(row)
         if self.remote:  # an object cannot be appended to: the file is uploaded whole (rows are small)
-            storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            storage.write_text(self.path, "".join(map(metrics_row, self.rows)))
         else:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(metrics_row(row))
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
@@ -120,11 +121,28 @@ def progress_line(step: int, total: int, values: dict[str, float], seconds_per_s
     return " | ".join(parts)
 
 
+def metrics_row(row: dict) -> str:
+    """One line of metrics.jsonl, strict JSON: a value that is not finite is written as null."""
+    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()},
+                      allow_nan=False) + "\n"
+
+
 def read_metrics(model_path: str) -> list[dict]:
+    """The rows of metrics.jsonl. A last line cut short (a crash or a full disk mid-append) is
+    dropped with a warning: it cannot hold a step a checkpoint depends on."""
     path = storage.join(model_path, "metrics.jsonl")
     if not storage.exists(path):
         return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise StorageError(f"{path}: line {number} is not JSON; fix or remove that line") from None
+            logging.getLogger("neomesh").warning("%s: dropping its last line, cut short: %r", path, line[:80])
+    return rows
 
 
 def plot_loss_curve(model_path: str) -> str | None:

@@ -121,8 +121,15 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
             total, _ = jax.lax.scan(accumulate, zeros, micro)
             loss, ce, grads = jax.tree.map(lambda x: x / microbatches, total)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-        metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": optax.tree.norm(grads)}
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # already-reduced scalars: whether the state about to be kept (and maybe saved) is finite
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
+        if config.skip_nonfinite_steps:
+            new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                 (new_params, opt_state), (params, state["opt_state"]))
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": grad_norm, "finite": finite}
         if config.log_grads:  # GPT-Neo's per-variable gradient norms, by the parameter's path
             metrics |= {f"grad_norm/{parameter_name(path)}": jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
                         for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}

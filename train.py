@@ -123,6 +123,30 @@ def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: 
         flags = multihost_utils.process_allgather(np.asarray(stop["signal"] is not None))
         return bool(np.any(flags))
 
+    # --- the guard: no state that is not finite is ever saved -----------------------------------
+    # Each step's finite flag is read once the next step is dispatched: the device keeps one step
+    # queued, and the host learns of a bad step one step later, always before anything is saved.
+    unchecked: list[tuple[int, dict]] = []
+    skipped = {"steps": 0}
+
+    def check_finite(keep_last: int = 0) -> None:
+        while len(unchecked) > keep_last:
+            bad_step, bad_metrics = unchecked.pop(0)
+            if bool(bad_metrics["finite"]):
+                continue
+            if config.skip_nonfinite_steps:
+                skipped["steps"] += 1
+                log.warning("step %d is not finite (loss %s, gradient norm %s): skipped", bad_step,
+                            float(bad_metrics["loss"]), float(bad_metrics["grad_norm"]))
+                continue
+            checkpoints.wait()
+            newest = checkpoints.latest_step()
+            kept = f"the newest checkpoint, step {newest}, is intact" if newest is not None else "no checkpoint was saved"
+            raise FloatingPointError(
+                f"step {bad_step} is not finite (loss {float(bad_metrics['loss'])}, gradient norm "
+                f"{float(bad_metrics['grad_norm'])}); nothing from it was saved and {kept}: lower lr (or raise "
+                "warmup_steps) and run again to resume from it, or set skip_nonfinite_steps")
+
     # --- the loop ---------------------------------------------------------------------------
     step, values, stopped = start, {}, False
     window_start, window_steps, window_sums = time.perf_counter(), 0, None
@@ -130,6 +154,8 @@ def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: 
         while step < config.train_steps:
             batch_inputs, batch_labels = inputs.global_batch(train_data, step, layout, config.train_batch_size)
             state, step_metrics = train_step(state, batch_inputs, batch_labels)
+            unchecked.append((step + 1, step_metrics))
+            check_finite(keep_last=1)
             # summed on the device: the host waits for nothing until the next progress line
             losses = {k: step_metrics[k] for k in ("loss", "cross_entropy")}
             window_sums = losses if window_sums is None else jax.tree.map(jax.numpy.add, window_sums, losses)
@@ -138,12 +164,12 @@ def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: 
             last = step == config.train_steps
             stopped = stopping()
             if step % config.iterations == 0 or last or stopped:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                check_finite()
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
                 # loss and cross_entropy: the mean over the steps since the last line, not one noisy batch
                 values |= {k: float(v) / window_steps for k, v in jax.device_get(window_sums).items()}
-                if not np.isfinite(values["loss"]):
-                    raise FloatingPointError(f"loss is {values['loss']} at step {step}; the checkpoints saved "
-                                             "before it are kept (lower lr, or raise warmup_steps, and resume)")
+                if config.skip_nonfinite_steps:
+                    values["skipped_steps"] = skipped["steps"]
                 seconds = (time.perf_counter() - window_start) / window_steps
                 values |= {"lr": float(schedule(step - 1)), "tokens_per_sec": tokens_per_step / seconds,
                            "mfu": flops_per_step / seconds / (peak * layout.mesh.size)}
@@ -152,6 +178,8 @@ def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: 
                 emit(step, values)
                 window_start, window_steps, window_sums = time.perf_counter(), 0, None
             if step % config.steps_per_checkpoint == 0 or last or stopped:
+                check_finite()
+                saving_started = time.perf_counter()
                 checkpoints.save(step, state, CheckpointMeta.for_config(config, step))
                 if eval_step is not None and not stopped:
                     eval_loss = run_eval(config, layout, eval_step, state["params"], eval_data)
@@ -159,7 +187,8 @@ def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: 
                         print(f"step {step} | eval loss {eval_loss:.4f}", flush=True)
                     emit(step, {"eval_loss": eval_loss})
                     values = {**values, "eval_loss": eval_loss}
-                window_start, window_steps, window_sums = time.perf_counter(), 0, None  # saving is not training
+                # saving and evaluating are not training time; the loss window runs on to the next line
+                window_start += time.perf_counter() - saving_started
             if stopped:
                 log.info("stopped by a signal at step %d; checkpoint saved", step)
                 break

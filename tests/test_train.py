@@ -460,3 +460,91 @@ def test_params_only_checkpoint_starts_a_fresh_optimizer_and_ignores_data_keys(s
     assert (result.start_step, result.step) == (0, 2)
     saved = Checkpoints(str(model_path), read_only=True)
     assert saved.has_optimizer_state(2) and not saved.meta(2).params_only and saved.meta(2).seed == 11
+
+
+# --- a run that goes non-finite saves nothing from it (train.run in this process) --------------
+
+
+def strict_rows(model_path: Path) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"metrics.jsonl holds {constant}, which strict JSON does not allow")
+
+    return [json.loads(line, parse_constant=refuse) for line in (model_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_params_are_finite(model_path: Path, model_config: Path) -> dict[int, bool]:
+    from checkpoints import Checkpoints, restore_params
+    from configs import load_config
+
+    config = load_config(str(model_config), [f"model_path={model_path}"])
+    steps = Checkpoints(str(model_path), read_only=True).manager.all_steps()
+    layout = build_mesh_layout(config, jax.devices()[:1])
+    return {step: all(bool(np.isfinite(np.asarray(leaf)).all())
+                      for leaf in jax.tree.leaves(restore_params(config, layout, step)[0])) for step in steps}
+
+
+def train_in_process(model_config: Path, model_path: Path, *overrides):
+    import train
+    from configs import load_config
+
+    config = load_config(str(model_config), [f"model_path={model_path}", "eval_steps=0", *overrides])
+    return train.run(config, layout=build_mesh_layout(config, jax.devices()[:1]))
+
+
+def test_a_step_that_is_not_finite_stops_the_run_and_the_newest_checkpoint_stays_finite(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    run = tmp_path / "run"
+    train_in_process(model_config, run, "train_steps=5", "steps_per_checkpoint=5", "iterations=5")
+    with pytest.raises(FloatingPointError, match=r"step \d+ is not finite .* the newest checkpoint, step 5, is intact"):
+        train_in_process(model_config, run, "lr=1e6", "train_steps=20", "iterations=20", "steps_per_checkpoint=5")
+    finite = saved_params_are_finite(run, model_config)
+    assert finite == {5: True}
+    strict_rows(run)
+
+    resumed = train_in_process(model_config, run, "train_steps=10", "steps_per_checkpoint=5", "iterations=5")
+    assert (resumed.start_step, resumed.step) == (5, 10)
+    assert all(saved_params_are_finite(run, model_config).values())
+
+
+def test_a_run_that_is_never_finite_saves_no_checkpoint(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    with pytest.raises(FloatingPointError, match="no checkpoint was saved"):
+        train_in_process(model_config, tmp_path / "run", "lr=1e6", "train_steps=20", "iterations=20",
+                         "steps_per_checkpoint=5")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not checkpoints.exists() or saved_params_are_finite(tmp_path / "run", model_config) == {}
+
+
+def test_skip_nonfinite_steps_keeps_the_state_and_counts_the_skipped_steps(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    run = tmp_path / "run"
+    result = train_in_process(model_config, run, "lr=1e6", "train_steps=8", "iterations=4", "steps_per_checkpoint=4",
+                              "skip_nonfinite_steps=true")
+    assert result.step == 8
+    assert all(saved_params_are_finite(run, model_config).values())
+    rows = strict_rows(run)
+    assert rows[-1]["step"] == 8 and rows[-1]["skipped_steps"] > 0
+
+
+def test_the_logged_mean_loss_covers_every_step_since_the_last_line_across_checkpoints(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    every = train_in_process(model_config, tmp_path / "every", "train_steps=8", "iterations=1",
+                             "steps_per_checkpoint=100")
+    assert every.step == 8
+    per_step = {r["step"]: r["loss"] for r in strict_rows(tmp_path / "every") if "loss" in r}
+    train_in_process(model_config, tmp_path / "windows", "train_steps=8", "iterations=4", "steps_per_checkpoint=5")
+    windows = {r["step"]: r["loss"] for r in strict_rows(tmp_path / "windows") if "loss" in r}
+    assert windows[8] == pytest.approx(np.mean([per_step[s] for s in range(5, 9)]), rel=1e-5)
+    assert windows[4] == pytest.approx(np.mean([per_step[s] for s in range(1, 5)]), rel=1e-5)
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_resumes(tmp_path, caplog):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    run = tmp_path / "run"
+    train_in_process(model_config, run, "train_steps=4", "iterations=2", "steps_per_checkpoint=4")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 3.1')  # a full disk cut this append short
+    with caplog.at_level("WARNING", logger="neomesh"):
+        resumed = train_in_process(model_config, run, "train_steps=6", "iterations=2", "steps_per_checkpoint=4")
+    assert resumed.step == 6 and "cut short" in caplog.text
+    assert [r["step"] for r in strict_rows(run) if "loss" in r] == [2, 4, 6]
