@@ -238,6 +238,20 @@ def write_bytes(path: str, data: bytes) -> str:
     return str(path)
 
 
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Create a file only if none exists (on a bucket: an upload conditional on the object's
+    generation being 0), so that of two writers exactly one succeeds. False if it existed."""
+    fs, fs_path = filesystem(path)
+    if protocol_of(fs) == "file":
+        os.makedirs(os.path.dirname(os.path.abspath(fs_path)), exist_ok=True)
+    try:
+        fs.pipe_file(fs_path, data, mode="create")
+    except FileExistsError:
+        return False
+    forget_listings()
+    return True
+
+
 def write_text(path: str, text: str) -> str:
     return write_bytes(path, text.encode("utf-8"))
 

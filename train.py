@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,25 +61,40 @@ def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: 
     sinks: callables given every metric row (step, values) on process 0, after metrics.jsonl and
     TensorBoard have it. handle_signals: SIGTERM / SIGINT save a checkpoint and return."""
     import jax
+
+    from mesh import build_mesh_layout
+
+    require_model_path(config)
+    layout = layout if layout is not None else build_mesh_layout(config)
+    main_process = jax.process_index() == 0
+    lock = take_lock(config.model_path) if main_process else None  # multi-host: process 0 for all
+    try:
+        return train_loop(config, layout, new, assume_yes, allow_data_change, sinks, handle_signals)
+    finally:
+        if lock is not None:
+            release_lock(lock)
+
+
+def train_loop(config, layout, new, assume_yes, allow_data_change, sinks, handle_signals) -> TrainResult:
+    """`run` once model_path is this process's: data -> sharded step -> metrics -> checkpoint."""
+    import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
     import inputs
     import model_fns
     from checkpoints import CheckpointMeta, Checkpoints
-    from mesh import build_mesh_layout
     from metrics import RunLog, peak_flops_per_device, plot_loss_curve, progress_line
     from models import gpt2
     from optimizers import learning_rate, make_optimizer
 
-    require_model_path(config)
-    layout = layout if layout is not None else build_mesh_layout(config)
     main_process = jax.process_index() == 0
 
     # --- where the run starts: afresh, or from the newest checkpoint ---------------------------
     if new:
         if main_process:
             confirm_new(config.model_path, assume_yes)
+            take_lock(config.model_path)  # --new deleted it with everything else
         if jax.process_count() > 1:  # no host looks for checkpoints before process 0 has deleted them
             multihost_utils.sync_global_devices("neomesh --new")
     train_data = inputs.Sampler(config, "train")  # refuses ids >= n_vocab before anything is compiled
@@ -204,6 +221,56 @@ def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: 
     return TrainResult(step=step, start_step=start, metrics=values, stopped_by_signal=stopped)
 
 
+# --- one writer per model_path ----------------------------------------------------------------------
+
+LOCK_FILE = "neomesh.lock"
+
+
+def take_lock(model_path: str) -> str:
+    """Make this process model_path's only writer: model_path/neomesh.lock names its host and pid.
+    A lock whose owner is gone (its pid no longer runs on this host) is taken over with a warning;
+    a live owner, or one on another host, is refused by name."""
+    path = storage.join(model_path, LOCK_FILE)
+    mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+    for _ in range(3):
+        if storage.create_exclusive(path, mine):
+            return path
+        try:
+            owner = json.loads(storage.read_text(path))
+        except (FileNotFoundError, json.JSONDecodeError):
+            owner = None  # released, or half-written by a writer that died: look again
+        if owner is not None:
+            if owner.get("host") != socket.gethostname():
+                raise ConfigError(f"{path}: model_path is in use by process {owner.get('pid')} on host "
+                                  f"{owner.get('host')}; use another model_path, or delete {path} if that run has ended")
+            if process_is_running(owner.get("pid")):
+                raise ConfigError(f"{path}: model_path is in use by process {owner.get('pid')} on this host; "
+                                  "use another model_path, or stop that run first")
+            log.warning("%s: taking over the lock of process %s, which is no longer running", path, owner.get("pid"))
+        if storage.exists(path):
+            storage.rm(path)
+    raise ConfigError(f"{path}: could not take the lock on model_path (another writer keeps taking it)")
+
+
+def process_is_running(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def release_lock(path: str) -> None:
+    try:
+        owner = json.loads(storage.read_text(path))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        storage.rm(path)
+
+
 # --- where a run starts ---------------------------------------------------------------------------
 
 
@@ -215,7 +282,7 @@ def require_model_path(config) -> None:
 
 def confirm_new(model_path: str, assume_yes: bool) -> None:
     """--new: delete model_path (a local folder, or every object under a gs:// prefix)."""
-    if not storage.exists(model_path):
+    if not set(storage.listdir(model_path)) - {LOCK_FILE}:  # nothing but this run's own lock
         return
     if not assume_yes:
         if not sys.stdin.isatty():

@@ -548,3 +548,28 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_resumes(
         resumed = train_in_process(model_config, run, "train_steps=6", "iterations=2", "steps_per_checkpoint=4")
     assert resumed.step == 6 and "cut short" in caplog.text
     assert [r["step"] for r in strict_rows(run) if "loss" in r] == [2, 4, 6]
+
+
+def test_a_second_writer_on_one_model_path_is_refused_and_a_dead_owners_lock_is_taken_over(tmp_path):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    run = tmp_path / "run"
+    first = main_py("--model", str(model_config), "--set", f"model_path={run}", "--set", "train_steps=100000",
+                    "--set", "eval_steps=0", background=True)
+    try:
+        lock = run / "neomesh.lock"
+        deadline = time.time() + 120
+        while not (lock.exists() and lock.stat().st_size) and time.time() < deadline:
+            time.sleep(0.2)
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        second = main_py("--model", str(model_config), "--set", f"model_path={run}", "--set", "train_steps=2",
+                         "--set", "eval_steps=0", check=False)
+        assert second.returncode == 2
+        assert f"in use by process {first.pid}" in second.stderr and second.stderr.count("\n") == 1
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert lock.exists()  # kill -9 leaves it behind
+    third = main_py("--model", str(model_config), "--set", f"model_path={run}", "--set", "train_steps=2",
+                    "--set", "eval_steps=0")
+    assert f"taking over the lock of process {first.pid}" in third.stdout + third.stderr
+    assert not lock.exists()  # released at the end of the run
