@@ -14,13 +14,18 @@ STORAGE_EMULATOR_HOST when it is set); orbax cannot write `memory://`.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 import storage
-from errors import StorageError
+from errors import ConfigError, StorageError
+
+log = logging.getLogger("neomesh")
 
 # What each item is; also lets orbax report a saved item's tree and shapes without reading arrays.
 ITEM_HANDLERS = {"params": ocp.StandardCheckpointHandler, "opt_state": ocp.StandardCheckpointHandler,
@@ -101,6 +106,7 @@ def tree_names(tree) -> dict[str, Any]:
 class Checkpoints:
     def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
         self.directory = checkpoints_directory(model_path)
+        self.read_only = read_only
         storage.forget_listings()  # another process (or --new) may have changed the folder since it was listed
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -156,6 +162,39 @@ class Checkpoints:
         state = {"params": restored["params"], "opt_state": restored.get("opt_state")}
         return state, CheckpointMeta.from_json(dict(restored["meta"]), self.where(step))
 
+    def restore_newest_intact(self, abstract: dict, check: Callable | None = None):
+        """(state, meta, step) of the newest checkpoint that restores whole, or None when there
+        is none at all. A damaged or incomplete one (unreadable meta, a missing or unreadable
+        item, optimizer state missing from a checkpoint that is not a params-only import) is
+        skipped with a warning naming it. `check(step, meta)` may refuse a checkpoint with a
+        ConfigError, which is raised, not skipped: it is the user's to decide."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                meta = self.meta(step)
+                missing = {"params"} | ({"opt_state"} if "opt_state" in abstract and not meta.params_only else set())
+                missing -= self.items(step)
+                if missing:
+                    raise StorageError(f"it has no {' or '.join(sorted(missing))}")
+                if check is not None:
+                    check(step, meta)
+                state, _ = self.restore(step, abstract)
+                return state, meta, step
+            except ConfigError:
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever orbax or tensorstore met in a damaged folder
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                log.warning("checkpoint %s is damaged or incomplete (%s): skipping it", self.where(step), reason[:300])
+                if not self.read_only:  # training will save this step again: the damaged folder goes aside
+                    aside = storage.join(storage.parent(self.directory), "damaged_checkpoints", f"{step}-{uuid.uuid4().hex[:6]}")
+                    storage.move(self.where(step), aside)
+                    self.manager.reload()
+                    log.warning("moved it to %s", aside)
+        if steps:
+            raise StorageError(f"{self.directory}: no checkpoint restores whole (steps {', '.join(map(str, steps))}); "
+                               "move the damaged ones away, or start afresh with --new")
+        return None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -179,10 +218,15 @@ def restore_params(config, layout, step: int | None = None) -> tuple[dict, int]:
     if not storage.isdir(directory):
         raise FileNotFoundError(missing)
     checkpoints = Checkpoints(config.model_path, read_only=True)
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(missing)
     abstract = {"params": abstract_tree(param_shardings(config, layout), gpt2.param_shapes(config))}
-    state, _ = checkpoints.restore(step, abstract)
-    checkpoints.close()
+    try:
+        if step is not None:  # asked for by number: no other will do
+            state, _ = checkpoints.restore(step, abstract)
+        else:
+            found = checkpoints.restore_newest_intact(abstract)
+            if found is None:
+                raise FileNotFoundError(missing)
+            state, _, step = found
+    finally:
+        checkpoints.close()
     return state["params"], step

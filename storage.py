@@ -268,6 +268,14 @@ def rm(path: str) -> None:
     fs.rm(fs_path)
 
 
+def move(source: str, target: str) -> None:
+    """Move a file or folder (every object under the prefix, on a bucket) to another path."""
+    fs, source_path = filesystem(source)
+    _, target_path = filesystem(target)
+    fs.mv(source_path, target_path, recursive=True)
+    forget_listings()
+
+
 def rm_tree(path: str) -> None:
     """Delete a folder and everything under it (every object under the prefix, on a bucket)."""
     fs, fs_path = filesystem(path)

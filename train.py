@@ -301,14 +301,16 @@ def restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_dat
     import model_fns
     from checkpoints import abstract_tree
 
-    step = checkpoints.latest_step()
-    if step is None:
-        return model_fns.init_state(config, layout, optimizer, shardings), 0
-    where = checkpoints.where(step)
-    meta = checkpoints.meta(step)
     shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
-    check_resumable(config, meta, checkpoints.saved_shapes(step), shapes, where, allow_data_change)
-    state, _ = checkpoints.restore(step, abstract_tree(shardings, shapes))
+
+    def check(step, meta):
+        check_resumable(config, meta, checkpoints.saved_shapes(step), shapes, checkpoints.where(step),
+                        allow_data_change)
+
+    found = checkpoints.restore_newest_intact(abstract_tree(shardings, shapes), check)
+    if found is None:
+        return model_fns.init_state(config, layout, optimizer, shardings), 0
+    state, _, step = found
     if state["opt_state"] is None:  # imported weights: a fresh optimizer from them
         log.info("checkpoint %d holds parameters only: starting a fresh optimizer state", step)
         state["opt_state"] = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(state["params"])

@@ -573,3 +573,57 @@ def test_a_second_writer_on_one_model_path_is_refused_and_a_dead_owners_lock_is_
                     "--set", "eval_steps=0")
     assert f"taking over the lock of process {first.pid}" in third.stdout + third.stderr
     assert not lock.exists()  # released at the end of the run
+
+
+# --- a damaged newest checkpoint is skipped, by name -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("damaged")
+    model_config = write_dataset(folder, TINY["n_vocab"])
+    train_in_process(model_config, folder / "run", "train_steps=6", "steps_per_checkpoint=3", "iterations=3")
+    return folder / "run", model_config
+
+
+def truncate_arrays(step_folder: Path) -> None:
+    files = [p for p in (step_folder / "params").rglob("*") if p.is_file() and p.stat().st_size > 64]
+    assert files
+    for path in files:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "no meta": lambda run: __import__("shutil").rmtree(run / "checkpoints" / "6" / "meta"),
+    "no optimizer state": lambda run: __import__("shutil").rmtree(run / "checkpoints" / "6" / "opt_state"),
+    "empty folder": lambda run: [__import__("shutil").rmtree(p) if p.is_dir() else p.unlink()
+                                 for p in (run / "checkpoints" / "6").iterdir()],
+    "truncated arrays": lambda run: truncate_arrays(run / "checkpoints" / "6"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_the_run_resumes_from_the_one_before(
+        two_checkpoints, tmp_path, caplog, damage):
+    import shutil
+
+    from checkpoints import restore_params
+    from configs import load_config
+
+    saved, model_config = two_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    DAMAGE[damage](run)
+    config = load_config(str(model_config), [f"model_path={run}"])
+    with caplog.at_level("WARNING", logger="neomesh"):
+        _, step = restore_params(config, build_mesh_layout(config, jax.devices()[:1]))  # --predict, --eval, export
+    if damage == "no optimizer state":  # sampling needs only the parameters, which are whole
+        assert step == 6
+    else:
+        assert step == 3
+        assert f"checkpoint {run / 'checkpoints' / '6'} is damaged or incomplete" in caplog.text
+    with caplog.at_level("WARNING", logger="neomesh"):
+        resumed = train_in_process(model_config, run, "train_steps=9", "steps_per_checkpoint=3", "iterations=3")
+    assert f"checkpoint {run / 'checkpoints' / '6'} is damaged or incomplete" in caplog.text
+    assert (resumed.start_step, resumed.step) == (3, 9)
+    assert len(list((run / "damaged_checkpoints").iterdir())) == 1  # kept for a look, out of the way
