@@ -269,7 +269,10 @@ def _cached_pretrained_file(name: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(name, "tokenizer.json")
+    try:
+        found = try_to_load_from_cache(name, "tokenizer.json")
+    except ValueError:  # not a valid Hugging Face name (a path, say): nothing of that name is cached
+        return None
     return Path(found) if isinstance(found, str) else None
 
 
@@ -281,7 +284,7 @@ def _from_transformers_cache(name: str) -> Tokenizer | None:
         if not any(isinstance(try_to_load_from_cache(name, f), str) for f in ("vocab.json", "tokenizer_config.json")):
             return None  # nothing cached: spare the slow transformers import
         from transformers import AutoTokenizer
-    except ImportError:
+    except (ImportError, ValueError):  # ValueError: not a valid Hugging Face name, so nothing is cached
         return None
     try:
         fast = AutoTokenizer.from_pretrained(name, local_files_only=True, use_fast=True)

@@ -357,7 +357,11 @@ def read_prompt(prompt_file: str | None) -> str:
 
     if not storage.isfile(prompt_file):
         raise ConfigError(f"--prompt {prompt_file}: no such file")
-    text = storage.read_text(prompt_file)
+    try:
+        text = storage.read_text(prompt_file)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--prompt {prompt_file}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); "
+                          "the prompt is a text file") from None
     if not text.strip():
         raise ConfigError(f"--prompt {prompt_file}: the prompt file is empty; write the text to continue into it")
     return text

@@ -498,3 +498,21 @@ def test_ftfy_shortcut_changes_nothing_ftfy_would_not(tmp_path):
     ]
     for text in samples:
         assert create_tfrecords.fix_text(text) == ftfy.fix_text(text, normalization="NFKC")
+
+
+def test_an_encoder_path_that_does_not_exist_is_one_clear_line(corpus, tmp_path):
+    missing = tmp_path / "no_such" / "byte-level-bpe.tokenizer.json"
+    with pytest.raises(SystemExit) as stop:
+        create_tfrecords.main(["--input_dir", str(corpus), "--name", "t", "--output_dir", str(tmp_path / "out"),
+                               "--encoder_path", str(missing), "--quiet"])
+    message = str(stop.value)
+    assert message.startswith("--encoder_path") and str(missing) in message and "\n" not in message
+
+
+def test_a_prompt_file_that_is_not_text_is_a_config_error(tmp_path):
+    from sample import read_prompt
+
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"ok \xff\xfe\x00 binary")
+    with pytest.raises(ConfigError, match=r"prompt\.bin: not UTF-8 text \(byte 3 is 0xff\)"):
+        read_prompt(str(binary))
