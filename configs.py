@@ -164,7 +164,7 @@ OPTIONS: dict[str, Option] = {
     "attention_types: local":  Option("local attention",                                       True,  True),
     "attention_types: linear": Option("linear attention",                                      False, False, "global and local attention only"),
     "attention_types: none":   Option("layers without attention",                              True,  False, "global and local attention only"),
-    "rotary_emb":              Option("rotary position embeddings",                            False, False, "a learned position table only"),
+    "rotary_emb":              Option("rotary position embeddings",                            True,  False, "a learned position table only"),
     "axial_pos_emb":           Option("axial position embeddings",                             False, False, "a learned position table only"),
     "num_mem_kv":              Option("memory key/values",                                     False, False, "no memory key/values"),
     "scalenorm":               Option("ScaleNorm",                                             False, False, "LayerNorm only"),

@@ -1,6 +1,6 @@
 """GPT-Neo's model, one forward for training, evaluation, prefill and decoding.
 
-Token embedding plus learned positions; pre-LN blocks, each with its layer's attention kind
+Token embedding plus positions (models/positions.py); pre-LN blocks, each with its layer's attention kind
 (models/attention.py) and an MLP; a final LayerNorm; the token embedding tied as the output
 projection. Read top to bottom: `weights`, `embed`, `block`, `forward`, `logits`.
 
@@ -78,7 +78,10 @@ def compute_dtype(config):
 
 def embed(p, tokens, positions, config, layout, dropout_rng):
     """tokens, positions [batch, sequence] -> [batch, sequence, embd]."""
-    x = p["wte"][tokens] + embed_positions(p, positions)
+    x = p["wte"][tokens]
+    position_term = embed_positions(p, positions, config)
+    if position_term is not None:
+        x = x + position_term
     if layout is not None:
         x = layout.constrain_letters(x, "bse")
     if dropout_rng is not None and config.embed_dropout > 0:
@@ -86,13 +89,13 @@ def embed(p, tokens, positions, config, layout, dropout_rng):
     return x
 
 
-def block(p, x, slots, first_slot, layer_cache, kind: str, config, layout, dropout_rng):
+def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, layout, dropout_rng):
     """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)). Returns (x, layer_cache)."""
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
     apply_attention = KINDS[kind].apply
     if apply_attention is not None:
         a, layer_cache = apply_attention(p["attn"], layer_norm(p["ln_1"], x, config), slots, first_slot,
-                                         layer_cache, config, layout, attn_rng)
+                                         layer_cache, config, layout, attn_rng, positions)
         if res_rng_1 is not None and config.res_dropout > 0:
             a = dropout(res_rng_1, a, config.res_dropout)
         x = x + a
@@ -130,7 +133,7 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
         if config.recompute_grad:
             layer_fn = jax.checkpoint(layer_fn)
         layer_rng = jax.random.fold_in(dropout_rng, layer) if dropout_rng is not None else None
-        x, layer_cache = layer_fn(block_params, x, slots, first_slot, layer_cache, dropout_rng=layer_rng)
+        x, layer_cache = layer_fn(block_params, x, slots, first_slot, positions, layer_cache, dropout_rng=layer_rng)
         x = kernels.residual_gradient_boundary(x, config)
         new_caches.append(layer_cache)
     hidden = layer_norm(p["ln_f"], x, config)

@@ -190,3 +190,145 @@ def test_the_attention_registry_holds_exactly_the_kinds_the_options_table_calls_
     implemented = {row.split(": ", 1)[1] for row, option in OPTIONS.items()
                    if row.startswith("attention_types: ") and option.implemented}
     assert implemented == set(KINDS)
+
+
+# --- GPT-Neo's architecture options against a plainly written model ------------------------------
+#
+# `reference_loss` is the whole model written out here from GPT-Neo's semantics (the architecture
+# reference), without calling models/: every option of a case must give the model's logits, loss
+# and gradients. Layers mix global, local and none attention.
+
+OPTION_BASE = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 4, "n_vocab": 64, "local_attention_radius": 5,
+               "attention_types": [[["global", "local", "none", "local"], 1]]}
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+REFERENCE_ACTIVATIONS = {"gelu": gelu_tanh, "silu": lambda x: x / (1 + jnp.exp(-x))}
+
+
+def rotation_matrices(length, head_dim):
+    """[position, kv, kv] float64: dimension i and i + kv/2 turn by position * 10000^(-2i/kv)."""
+    half = head_dim // 2
+    matrices = np.zeros((length, head_dim, head_dim))
+    for position in range(length):
+        for i in range(half):
+            angle = position * 10000.0 ** (-2 * i / head_dim)
+            c, s = np.cos(angle), np.sin(angle)
+            # new[i] = old[i] c - old[i + half] s; new[i + half] = old[i + half] c + old[i] s
+            matrices[position, i, i], matrices[position, i + half, i] = c, -s
+            matrices[position, i + half, i + half], matrices[position, i, i + half] = c, s
+    return matrices
+
+
+def reference_layer_norm(p, x, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def reference_attention(p, x, kind, config):
+    n = x.shape[1]
+    q, k, v = (jnp.einsum("bse,ehk->bshk", x, p[name]) for name in ("q", "k", "v"))
+    if config.rotary_emb:
+        turn = jnp.asarray(rotation_matrices(n, config.n_embd // config.n_head), jnp.float32)
+        q, k = (jnp.einsum("bshk,skj->bshj", t, turn) for t in (q, k))
+    scores = jnp.einsum("bqhk,bmhk->bhqm", q, k)  # unscaled, as GPT-Neo
+    distance = np.arange(n)[:, None] - np.arange(n)[None, :]
+    allowed = (distance >= 0) & ((distance < config.local_attention_radius) if kind == "local" else True)
+    probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+    attended = jnp.einsum("bhqm,bmhk->bqhk", probs, v)
+    return jnp.einsum("bqhk,hke->bqe", attended, p["out"]) + p["out_bias"]
+
+
+def reference_mlp(p, x, config):
+    h = x @ p["fc"] + p["fc_bias"]
+    return REFERENCE_ACTIVATIONS[config.activation_function](h) @ p["proj"] + p["proj_bias"]
+
+
+def reference_loss(params, tokens, labels, config):
+    """(loss with z-loss, logits) of the whole model, written plainly."""
+    n = tokens.shape[1]
+    x = params["wte"][tokens]
+    if not config.rotary_emb:
+        x = x + params["wpe"][:n]
+    for layer, kind in enumerate(config.layer_kinds):
+        b = params["blocks"][layer]
+        if kind != "none":
+            x = x + reference_attention(b["attn"], reference_layer_norm(b["ln_1"], x, config.layer_norm_epsilon),
+                                        kind, config)
+        x = x + reference_mlp(b["mlp"], reference_layer_norm(b["ln_2"], x, config.layer_norm_epsilon), config)
+    x = reference_layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
+    logits = x @ params["wte"].T
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jnp.mean(log_z - label_logits) + config.z_loss * jnp.mean(log_z**2), logits
+
+
+def perturbed(params, seed=1, scale=0.1):
+    """Every leaf moved off its init, so that gains are not ones and scalars not zeros."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + scale * jax.random.normal(key, x.shape) for x, key in zip(leaves, keys)])
+
+
+OPTION_CASES = {
+    "rotary": {"rotary_emb": True},
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_model_with_architecture_options_equals_the_plain_reference_in_logits_loss_and_gradients(case):
+    import model_fns
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, **OPTION_CASES[case]}, "test")
+    params = perturbed(gpt2.init_params(config, jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(2), (2, config.n_ctx), 0, config.n_vocab)
+    labels = jnp.roll(tokens, -1, axis=1)
+
+    np.testing.assert_allclose(jax.jit(lambda p: gpt2.logits(p, tokens, config))(params),
+                               jax.jit(lambda p: reference_loss(p, tokens, labels, config)[1])(params),
+                               rtol=2e-4, atol=2e-4)
+
+    def ours(p):
+        return model_fns.lm_loss(p, tokens, labels, config, None)[0]
+
+    def reference(p):
+        return reference_loss(p, tokens, labels, config)[0]
+
+    loss, grads = jax.jit(jax.value_and_grad(ours))(params)
+    expected_loss, expected_grads = jax.jit(jax.value_and_grad(reference))(params)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    assert jax.tree.structure(grads) == jax.tree.structure(expected_grads)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * max(float(jnp.abs(b).max()), 1.0),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_rotary_emb_true_replaces_the_position_table_and_false_keeps_it():
+    from models import gpt2
+
+    assert "wpe" not in gpt2.weights(validate({**OPTION_BASE, "rotary_emb": True}, "test"))
+    off = validate({**OPTION_BASE, "rotary_emb": False}, "test")
+    assert not off.rotary_emb and "wpe" in gpt2.weights(off)
+
+
+def test_rotary_angles_are_exact_far_past_256_under_bfloat16_compute():
+    """bfloat16 holds integers exactly only to 256: the rotation of late positions must still be
+    the float64 rotation, rounded once to bfloat16."""
+    from models.positions import rotate
+
+    length, head_dim = 2048, 16
+    x = jax.random.normal(jax.random.key(0), (1, length, 2, head_dim))
+    positions = jnp.arange(length)[None, :]
+    ours = np.asarray(rotate(x.astype(jnp.bfloat16), positions).astype(jnp.float32))
+    turn = rotation_matrices(length, head_dim)
+    exact = np.einsum("bshk,skj->bshj", np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64), turn)
+    late = slice(257, None)
+    np.testing.assert_allclose(ours[:, late], exact[:, late], rtol=0, atol=2.0**-7 * np.abs(exact).max())
+    # the same rotation with angles taken in bfloat16 would be far off: the test can tell
+    rounded = np.asarray(jnp.asarray(np.arange(length), jnp.bfloat16).astype(jnp.float32))
+    assert np.abs(rounded[late] - np.arange(length)[late]).max() >= 4
