@@ -47,7 +47,7 @@ KEYS: dict[str, Key] = {
     "scale_by_in": Key(False, "bool", "scale the init of every projection by 1/sqrt(fan_in)"),
     "no_weight_tie": Key(False, "bool", "separate output projection instead of the tied token embedding"),
     "rotary_emb": Key(False, "bool", "rotary position embeddings instead of the learned table"),
-    "axial_pos_emb": Key(None, "list?", "[d1, d2] with d1 * d2 = n_ctx: axial position embeddings"),
+    "axial_pos_emb": Key(None, "list?", "[a1, a2] with a1 * a2 = n_ctx: axial position embeddings (dimensions `axial_rows`, `axial_columns`); ignored when rotary_emb is on"),
     "num_mem_kv": Key(0, "int", "learned memory key/values prepended in global layers"),
     "scalenorm": Key(False, "bool", "ScaleNorm instead of LayerNorm"),
     "rezero": Key(False, "bool", "ReZero residual scaling instead of pre-LN"),
@@ -165,7 +165,7 @@ OPTIONS: dict[str, Option] = {
     "attention_types: linear": Option("linear attention",                                      False, False, "global and local attention only"),
     "attention_types: none":   Option("layers without attention",                              True,  False, "global and local attention only"),
     "rotary_emb":              Option("rotary position embeddings",                            True,  False, "a learned position table only"),
-    "axial_pos_emb":           Option("axial position embeddings",                             False, False, "a learned position table only"),
+    "axial_pos_emb":           Option("axial position embeddings",                             True,  False, "a learned position table only"),
     "num_mem_kv":              Option("memory key/values",                                     False, False, "no memory key/values"),
     "scalenorm":               Option("ScaleNorm",                                             False, False, "LayerNorm only"),
     "rezero":                  Option("ReZero residuals",                                      False, False, "pre-LN residuals only"),
@@ -228,6 +228,8 @@ class Config:
             "kv": self.head_dim,
             "intermediate_expanded": self.mlp_width,
             "embed_sequence": self.n_ctx,
+            "axial_rows": self.axial_pos_emb[0] if self.axial_pos_emb else 1,
+            "axial_columns": self.axial_pos_emb[1] if self.axial_pos_emb else 1,
             "sequence": self.n_ctx,
             "memory_length": self.n_ctx + self.num_mem_kv,
             "batch": self.train_batch_size,
@@ -294,6 +296,9 @@ def unused_key_notes(raw: dict[str, Any], config: Config) -> list[str]:
     if not config.shuffle_input_filenames:
         notes.append(f"{config.source}: key 'shuffle_input_filenames' = false has no effect: neomesh always "
                      "shuffles examples deterministically from (seed, step)")
+    if config.axial_pos_emb and config.rotary_emb:
+        notes.append(f"{config.source}: key 'axial_pos_emb' = {config.axial_pos_emb!r} has no effect: rotary_emb is on, "
+                     "and rotary embeddings replace every position table (GPT-Neo's rule)")
     if config.predict_steps > 0:
         notes.append(f"{config.source}: key 'predict_steps' = {config.predict_steps} has no effect: neomesh does "
                      "not sample while training; run main.py --predict on a checkpoint")
@@ -417,6 +422,12 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         fail("repetition_penalty", "must be positive (1 turns it off)")
     if values["intermediate_size"] is not None and values["intermediate_size"] <= 0:
         fail("intermediate_size", "must be a positive integer")
+    axial = values["axial_pos_emb"]
+    if axial is not None:
+        if len(axial) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in axial):
+            fail("axial_pos_emb", f"must be two positive integers [a1, a2] with a1 * a2 = n_ctx = {values['n_ctx']}")
+        if axial[0] * axial[1] != values["n_ctx"]:
+            fail("axial_pos_emb", f"a1 * a2 = {axial[0] * axial[1]} but n_ctx = {values['n_ctx']}: they must be equal")
     tokens_per_mb = values["tokens_per_mb_per_replica"]
     if tokens_per_mb is not None and tokens_per_mb <= 0:
         fail("tokens_per_mb_per_replica", "must be a positive integer")

@@ -22,7 +22,7 @@ from models.dropout import dropout
 from models.mlp import mlp, mlp_weights
 from models.norms import layer_norm, layer_norm_weights
 from models.params import Weight, is_weight, shape_of
-from models.positions import embed_positions, position_weights
+from models.positions import POSITION_TABLE_DIMENSIONS, embed_positions, position_weights
 
 __all__ = ["Weight", "is_weight", "shape_of"]
 
@@ -60,12 +60,12 @@ def param_shapes(config):
 
 
 def parameter_count(config, matmul_only: bool = False) -> int:
-    """All parameters, or only those used in a matrix multiply (not the position table, a lookup;
+    """All parameters, or only those used in a matrix multiply (not the position tables, lookups;
     the tied token embedding counts, as the output projection)."""
     return sum(
         math.prod(shape_of(w, config))
         for w in jax.tree.leaves(weights(config), is_leaf=is_weight)
-        if not matmul_only or (len(w.dims) >= 2 and w.dims[0] != "embed_sequence")
+        if not matmul_only or (len(w.dims) >= 2 and w.dims[0] not in POSITION_TABLE_DIMENSIONS)
     )
 
 

@@ -1,6 +1,9 @@
 """Where a token is: GPT-Neo's position encodings.
 
     learned (default)  a table wpe [embed_sequence, embd] added to the token embedding
+    axial_pos_emb      [a1, a2], a1 * a2 = n_ctx: two tables, wpe_rows [axial_rows, embd] and
+                       wpe_columns [axial_columns, embd]; position i * a2 + j adds the mean of
+                       row i and column j (a1 + a2 rows stand for a1 * a2)
     rotary_emb         no table: attention rotates q and k by angles proportional to the position
                        (`rotate`, called by every softmax attention kind)
 
@@ -16,11 +19,14 @@ import jax.numpy as jnp
 from models.params import Weight
 
 ROTARY_BASE = 10000.0
+POSITION_TABLE_DIMENSIONS = ("embed_sequence", "axial_rows", "axial_columns")  # rows looked up, never multiplied
 
 
 def position_weights(config) -> dict[str, Weight]:
-    if config.rotary_emb:
+    if config.rotary_emb:  # GPT-Neo's rule: rotary wins over axial_pos_emb
         return {}
+    if config.axial_pos_emb:
+        return {"wpe_rows": Weight(("axial_rows", "embd"), 0.01), "wpe_columns": Weight(("axial_columns", "embd"), 0.01)}
     return {"wpe": Weight(("embed_sequence", "embd"), 0.01)}
 
 
@@ -29,6 +35,9 @@ def embed_positions(p, positions, config):
     embedding, or None where positions enter through attention instead (rotary)."""
     if config.rotary_emb:
         return None
+    if config.axial_pos_emb:
+        columns = config.axial_pos_emb[1]
+        return (p["wpe_rows"][positions // columns] + p["wpe_columns"][positions % columns]) / 2
     return p["wpe"][positions]
 
 

@@ -252,7 +252,13 @@ def reference_loss(params, tokens, labels, config):
     """(loss with z-loss, logits) of the whole model, written plainly."""
     n = tokens.shape[1]
     x = params["wte"][tokens]
-    if not config.rotary_emb:
+    if config.rotary_emb:
+        pass  # positions enter through q and k only
+    elif config.axial_pos_emb:
+        rows, columns = params["wpe_rows"], params["wpe_columns"]
+        table = ((rows[:, None, :] + columns[None, :, :]) / 2).reshape(-1, config.n_embd)  # row i * a2 + j
+        x = x + table[:n]
+    else:
         x = x + params["wpe"][:n]
     for layer, kind in enumerate(config.layer_kinds):
         b = params["blocks"][layer]
@@ -276,6 +282,7 @@ def perturbed(params, seed=1, scale=0.1):
 
 OPTION_CASES = {
     "rotary": {"rotary_emb": True},
+    "axial": {"axial_pos_emb": [4, 4]},
 }
 
 
@@ -314,6 +321,33 @@ def test_rotary_emb_true_replaces_the_position_table_and_false_keeps_it():
     assert "wpe" not in gpt2.weights(validate({**OPTION_BASE, "rotary_emb": True}, "test"))
     off = validate({**OPTION_BASE, "rotary_emb": False}, "test")
     assert not off.rotary_emb and "wpe" in gpt2.weights(off)
+
+
+@pytest.mark.parametrize("axial,message", [
+    ([4, 8], "a1 \\* a2 = 32 but n_ctx = 16"),
+    ([16], "two positive integers"),
+    ([4, 0], "two positive integers"),
+    ([4, "4"], "two positive integers"),
+])
+def test_axial_pos_emb_must_be_two_sizes_whose_product_is_n_ctx(axial, message):
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"key 'axial_pos_emb' = .*{message}"):
+        validate({**OPTION_BASE, "axial_pos_emb": axial}, "test")
+
+
+def test_axial_tables_have_their_own_dimensions_and_rotary_replaces_them():
+    from configs import unused_key_notes
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, "axial_pos_emb": [2, 8]}, "test")
+    tree = gpt2.weights(config)
+    assert "wpe" not in tree and tree["wpe_rows"].dims == ("axial_rows", "embd")
+    assert tree["wpe_columns"].dims == ("axial_columns", "embd")
+    assert gpt2.param_shapes(config)["wpe_rows"].shape == (2, 32) and gpt2.param_shapes(config)["wpe_columns"].shape == (8, 32)
+    both = validate({**OPTION_BASE, "axial_pos_emb": [2, 8], "rotary_emb": True}, "test")
+    assert not {"wpe", "wpe_rows", "wpe_columns"} & set(gpt2.weights(both))
+    assert any("'axial_pos_emb'" in note and "rotary_emb" in note for note in unused_key_notes({}, both))
 
 
 def test_rotary_angles_are_exact_far_past_256_under_bfloat16_compute():

@@ -85,6 +85,7 @@ def test_cached_greedy_decoding_equals_full_recompute_for_global_local_and_none_
 # GPT-Neo's architecture options, each on its own and together
 DECODING_OPTIONS = {
     "rotary": {"rotary_emb": True},
+    "axial": {"axial_pos_emb": [8, 8]},
 }
 
 

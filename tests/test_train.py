@@ -80,11 +80,12 @@ def test_sharded_loss_equals_single_device_loss(single_device_run, mesh_shape, l
 
 # layouts that split heads, embd and memory_length, for models with GPT-Neo's architecture options
 OPTION_LAYOUTS = [
-    ("x:4,y:2", "batch:x,heads:y,vocab:y,intermediate_expanded:y"),
+    ("x:4,y:2", "batch:x,heads:y,vocab:y,intermediate_expanded:y,axial_rows:y"),
     ("x:2,y:2,z:2", "batch:x,embd:y,memory_length:z"),
 ]
-OPTION_SETS = {
+OPTION_SETS = {  # together, every option built so far (rotary replaces axial's tables, so they go apart)
     "rotary": {"rotary_emb": True},
+    "axial": {"axial_pos_emb": [4, 8]},
 }
 
 
