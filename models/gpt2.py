@@ -20,7 +20,7 @@ from models import kernels, params
 from models.attention import KINDS, layout_constrained
 from models.dropout import dropout
 from models.mlp import mlp, mlp_weights
-from models.norms import layer_norm, layer_norm_weights
+from models.norms import layer_norm, layer_norm_weights, prenorm, prenorm_weights
 from models.params import Weight, is_weight, shape_of
 from models.positions import POSITION_TABLE_DIMENSIONS, embed_positions, position_weights
 
@@ -41,10 +41,10 @@ def weights(config) -> dict:
 
 
 def block_weights(kind: str, config) -> dict:
-    block = {"ln_2": layer_norm_weights(config), "mlp": mlp_weights(config)}
+    block = {"ln_2": prenorm_weights(config), "mlp": mlp_weights(config)}
     attention = KINDS[kind].weights(config)
     if attention:  # a `none` layer has no attention at all
-        block |= {"ln_1": layer_norm_weights(config), "attn": attention}
+        block |= {"ln_1": prenorm_weights(config), "attn": attention}
     return block
 
 
@@ -94,12 +94,12 @@ def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, la
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
     apply_attention = KINDS[kind].apply
     if apply_attention is not None:
-        a, layer_cache = apply_attention(p["attn"], layer_norm(p["ln_1"], x, config), slots, first_slot,
+        a, layer_cache = apply_attention(p["attn"], prenorm(p["ln_1"], x, config), slots, first_slot,
                                          layer_cache, config, layout, attn_rng, positions)
         if res_rng_1 is not None and config.res_dropout > 0:
             a = dropout(res_rng_1, a, config.res_dropout)
         x = x + a
-    m = mlp(p["mlp"], layer_norm(p["ln_2"], x, config), config, layout)
+    m = mlp(p["mlp"], prenorm(p["ln_2"], x, config), config, layout)
     if res_rng_2 is not None and config.res_dropout > 0:
         m = dropout(res_rng_2, m, config.res_dropout)
     x = x + m

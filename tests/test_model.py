@@ -229,6 +229,13 @@ def reference_layer_norm(p, x, eps):
     return (x - mean) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
 
 
+def reference_prenorm(p, x, config):
+    if config.scalenorm:  # GPT-Neo's: centred, one scalar gain, epsilon 1e-5, no bias
+        mean = x.mean(-1, keepdims=True)
+        return p["scale"] * (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+    return reference_layer_norm(p, x, config.layer_norm_epsilon)
+
+
 def reference_attention(p, x, kind, config):
     n = x.shape[1]
     q, k, v = (jnp.einsum("bse,ehk->bshk", x, p[name]) for name in ("q", "k", "v"))
@@ -263,9 +270,8 @@ def reference_loss(params, tokens, labels, config):
     for layer, kind in enumerate(config.layer_kinds):
         b = params["blocks"][layer]
         if kind != "none":
-            x = x + reference_attention(b["attn"], reference_layer_norm(b["ln_1"], x, config.layer_norm_epsilon),
-                                        kind, config)
-        x = x + reference_mlp(b["mlp"], reference_layer_norm(b["ln_2"], x, config.layer_norm_epsilon), config)
+            x = x + reference_attention(b["attn"], reference_prenorm(b["ln_1"], x, config), kind, config)
+        x = x + reference_mlp(b["mlp"], reference_prenorm(b["ln_2"], x, config), config)
     x = reference_layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
     logits = x @ params["wte"].T
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -283,6 +289,7 @@ def perturbed(params, seed=1, scale=0.1):
 OPTION_CASES = {
     "rotary": {"rotary_emb": True},
     "axial": {"axial_pos_emb": [4, 4]},
+    "scalenorm": {"scalenorm": True, "layer_norm_epsilon": 1e-3},  # ln_f's epsilon, not scalenorm's
 }
 
 

@@ -86,6 +86,7 @@ def test_cached_greedy_decoding_equals_full_recompute_for_global_local_and_none_
 DECODING_OPTIONS = {
     "rotary": {"rotary_emb": True},
     "axial": {"axial_pos_emb": [8, 8]},
+    "scalenorm": {"scalenorm": True},
 }
 
 
