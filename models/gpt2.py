@@ -20,7 +20,7 @@ from models import kernels, params
 from models.attention import KINDS, layout_constrained
 from models.dropout import dropout
 from models.mlp import mlp, mlp_weights
-from models.norms import layer_norm, layer_norm_weights, prenorm, prenorm_weights
+from models.norms import layer_norm, layer_norm_weights, prenorm, prenorm_weights, rezero_gain
 from models.params import Weight, is_weight, shape_of
 from models.positions import POSITION_TABLE_DIMENSIONS, embed_positions, position_weights
 
@@ -41,11 +41,13 @@ def weights(config) -> dict:
 
 
 def block_weights(kind: str, config) -> dict:
-    block = {"ln_2": prenorm_weights(config), "mlp": mlp_weights(config)}
+    block = {"ln_2": prenorm_weights(config), "mlp": mlp_weights(config), "rezero_2": rezero_gain()}
     attention = KINDS[kind].weights(config)
     if attention:  # a `none` layer has no attention at all
-        block |= {"ln_1": prenorm_weights(config), "attn": attention}
-    return block
+        block |= {"ln_1": prenorm_weights(config), "attn": attention, "rezero_1": rezero_gain()}
+    if not config.rezero:
+        block = {name: w for name, w in block.items() if not name.startswith("rezero_")}
+    return {name: w for name, w in block.items() if w is not None}
 
 
 def init_params(config, rng: jax.Array, shardings=None) -> dict:
@@ -90,19 +92,20 @@ def embed(p, tokens, positions, config, layout, dropout_rng):
 
 
 def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, layout, dropout_rng):
-    """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)). Returns (x, layer_cache)."""
+    """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)) (models/norms.py: LN is the block's
+    prenorm; with rezero the identity, each branch times its gain). Returns (x, layer_cache)."""
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
     apply_attention = KINDS[kind].apply
     if apply_attention is not None:
-        a, layer_cache = apply_attention(p["attn"], prenorm(p["ln_1"], x, config), slots, first_slot,
+        a, layer_cache = apply_attention(p["attn"], prenorm(p.get("ln_1"), x, config), slots, first_slot,
                                          layer_cache, config, layout, attn_rng, positions)
         if res_rng_1 is not None and config.res_dropout > 0:
             a = dropout(res_rng_1, a, config.res_dropout)
-        x = x + a
-    m = mlp(p["mlp"], prenorm(p["ln_2"], x, config), config, layout)
+        x = x + (p["rezero_1"] * a if config.rezero else a)
+    m = mlp(p["mlp"], prenorm(p.get("ln_2"), x, config), config, layout)
     if res_rng_2 is not None and config.res_dropout > 0:
         m = dropout(res_rng_2, m, config.res_dropout)
-    x = x + m
+    x = x + (p["rezero_2"] * m if config.rezero else m)
     if layout is not None:
         x = layout.constrain_letters(x, "bse")
     return x, layer_cache

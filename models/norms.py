@@ -6,6 +6,10 @@
                  paper's g * x / |x|
 
 A block's pre-norms (`prenorm`) are one or the other by `scalenorm`; ln_f is always a LayerNorm.
+
+rezero (ReZero) replaces the pre-norms by the identity and multiplies each residual branch (a
+block's attention, its MLP) by its own learned scalar, `rezero_gain`, which starts at 0: a fresh
+ReZero model leaves the residual stream as the embedding made it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ def scale_norm(p, x):
     return (y * p["scale"].astype(jnp.float32)).astype(x.dtype)
 
 
-def prenorm_weights(config) -> dict[str, Weight]:
+def prenorm_weights(config) -> dict[str, Weight] | None:
+    """None: no weights, the norm is the identity (rezero)."""
+    if config.rezero:
+        return None
     if config.scalenorm:
         return {"scale": Weight((), "ones", decay=False)}
     return layer_norm_weights(config)
@@ -47,4 +54,10 @@ def prenorm_weights(config) -> dict[str, Weight]:
 
 def prenorm(p, x, config):
     """The norm in front of a block's attention or MLP."""
+    if config.rezero:
+        return x
     return scale_norm(p, x) if config.scalenorm else layer_norm(p, x, config)
+
+
+def rezero_gain() -> Weight:
+    return Weight((), "zeros", decay=False)

@@ -230,6 +230,8 @@ def reference_layer_norm(p, x, eps):
 
 
 def reference_prenorm(p, x, config):
+    if config.rezero:
+        return x
     if config.scalenorm:  # GPT-Neo's: centred, one scalar gain, epsilon 1e-5, no bias
         mean = x.mean(-1, keepdims=True)
         return p["scale"] * (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
@@ -270,8 +272,10 @@ def reference_loss(params, tokens, labels, config):
     for layer, kind in enumerate(config.layer_kinds):
         b = params["blocks"][layer]
         if kind != "none":
-            x = x + reference_attention(b["attn"], reference_prenorm(b["ln_1"], x, config), kind, config)
-        x = x + reference_mlp(b["mlp"], reference_prenorm(b["ln_2"], x, config), config)
+            a = reference_attention(b["attn"], reference_prenorm(b.get("ln_1"), x, config), kind, config)
+            x = x + (b["rezero_1"] * a if config.rezero else a)
+        m = reference_mlp(b["mlp"], reference_prenorm(b.get("ln_2"), x, config), config)
+        x = x + (b["rezero_2"] * m if config.rezero else m)
     x = reference_layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
     logits = x @ params["wte"].T
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -290,6 +294,8 @@ OPTION_CASES = {
     "rotary": {"rotary_emb": True},
     "axial": {"axial_pos_emb": [4, 4]},
     "scalenorm": {"scalenorm": True, "layer_norm_epsilon": 1e-3},  # ln_f's epsilon, not scalenorm's
+    "rezero": {"rezero": True},
+    "rezero over scalenorm": {"rezero": True, "scalenorm": True},
 }
 
 
@@ -355,6 +361,24 @@ def test_axial_tables_have_their_own_dimensions_and_rotary_replaces_them():
     both = validate({**OPTION_BASE, "axial_pos_emb": [2, 8], "rotary_emb": True}, "test")
     assert not {"wpe", "wpe_rows", "wpe_columns"} & set(gpt2.weights(both))
     assert any("'axial_pos_emb'" in note and "rotary_emb" in note for note in unused_key_notes({}, both))
+
+
+def test_a_fresh_rezero_model_is_the_identity_on_the_residual_stream():
+    """Every gain starts at 0: the hidden states are ln_f of the embeddings, whatever the blocks hold."""
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, "rezero": True}, "test")
+    params = gpt2.init_params(config, jax.random.key(0))
+    assert all("ln_1" not in b and "ln_2" not in b for b in params["blocks"])
+    assert [("rezero_1" in b) for b in params["blocks"]] == [kind != "none" for kind in config.layer_kinds]
+    tokens = jax.random.randint(jax.random.key(1), (2, config.n_ctx), 0, config.n_vocab)
+    hidden, _, _ = gpt2.forward(params, tokens, config)
+    embedded = params["wte"][tokens] + params["wpe"][: config.n_ctx]
+    np.testing.assert_allclose(hidden, reference_layer_norm(params["ln_f"], embedded, config.layer_norm_epsilon),
+                               rtol=1e-5, atol=1e-5)
+    from models.params import decay_mask
+
+    assert not any(decay_mask(gpt2.weights(config))["blocks"][0][name] for name in ("rezero_1", "rezero_2"))
 
 
 def test_rotary_angles_are_exact_far_past_256_under_bfloat16_compute():

@@ -87,6 +87,7 @@ DECODING_OPTIONS = {
     "rotary": {"rotary_emb": True},
     "axial": {"axial_pos_emb": [8, 8]},
     "scalenorm": {"scalenorm": True},
+    "rezero": {"rezero": True},
 }
 
 
