@@ -253,8 +253,14 @@ def reference_attention(p, x, kind, config):
 
 
 def reference_mlp(p, x, config):
+    act = REFERENCE_ACTIVATIONS[config.activation_function]
+    if config.mlp_glu:  # GPT-Neo's c_fc, twice as wide, split into (h, gate) in that order
+        c_fc = jnp.concatenate([p["fc"], p["fc_gate"]], axis=1)
+        c_fc_bias = jnp.concatenate([p["fc_bias"], p["fc_gate_bias"]])
+        h, gate = jnp.split(x @ c_fc + c_fc_bias, 2, axis=-1)
+        return (h * act(gate)) @ p["proj"] + p["proj_bias"]
     h = x @ p["fc"] + p["fc_bias"]
-    return REFERENCE_ACTIVATIONS[config.activation_function](h) @ p["proj"] + p["proj_bias"]
+    return act(h) @ p["proj"] + p["proj_bias"]
 
 
 def reference_loss(params, tokens, labels, config):
@@ -296,6 +302,8 @@ OPTION_CASES = {
     "scalenorm": {"scalenorm": True, "layer_norm_epsilon": 1e-3},  # ln_f's epsilon, not scalenorm's
     "rezero": {"rezero": True},
     "rezero over scalenorm": {"rezero": True, "scalenorm": True},
+    "swiglu": {"mlp_glu": True, "activation_function": "silu"},
+    "geglu": {"mlp_glu": True},
 }
 
 

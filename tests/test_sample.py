@@ -88,6 +88,7 @@ DECODING_OPTIONS = {
     "axial": {"axial_pos_emb": [8, 8]},
     "scalenorm": {"scalenorm": True},
     "rezero": {"rezero": True},
+    "swiglu": {"mlp_glu": True, "activation_function": "silu"},
 }
 
 
