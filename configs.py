@@ -45,7 +45,7 @@ KEYS: dict[str, Key] = {
     # --- architecture options ----------------------------------------------------------------
     "scale_by_depth": Key(True, "bool", "scale the init of residual output projections by 1/sqrt(n_layer)"),
     "scale_by_in": Key(False, "bool", "scale the init of every projection by 1/sqrt(fan_in)"),
-    "no_weight_tie": Key(False, "bool", "separate output projection instead of the tied token embedding"),
+    "no_weight_tie": Key(False, "bool", "a separate biased output projection (lm_head) instead of the tied token embedding; ln_f stays"),
     "rotary_emb": Key(False, "bool", "rotary position embeddings instead of the learned table"),
     "axial_pos_emb": Key(None, "list?", "[a1, a2] with a1 * a2 = n_ctx: axial position embeddings (dimensions `axial_rows`, `axial_columns`); ignored when rotary_emb is on"),
     "num_mem_kv": Key(0, "int", "learned memory key/values prepended in global layers"),
@@ -172,7 +172,7 @@ OPTIONS: dict[str, Option] = {
     "macaron":                 Option("macaron blocks",                                        False, False, "one MLP per block"),
     "mlp_glu":                 Option("a gated (GLU) MLP",                                     True,  False, "a plain two-layer MLP"),
     "share_parameters":        Option("parameters shared across layers",                       False, False, "separate weights in every layer"),
-    "no_weight_tie":           Option("an untied output projection",                           False, False, "lm_head tied to wte"),
+    "no_weight_tie":           Option("an untied output projection",                           True,  False, "lm_head tied to wte"),
     "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", False, False, "no mixture of experts"),
     "entmax_loss":             Option("the entmax loss",                                       False, False, "softmax outputs only"),
     "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               False, False, "a causal LM only"),

@@ -1,8 +1,9 @@
 """GPT-Neo's model, one forward for training, evaluation, prefill and decoding.
 
 Token embedding plus positions (models/positions.py); pre-LN blocks, each with its layer's attention kind
-(models/attention.py) and an MLP; a final LayerNorm; the token embedding tied as the output
-projection. Read top to bottom: `weights`, `embed`, `block`, `forward`, `logits`.
+(models/attention.py) and an MLP; a final LayerNorm; the output projection `unembed`: the token
+embedding tied, or with no_weight_tie a separate biased lm_head. Read top to bottom: `weights`,
+`embed`, `block`, `forward`, `unembed`, `logits`.
 
 Parameters are a plain pytree of float32 arrays, described once by `weights(config)`: every
 leaf a `Weight` with its dimension names, init and weight-decay flag (models/params.py).
@@ -19,9 +20,10 @@ import jax.numpy as jnp
 from models import kernels, params
 from models.attention import KINDS, layout_constrained
 from models.dropout import dropout
+from models.kernels import project
 from models.mlp import mlp, mlp_weights
 from models.norms import layer_norm, layer_norm_weights, prenorm, prenorm_weights, rezero_gain
-from models.params import Weight, is_weight, shape_of
+from models.params import Weight, bias, is_weight, shape_of
 from models.positions import POSITION_TABLE_DIMENSIONS, embed_positions, position_weights
 
 __all__ = ["Weight", "is_weight", "shape_of"]
@@ -37,7 +39,16 @@ def weights(config) -> dict:
         **position_weights(config),
         "blocks": [block_weights(kind, config) for kind in config.layer_kinds],
         "ln_f": layer_norm_weights(config),
+        **output_projection_weights(config),
     }
+
+
+def output_projection_weights(config) -> dict:
+    """Without weight tying, lm_head: [vocab, embd] as the token embedding is (so that `unembed`
+    treats both alike) and a bias. GPT-Neo dropped ln_f on this path; neomesh keeps it."""
+    if not config.no_weight_tie:
+        return {}
+    return {"lm_head": {"w": Weight(("vocab", "embd"), 0.02), "bias": bias(("vocab",))}}
 
 
 def block_weights(kind: str, config) -> dict:
@@ -63,10 +74,13 @@ def param_shapes(config):
 
 def parameter_count(config, matmul_only: bool = False) -> int:
     """All parameters, or only those used in a matrix multiply (not the position tables, lookups;
-    the tied token embedding counts, as the output projection)."""
+    the tied token embedding counts, as the output projection; an untied one is a lookup)."""
+    tree = weights(config)
+    if matmul_only and config.no_weight_tie:
+        tree = {name: w for name, w in tree.items() if name != "wte"}
     return sum(
         math.prod(shape_of(w, config))
-        for w in jax.tree.leaves(weights(config), is_leaf=is_weight)
+        for w in jax.tree.leaves(tree, is_leaf=is_weight)
         if not matmul_only or (len(w.dims) >= 2 and w.dims[0] not in POSITION_TABLE_DIMENSIONS)
     )
 
@@ -160,12 +174,26 @@ def init_cache(config, batch: int, cache_slots: int, first_slot=None, layout=Non
 # --- logits -------------------------------------------------------------------------------------
 
 
-def output_embedding(params):
-    """[vocab, embd]: the tied token embedding projects hidden states to logits."""
-    return params["wte"]
+def output_weights(params, config):
+    """(table [vocab, embd], bias [vocab] or None) of the output projection: the tied token
+    embedding, or with no_weight_tie lm_head's weight and bias."""
+    if config.no_weight_tie:
+        return params["lm_head"]["w"], params["lm_head"]["bias"]
+    return params["wte"], None
+
+
+def unembed(hidden, output, config, layout=None, transposed: bool = False):
+    """hidden [batch, sequence, embd] (after ln_f) -> float32 logits [batch, sequence, vocab]: the
+    model's one output projection, for the loss, `logits` and sampling. `output` is
+    output_weights(...); with `transposed` its table comes as [embd, vocab] (a caller that uses it
+    many times, as the decode loop, may transpose it once)."""
+    table, output_bias = output
+    table = table.astype(hidden.dtype)
+    logits = project("bse,ev->bsv", hidden, table if transposed else table.T, config, layout).astype(jnp.float32)
+    return logits if output_bias is None else logits + output_bias.astype(jnp.float32)
 
 
 def logits(params, tokens, config, layout=None):
     """tokens [batch, sequence] -> float32 logits [batch, sequence, vocab] (no dropout)."""
     hidden, _, _ = forward(params, tokens, config, layout)
-    return jnp.einsum("bse,ve->bsv", hidden, output_embedding(params).astype(hidden.dtype)).astype(jnp.float32)
+    return unembed(hidden, output_weights(params, config), config, layout)

@@ -283,7 +283,10 @@ def reference_loss(params, tokens, labels, config):
         m = reference_mlp(b["mlp"], reference_prenorm(b.get("ln_2"), x, config), config)
         x = x + (b["rezero_2"] * m if config.rezero else m)
     x = reference_layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
-    logits = x @ params["wte"].T
+    if config.no_weight_tie:
+        logits = x @ params["lm_head"]["w"].T + params["lm_head"]["bias"]
+    else:
+        logits = x @ params["wte"].T
     log_z = jax.nn.logsumexp(logits, axis=-1)
     label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return jnp.mean(log_z - label_logits) + config.z_loss * jnp.mean(log_z**2), logits
@@ -304,6 +307,7 @@ OPTION_CASES = {
     "rezero over scalenorm": {"rezero": True, "scalenorm": True},
     "swiglu": {"mlp_glu": True, "activation_function": "silu"},
     "geglu": {"mlp_glu": True},
+    "untied": {"no_weight_tie": True},
 }
 
 
@@ -334,6 +338,18 @@ def test_model_with_architecture_options_equals_the_plain_reference_in_logits_lo
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(expected_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * max(float(jnp.abs(b).max()), 1.0),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_an_untied_model_has_a_biased_lm_head_and_keeps_ln_f():
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, "no_weight_tie": True}, "test")
+    tree = gpt2.weights(config)
+    assert "ln_f" in tree and tree["lm_head"]["w"].dims == ("vocab", "embd") and tree["lm_head"]["bias"].dims == ("vocab",)
+    tied = validate(OPTION_BASE, "test")
+    # untied, the token embedding is a lookup and lm_head the matmul: the same count as tied plus nothing
+    assert gpt2.parameter_count(config, matmul_only=True) == gpt2.parameter_count(tied, matmul_only=True)
+    assert gpt2.parameter_count(config) == gpt2.parameter_count(tied) + config.n_vocab * (config.n_embd + 1)
 
 
 def test_rotary_emb_true_replaces_the_position_table_and_false_keeps_it():

@@ -89,6 +89,7 @@ DECODING_OPTIONS = {
     "scalenorm": {"scalenorm": True},
     "rezero": {"rezero": True},
     "swiglu": {"mlp_glu": True, "activation_function": "silu"},
+    "untied": {"no_weight_tie": True},
 }
 
 

@@ -84,8 +84,9 @@ OPTION_LAYOUTS = [
     ("x:2,y:2,z:2", "batch:x,embd:y,memory_length:z"),
 ]
 OPTION_SETS = {  # together, every option built so far (rotary replaces axial's tables, so they go apart)
-    "rotary": {"rotary_emb": True, "scalenorm": True, "mlp_glu": True, "activation_function": "silu"},
-    "axial": {"axial_pos_emb": [4, 8], "rezero": True, "mlp_glu": True},
+    "rotary": {"rotary_emb": True, "scalenorm": True, "mlp_glu": True, "activation_function": "silu",
+               "no_weight_tie": True},
+    "axial": {"axial_pos_emb": [4, 8], "rezero": True, "mlp_glu": True, "no_weight_tie": True},
 }
 
 
