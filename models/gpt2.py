@@ -37,7 +37,8 @@ def weights(config) -> dict:
     return {
         "wte": Weight(("vocab", "embd"), 0.02),
         **position_weights(config),
-        "blocks": [block_weights(kind, config) for kind in config.layer_kinds],
+        "blocks": [block_weights(config.layer_kinds, config)] if config.share_parameters else
+                  [block_weights([kind], config) for kind in config.layer_kinds],
         "ln_f": layer_norm_weights(config),
         **output_projection_weights(config),
     }
@@ -51,9 +52,14 @@ def output_projection_weights(config) -> dict:
     return {"lm_head": {"w": Weight(("vocab", "embd"), 0.02), "bias": bias(("vocab",))}}
 
 
-def block_weights(kind: str, config) -> dict:
+def block_weights(kinds: list[str], config) -> dict:
+    """The weights of a block that serves layers of these attention kinds: one layer's, or with
+    share_parameters every layer's (ALBERT-style: global and local layers share one attention's
+    weights, a `none` layer uses only the MLP's and its norm)."""
     block = {"ln_2": prenorm_weights(config), "mlp": mlp_weights(config), "rezero_2": rezero_gain()}
-    attention = KINDS[kind].weights(config)
+    attention = {}
+    for kind in dict.fromkeys(kinds):
+        attention |= KINDS[kind].weights(config)
     if attention:  # a `none` layer has no attention at all
         block |= {"ln_1": prenorm_weights(config), "attn": attention, "rezero_1": rezero_gain()}
     if not config.rezero:
@@ -73,11 +79,14 @@ def param_shapes(config):
 
 
 def parameter_count(config, matmul_only: bool = False) -> int:
-    """All parameters, or only those used in a matrix multiply (not the position tables, lookups;
-    the tied token embedding counts, as the output projection; an untied one is a lookup)."""
+    """All parameters, or those a token meets in matrix multiplies, each as often as it meets it: a
+    shared block once per layer, with only what that layer's kind uses; not the position tables,
+    lookups; the tied token embedding, as the output projection (an untied one is a lookup)."""
     tree = weights(config)
-    if matmul_only and config.no_weight_tie:
-        tree = {name: w for name, w in tree.items() if name != "wte"}
+    if matmul_only:
+        tree["blocks"] = [block_weights([kind], config) for kind in config.layer_kinds]
+        if config.no_weight_tie:
+            tree = {name: w for name, w in tree.items() if name != "wte"}
     return sum(
         math.prod(shape_of(w, config))
         for w in jax.tree.leaves(tree, is_leaf=is_weight)
@@ -145,7 +154,8 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
     x = embed(p, tokens, positions, config, layout, dropout_rng)
     layer_caches = [None] * config.n_layer if cache is None else cache["layers"]
     new_caches = []
-    for layer, (kind, block_params, layer_cache) in enumerate(zip(config.layer_kinds, p["blocks"], layer_caches)):
+    for layer, (kind, layer_cache) in enumerate(zip(config.layer_kinds, layer_caches)):
+        block_params = p["blocks"][0 if config.share_parameters else layer]
         layer_fn = functools.partial(block, kind=kind, config=config, layout=layout)
         if config.recompute_grad:
             layer_fn = jax.checkpoint(layer_fn)

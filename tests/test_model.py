@@ -276,7 +276,7 @@ def reference_loss(params, tokens, labels, config):
     else:
         x = x + params["wpe"][:n]
     for layer, kind in enumerate(config.layer_kinds):
-        b = params["blocks"][layer]
+        b = params["blocks"][0 if config.share_parameters else layer]
         if kind != "none":
             a = reference_attention(b["attn"], reference_prenorm(b.get("ln_1"), x, config), kind, config)
             x = x + (b["rezero_1"] * a if config.rezero else a)
@@ -308,6 +308,11 @@ OPTION_CASES = {
     "swiglu": {"mlp_glu": True, "activation_function": "silu"},
     "geglu": {"mlp_glu": True},
     "untied": {"no_weight_tie": True},
+    "shared": {"share_parameters": True},
+    "together": {"share_parameters": True, "rotary_emb": True, "scalenorm": True, "mlp_glu": True,
+                 "activation_function": "silu", "no_weight_tie": True},
+    "together, axial": {"share_parameters": True, "axial_pos_emb": [2, 8], "rezero": True, "mlp_glu": True,
+                        "no_weight_tie": True},
 }
 
 
@@ -350,6 +355,22 @@ def test_an_untied_model_has_a_biased_lm_head_and_keeps_ln_f():
     # untied, the token embedding is a lookup and lm_head the matmul: the same count as tied plus nothing
     assert gpt2.parameter_count(config, matmul_only=True) == gpt2.parameter_count(tied, matmul_only=True)
     assert gpt2.parameter_count(config) == gpt2.parameter_count(tied) + config.n_vocab * (config.n_embd + 1)
+
+
+def test_shared_parameters_are_one_block_serving_every_layer_kind():
+    from models import gpt2
+
+    shared = validate({**OPTION_BASE, "share_parameters": True}, "test")
+    separate = validate(OPTION_BASE, "test")
+    tree = gpt2.weights(shared)
+    assert len(tree["blocks"]) == 1 and {"ln_1", "attn", "ln_2", "mlp"} <= set(tree["blocks"][0])
+    only_mlp = validate({**OPTION_BASE, "share_parameters": True, "attention_types": [[["none"], 4]]}, "test")
+    assert set(gpt2.weights(only_mlp)["blocks"][0]) == {"ln_2", "mlp"}
+    # a token still meets every layer's multiplies: the FLOPs of the separate model
+    assert gpt2.parameter_count(shared, matmul_only=True) == gpt2.parameter_count(separate, matmul_only=True)
+    block = sum(int(np.prod(w.shape)) for w in jax.tree.leaves(gpt2.param_shapes(shared)["blocks"][0]))
+    assert gpt2.parameter_count(shared) == gpt2.parameter_count(separate) - sum(
+        int(np.prod(w.shape)) for w in jax.tree.leaves(gpt2.param_shapes(separate)["blocks"])) + block
 
 
 def test_rotary_emb_true_replaces_the_position_table_and_false_keeps_it():

@@ -90,6 +90,9 @@ DECODING_OPTIONS = {
     "rezero": {"rezero": True},
     "swiglu": {"mlp_glu": True, "activation_function": "silu"},
     "untied": {"no_weight_tie": True},
+    "shared": {"share_parameters": True},
+    "together": {"share_parameters": True, "rotary_emb": True, "scalenorm": True, "mlp_glu": True,
+                 "activation_function": "silu", "no_weight_tie": True},
 }
 
 

@@ -90,9 +90,11 @@ OPTION_SETS = {  # together, every option built so far (rotary replaces axial's 
 }
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["separate", "shared"])
 @pytest.mark.parametrize("case", list(OPTION_SETS))
-def test_sharded_training_with_architecture_options_equals_single_device(case):
-    options = {**TINY, "n_layer": 3, "attention_types": [[["global", "local", "none"], 1]], **OPTION_SETS[case]}
+def test_sharded_training_with_architecture_options_equals_single_device(case, share):
+    options = {**TINY, "n_layer": 3, "attention_types": [[["global", "local", "none"], 1]], **OPTION_SETS[case],
+               "share_parameters": share}
     config = validate({**options, "mesh_shape": "", "layout": ""}, "test")
     batches = random_batches(config, 3)
     expected_losses, expected_params = run_steps(config, jax.devices()[:1], batches)
