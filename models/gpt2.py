@@ -57,6 +57,8 @@ def block_weights(kinds: list[str], config) -> dict:
     share_parameters every layer's (ALBERT-style: global and local layers share one attention's
     weights, a `none` layer uses only the MLP's and its norm)."""
     block = {"ln_2": prenorm_weights(config), "mlp": mlp_weights(config), "rezero_2": rezero_gain()}
+    if config.macaron:
+        block["mlp_macaron"] = mlp_weights(config)
     attention = {}
     for kind in dict.fromkeys(kinds):
         attention |= KINDS[kind].weights(config)
@@ -116,8 +118,15 @@ def embed(p, tokens, positions, config, layout, dropout_rng):
 
 def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, layout, dropout_rng):
     """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)) (models/norms.py: LN is the block's
-    prenorm; with rezero the identity, each branch times its gain). Returns (x, layer_cache)."""
+    prenorm; with rezero the identity, each branch times its gain). Macaron, GPT-Neo's form: first
+    x += mlp_macaron(x) / 2, without norm or gain, in every layer; the last MLP is halved too.
+    Returns (x, layer_cache)."""
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
+    if config.macaron:
+        m = mlp(p["mlp_macaron"], x, config, layout)
+        if dropout_rng is not None and config.res_dropout > 0:  # fold_in: the other branches keep their keys
+            m = dropout(jax.random.fold_in(dropout_rng, 3), m, config.res_dropout)
+        x = x + 0.5 * m
     apply_attention = KINDS[kind].apply
     if apply_attention is not None:
         a, layer_cache = apply_attention(p["attn"], prenorm(p.get("ln_1"), x, config), slots, first_slot,
@@ -128,6 +137,8 @@ def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, la
     m = mlp(p["mlp"], prenorm(p.get("ln_2"), x, config), config, layout)
     if res_rng_2 is not None and config.res_dropout > 0:
         m = dropout(res_rng_2, m, config.res_dropout)
+    if config.macaron:
+        m = 0.5 * m
     x = x + (p["rezero_2"] * m if config.rezero else m)
     if layout is not None:
         x = layout.constrain_letters(x, "bse")

@@ -277,10 +277,14 @@ def reference_loss(params, tokens, labels, config):
         x = x + params["wpe"][:n]
     for layer, kind in enumerate(config.layer_kinds):
         b = params["blocks"][0 if config.share_parameters else layer]
+        if config.macaron:  # in every layer, none included: no prenorm, no ReZero gain
+            x = x + 0.5 * reference_mlp(b["mlp_macaron"], x, config)
         if kind != "none":
             a = reference_attention(b["attn"], reference_prenorm(b.get("ln_1"), x, config), kind, config)
             x = x + (b["rezero_1"] * a if config.rezero else a)
         m = reference_mlp(b["mlp"], reference_prenorm(b.get("ln_2"), x, config), config)
+        if config.macaron:
+            m = 0.5 * m
         x = x + (b["rezero_2"] * m if config.rezero else m)
     x = reference_layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
     if config.no_weight_tie:
@@ -309,8 +313,10 @@ OPTION_CASES = {
     "geglu": {"mlp_glu": True},
     "untied": {"no_weight_tie": True},
     "shared": {"share_parameters": True},
+    "macaron": {"macaron": True},
+    "macaron, rezero, glu": {"macaron": True, "rezero": True, "mlp_glu": True},
     "together": {"share_parameters": True, "rotary_emb": True, "scalenorm": True, "mlp_glu": True,
-                 "activation_function": "silu", "no_weight_tie": True},
+                 "activation_function": "silu", "no_weight_tie": True, "macaron": True},
     "together, axial": {"share_parameters": True, "axial_pos_emb": [2, 8], "rezero": True, "mlp_glu": True,
                         "no_weight_tie": True},
 }

@@ -91,8 +91,9 @@ DECODING_OPTIONS = {
     "swiglu": {"mlp_glu": True, "activation_function": "silu"},
     "untied": {"no_weight_tie": True},
     "shared": {"share_parameters": True},
+    "macaron": {"macaron": True, "rezero": True},
     "together": {"share_parameters": True, "rotary_emb": True, "scalenorm": True, "mlp_glu": True,
-                 "activation_function": "silu", "no_weight_tie": True},
+                 "activation_function": "silu", "no_weight_tie": True, "macaron": True},
 }
 
 

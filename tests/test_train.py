@@ -85,7 +85,7 @@ OPTION_LAYOUTS = [
 ]
 OPTION_SETS = {  # together, every option built so far (rotary replaces axial's tables, so they go apart)
     "rotary": {"rotary_emb": True, "scalenorm": True, "mlp_glu": True, "activation_function": "silu",
-               "no_weight_tie": True},
+               "no_weight_tie": True, "macaron": True},
     "axial": {"axial_pos_emb": [4, 8], "rezero": True, "mlp_glu": True, "no_weight_tie": True},
 }
 
