@@ -45,15 +45,15 @@ KEYS: dict[str, Key] = {
     # --- architecture options ----------------------------------------------------------------
     "scale_by_depth": Key(True, "bool", "scale the init of residual output projections by 1/sqrt(n_layer)"),
     "scale_by_in": Key(False, "bool", "scale the init of every projection by 1/sqrt(fan_in)"),
-    "no_weight_tie": Key(False, "bool", "separate output projection instead of the tied token embedding"),
+    "no_weight_tie": Key(False, "bool", "a separate biased output projection (lm_head) instead of the tied token embedding; ln_f stays"),
     "rotary_emb": Key(False, "bool", "rotary position embeddings instead of the learned table"),
-    "axial_pos_emb": Key(None, "list?", "[d1, d2] with d1 * d2 = n_ctx: axial position embeddings"),
+    "axial_pos_emb": Key(None, "list?", "[a1, a2] with a1 * a2 = n_ctx: axial position embeddings (dimensions `axial_rows`, `axial_columns`); ignored when rotary_emb is on"),
     "num_mem_kv": Key(0, "int", "learned memory key/values prepended in global layers"),
-    "scalenorm": Key(False, "bool", "ScaleNorm instead of LayerNorm"),
-    "rezero": Key(False, "bool", "ReZero residual scaling instead of pre-LN"),
-    "macaron": Key(False, "bool", "macaron blocks (half-step MLP before and after attention)"),
-    "mlp_glu": Key(False, "bool", "gated linear unit MLP"),
-    "share_parameters": Key(False, "bool", "share one block's parameters across all layers"),
+    "scalenorm": Key(False, "bool", "GPT-Neo's ScaleNorm (mean-centred, one scalar gain, no bias) instead of each block's LayerNorms; ln_f stays a LayerNorm"),
+    "rezero": Key(False, "bool", "ReZero: no pre-norms; each residual branch times a learned scalar that starts at 0 (ln_f stays)"),
+    "macaron": Key(False, "bool", "macaron blocks: a half-step MLP (no norm, no ReZero gain) before attention, and the block's MLP halved"),
+    "mlp_glu": Key(False, "bool", "gated linear unit MLP: h * activation(gate), both halves intermediate_expanded wide (silu: SwiGLU)"),
+    "share_parameters": Key(False, "bool", "one block's parameters for every layer; each layer keeps its attention kind"),
     "moe_layers": Key(None, "list?", "0-indexed layers whose MLP is a mixture of experts"),
     "moe_params": Key(None, "dict?", "mixture-of-experts settings (experts, gating, hidden size)"),
     "moe_activation": Key("relu", "str", "activation inside the experts"),
@@ -165,15 +165,15 @@ OPTIONS: dict[str, Option] = {
     "attention_types: local":  Option("local attention",                                       True,  True),
     "attention_types: linear": Option("linear attention",                                      False, False, "global and local attention only"),
     "attention_types: none":   Option("layers without attention",                              True,  False, "global and local attention only"),
-    "rotary_emb":              Option("rotary position embeddings",                            False, False, "a learned position table only"),
-    "axial_pos_emb":           Option("axial position embeddings",                             False, False, "a learned position table only"),
+    "rotary_emb":              Option("rotary position embeddings",                            True,  False, "a learned position table only"),
+    "axial_pos_emb":           Option("axial position embeddings",                             True,  False, "a learned position table only"),
     "num_mem_kv":              Option("memory key/values",                                     False, False, "no memory key/values"),
-    "scalenorm":               Option("ScaleNorm",                                             False, False, "LayerNorm only"),
-    "rezero":                  Option("ReZero residuals",                                      False, False, "pre-LN residuals only"),
-    "macaron":                 Option("macaron blocks",                                        False, False, "one MLP per block"),
-    "mlp_glu":                 Option("a gated (GLU) MLP",                                     False, False, "a plain two-layer MLP"),
-    "share_parameters":        Option("parameters shared across layers",                       False, False, "separate weights in every layer"),
-    "no_weight_tie":           Option("an untied output projection",                           False, False, "lm_head tied to wte"),
+    "scalenorm":               Option("ScaleNorm",                                             True,  False, "LayerNorm only"),
+    "rezero":                  Option("ReZero residuals",                                      True,  False, "pre-LN residuals only"),
+    "macaron":                 Option("macaron blocks",                                        True,  False, "one MLP per block"),
+    "mlp_glu":                 Option("a gated (GLU) MLP",                                     True,  False, "a plain two-layer MLP"),
+    "share_parameters":        Option("parameters shared across layers",                       True,  False, "separate weights in every layer"),
+    "no_weight_tie":           Option("an untied output projection",                           True,  False, "lm_head tied to wte"),
     "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", False, False, "no mixture of experts"),
     "entmax_loss":             Option("the entmax loss",                                       False, False, "softmax outputs only"),
     "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               False, False, "a causal LM only"),
@@ -229,6 +229,8 @@ class Config:
             "kv": self.head_dim,
             "intermediate_expanded": self.mlp_width,
             "embed_sequence": self.n_ctx,
+            "axial_rows": self.axial_pos_emb[0] if self.axial_pos_emb else 1,
+            "axial_columns": self.axial_pos_emb[1] if self.axial_pos_emb else 1,
             "sequence": self.n_ctx,
             "memory_length": self.n_ctx + self.num_mem_kv,
             "batch": self.train_batch_size,
@@ -295,6 +297,9 @@ def unused_key_notes(raw: dict[str, Any], config: Config) -> list[str]:
     if not config.shuffle_input_filenames:
         notes.append(f"{config.source}: key 'shuffle_input_filenames' = false has no effect: neomesh always "
                      "shuffles examples deterministically from (seed, step)")
+    if config.axial_pos_emb and config.rotary_emb:
+        notes.append(f"{config.source}: key 'axial_pos_emb' = {config.axial_pos_emb!r} has no effect: rotary_emb is on, "
+                     "and rotary embeddings replace every position table (GPT-Neo's rule)")
     if config.predict_steps > 0:
         notes.append(f"{config.source}: key 'predict_steps' = {config.predict_steps} has no effect: neomesh does "
                      "not sample while training; run main.py --predict on a checkpoint")
@@ -418,6 +423,12 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         fail("repetition_penalty", "must be positive (1 turns it off)")
     if values["intermediate_size"] is not None and values["intermediate_size"] <= 0:
         fail("intermediate_size", "must be a positive integer")
+    axial = values["axial_pos_emb"]
+    if axial is not None:
+        if len(axial) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in axial):
+            fail("axial_pos_emb", f"must be two positive integers [a1, a2] with a1 * a2 = n_ctx = {values['n_ctx']}")
+        if axial[0] * axial[1] != values["n_ctx"]:
+            fail("axial_pos_emb", f"a1 * a2 = {axial[0] * axial[1]} but n_ctx = {values['n_ctx']}: they must be equal")
     tokens_per_mb = values["tokens_per_mb_per_replica"]
     if tokens_per_mb is not None and tokens_per_mb <= 0:
         fail("tokens_per_mb_per_replica", "must be a positive integer")

@@ -37,6 +37,8 @@ DIMENSION_LETTERS = {
     "intermediate_expanded": "i",
     "experts": "x",
     "embed_sequence": "p",
+    "axial_rows": "r",  # axial_pos_emb's first table
+    "axial_columns": "c",  # and its second
 }
 DIMENSION_NAMES = tuple(DIMENSION_LETTERS)
 POSITION_DIMENSIONS = ("sequence", "memory_length")  # a decoding step holds fewer positions than n_ctx

@@ -15,17 +15,16 @@ from errors import ConfigError
 from mesh import MeshLayout
 from models import gpt2
 from models.attention import KINDS
-from models.kernels import project
 
 BATCH_DIMS = ("batch", "sequence")
 
 
-def cross_entropy(hidden, out_embedding, labels, config, layout=None):
+def cross_entropy(hidden, output, labels, config, layout=None):
     """Mean float32 softmax cross-entropy and mean log(Z)^2 over all positions.
 
-    hidden [batch, sequence, embd], out_embedding [vocab, embd], labels [batch, sequence].
+    hidden [batch, sequence, embd], output gpt2.output_weights(...), labels [batch, sequence].
     """
-    logits = project("bse,ev->bsv", hidden, out_embedding.astype(hidden.dtype).T, config, layout).astype(jnp.float32)
+    logits = gpt2.unembed(hidden, output, config, layout)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return jnp.mean(log_z - label_logits), jnp.mean(jnp.square(log_z))
@@ -34,7 +33,7 @@ def cross_entropy(hidden, out_embedding, labels, config, layout=None):
 def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
     """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, cross_entropy)."""
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
-    ce, z = cross_entropy(hidden, gpt2.output_embedding(params), labels, config, layout)
+    ce, z = cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
     return ce + config.z_loss * z + sum(aux.values()), ce
 
 

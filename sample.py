@@ -126,11 +126,11 @@ class DecodeShape:
         return self.batch > 1
 
 
-def last_logits(hidden, unembed, shape: DecodeShape):
-    """hidden [batch, embd] (after ln_f) -> float32 logits [batch, vocab] through the tied
-    embedding `unembed`: [embd, vocab] when shape.transpose_unembed, else [vocab, embd]."""
-    spec = "be,ev->bv" if shape.transpose_unembed else "be,ve->bv"
-    return jnp.einsum(spec, hidden, unembed).astype(jnp.float32)
+def last_logits(hidden, output, shape: DecodeShape, config, layout):
+    """hidden [batch, embd] (after ln_f) -> float32 logits [batch, vocab] through the model's output
+    projection; `output` is gpt2.output_weights(...), its table [embd, vocab] when
+    shape.transpose_unembed."""
+    return gpt2.unembed(hidden[:, None], output, config, layout, transposed=shape.transpose_unembed)[:, 0]
 
 
 def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout, shape, settings):
@@ -141,9 +141,9 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
     how many steps ran.
     """
     params = jax.tree.map(lambda w: w.astype(gpt2.compute_dtype(config)), params)
-    unembed = gpt2.output_embedding(params)  # [vocab, embd]
+    output = gpt2.output_weights(params, config)  # table [vocab, embd]
     if shape.transpose_unembed:
-        unembed = layout.constrain(unembed.T, ("embd", "vocab"))
+        output = (layout.constrain(output[0].T, ("embd", "vocab")), output[1])
     batch_rows = jnp.arange(shape.batch)
     capacity = shape.cache_slots - shape.prompt_slots
     rng = jax.random.key(seed)
@@ -155,7 +155,7 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
 
     cache = gpt2.init_cache(config, shape.batch, shape.cache_slots, first_slot=pad, layout=layout)
     hidden, cache, _ = gpt2.forward(params, prompt, config, layout, cache=cache)
-    logits = last_logits(hidden[:, -1], unembed, shape)
+    logits = last_logits(hidden[:, -1], output, shape, config, layout)
     first = choose_tokens(logits, seen, jax.random.fold_in(rng, 0), settings)
     generated = jnp.full((shape.batch, capacity), jnp.maximum(eos_id, 0), jnp.int32)
 
@@ -174,7 +174,7 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
     def one_token(carry):
         step, cache, generated, seen, finished = carry
         hidden, cache, _ = gpt2.forward(params, generated[:, step - 1, None], config, layout, cache=cache)
-        logits = last_logits(hidden[:, 0], unembed, shape)
+        logits = last_logits(hidden[:, 0], output, shape, config, layout)
         token = choose_tokens(logits, seen, jax.random.fold_in(rng, step), settings)
         generated, seen, finished = emit(step, token, generated, seen, finished)
         return step + 1, cache, generated, seen, finished

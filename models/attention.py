@@ -7,7 +7,8 @@
     none    no attention at all: the layer is an MLP block
 
 Softmax attention is GPT-Neo's: scores q.k are not divided by sqrt(kv), and the softmax runs in
-float32 whatever the compute dtype.
+float32 whatever the compute dtype. With rotary_emb, q and k are rotated by their positions
+(models/positions.py) right after their projections.
 
 Decoding keeps a cache per layer and calls the same `apply` on the new positions only. Cache
 slots are the positions of the cache, the same for every row of a batch; a row whose prompt is
@@ -37,6 +38,7 @@ from models import kernels
 from models.dropout import dropout
 from models.kernels import project
 from models.params import Weight, bias, projection_std
+from models.positions import rotate
 
 MASK_VALUE = -1e9  # finite: a row with every key masked (a padding slot's query) gets no NaN
 CACHE_LETTERS = "bhmk"
@@ -45,7 +47,9 @@ CACHE_LETTERS = "bhmk"
 @dataclass(frozen=True)
 class AttentionKind:
     weights: Callable  # (config) -> {name: Weight}
-    apply: Callable | None  # (p, x, slots, first_slot, layer_cache, config, layout, rng) -> (out, layer_cache)
+    # (p, x, slots, first_slot, layer_cache, config, layout, rng, positions=None) -> (out, layer_cache);
+    # positions [batch, sequence] default to the slots (a whole sequence from position 0)
+    apply: Callable | None
     init_cache: Callable  # (config, batch, cache_slots, dtype) -> the layer's cache (None: no cache)
     attended_keys: Callable  # (config) -> keys a query attends to, averaged over a sequence of n_ctx
 
@@ -101,11 +105,17 @@ def softmax_weights(config) -> dict[str, Weight]:
 
 
 def softmax_attention(kind: str):
-    def apply(p, x, slots, first_slot, layer_cache, config, layout, rng):
-        """x [batch, sequence, embd] at `slots` [sequence] -> ([batch, sequence, embd], layer_cache)."""
+    def apply(p, x, slots, first_slot, layer_cache, config, layout, rng, positions=None):
+        """x [batch, sequence, embd] at `slots` [sequence], each token at positions [batch, sequence]
+        of its text -> ([batch, sequence, embd], layer_cache)."""
         q = project("bse,ehk->bshk", x, p["q"], config, layout)
         k = project("bme,ehk->bmhk", x, p["k"], config, layout)
         v = project("bme,ehk->bmhk", x, p["v"], config, layout)
+        if config.rotary_emb:  # before the cache: a cached key keeps the rotation of its own position
+            if positions is None:
+                positions = jnp.broadcast_to(slots, x.shape[:2])
+            q = rotate(q, positions, layout)
+            k = rotate(k, positions, layout, "bmhk")
         reach = window(kind, config)
         if layer_cache is None:
             attended = self_attention(q, k, v, reach, config, layout, rng)

@@ -1,8 +1,9 @@
 """GPT-Neo's model, one forward for training, evaluation, prefill and decoding.
 
-Token embedding plus learned positions; pre-LN blocks, each with its layer's attention kind
-(models/attention.py) and an MLP; a final LayerNorm; the token embedding tied as the output
-projection. Read top to bottom: `weights`, `embed`, `block`, `forward`, `logits`.
+Token embedding plus positions (models/positions.py); pre-LN blocks, each with its layer's attention kind
+(models/attention.py) and an MLP; a final LayerNorm; the output projection `unembed`: the token
+embedding tied, or with no_weight_tie a separate biased lm_head. Read top to bottom: `weights`,
+`embed`, `block`, `forward`, `unembed`, `logits`.
 
 Parameters are a plain pytree of float32 arrays, described once by `weights(config)`: every
 leaf a `Weight` with its dimension names, init and weight-decay flag (models/params.py).
@@ -19,10 +20,11 @@ import jax.numpy as jnp
 from models import kernels, params
 from models.attention import KINDS, layout_constrained
 from models.dropout import dropout
+from models.kernels import project
 from models.mlp import mlp, mlp_weights
-from models.norms import layer_norm, layer_norm_weights
-from models.params import Weight, is_weight, shape_of
-from models.positions import embed_positions, position_weights
+from models.norms import layer_norm, layer_norm_weights, prenorm, prenorm_weights, rezero_gain
+from models.params import Weight, bias, is_weight, shape_of
+from models.positions import POSITION_TABLE_DIMENSIONS, embed_positions, position_weights
 
 __all__ = ["Weight", "is_weight", "shape_of"]
 
@@ -35,17 +37,36 @@ def weights(config) -> dict:
     return {
         "wte": Weight(("vocab", "embd"), 0.02),
         **position_weights(config),
-        "blocks": [block_weights(kind, config) for kind in config.layer_kinds],
+        "blocks": [block_weights(config.layer_kinds, config)] if config.share_parameters else
+                  [block_weights([kind], config) for kind in config.layer_kinds],
         "ln_f": layer_norm_weights(config),
+        **output_projection_weights(config),
     }
 
 
-def block_weights(kind: str, config) -> dict:
-    block = {"ln_2": layer_norm_weights(config), "mlp": mlp_weights(config)}
-    attention = KINDS[kind].weights(config)
+def output_projection_weights(config) -> dict:
+    """Without weight tying, lm_head: [vocab, embd] as the token embedding is (so that `unembed`
+    treats both alike) and a bias. GPT-Neo dropped ln_f on this path; neomesh keeps it."""
+    if not config.no_weight_tie:
+        return {}
+    return {"lm_head": {"w": Weight(("vocab", "embd"), 0.02), "bias": bias(("vocab",))}}
+
+
+def block_weights(kinds: list[str], config) -> dict:
+    """The weights of a block that serves layers of these attention kinds: one layer's, or with
+    share_parameters every layer's (ALBERT-style: global and local layers share one attention's
+    weights, a `none` layer uses only the MLP's and its norm)."""
+    block = {"ln_2": prenorm_weights(config), "mlp": mlp_weights(config), "rezero_2": rezero_gain()}
+    if config.macaron:
+        block["mlp_macaron"] = mlp_weights(config)
+    attention = {}
+    for kind in dict.fromkeys(kinds):
+        attention |= KINDS[kind].weights(config)
     if attention:  # a `none` layer has no attention at all
-        block |= {"ln_1": layer_norm_weights(config), "attn": attention}
-    return block
+        block |= {"ln_1": prenorm_weights(config), "attn": attention, "rezero_1": rezero_gain()}
+    if not config.rezero:
+        block = {name: w for name, w in block.items() if not name.startswith("rezero_")}
+    return {name: w for name, w in block.items() if w is not None}
 
 
 def init_params(config, rng: jax.Array, shardings=None) -> dict:
@@ -60,12 +81,18 @@ def param_shapes(config):
 
 
 def parameter_count(config, matmul_only: bool = False) -> int:
-    """All parameters, or only those used in a matrix multiply (not the position table, a lookup;
-    the tied token embedding counts, as the output projection)."""
+    """All parameters, or those a token meets in matrix multiplies, each as often as it meets it: a
+    shared block once per layer, with only what that layer's kind uses; not the position tables,
+    lookups; the tied token embedding, as the output projection (an untied one is a lookup)."""
+    tree = weights(config)
+    if matmul_only:
+        tree["blocks"] = [block_weights([kind], config) for kind in config.layer_kinds]
+        if config.no_weight_tie:
+            tree = {name: w for name, w in tree.items() if name != "wte"}
     return sum(
         math.prod(shape_of(w, config))
-        for w in jax.tree.leaves(weights(config), is_leaf=is_weight)
-        if not matmul_only or (len(w.dims) >= 2 and w.dims[0] != "embed_sequence")
+        for w in jax.tree.leaves(tree, is_leaf=is_weight)
+        if not matmul_only or (len(w.dims) >= 2 and w.dims[0] not in POSITION_TABLE_DIMENSIONS)
     )
 
 
@@ -78,7 +105,10 @@ def compute_dtype(config):
 
 def embed(p, tokens, positions, config, layout, dropout_rng):
     """tokens, positions [batch, sequence] -> [batch, sequence, embd]."""
-    x = p["wte"][tokens] + embed_positions(p, positions)
+    x = p["wte"][tokens]
+    position_term = embed_positions(p, positions, config)
+    if position_term is not None:
+        x = x + position_term
     if layout is not None:
         x = layout.constrain_letters(x, "bse")
     if dropout_rng is not None and config.embed_dropout > 0:
@@ -86,20 +116,30 @@ def embed(p, tokens, positions, config, layout, dropout_rng):
     return x
 
 
-def block(p, x, slots, first_slot, layer_cache, kind: str, config, layout, dropout_rng):
-    """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)). Returns (x, layer_cache)."""
+def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, layout, dropout_rng):
+    """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)) (models/norms.py: LN is the block's
+    prenorm; with rezero the identity, each branch times its gain). Macaron, GPT-Neo's form: first
+    x += mlp_macaron(x) / 2, without norm or gain, in every layer; the last MLP is halved too.
+    Returns (x, layer_cache)."""
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
+    if config.macaron:
+        m = mlp(p["mlp_macaron"], x, config, layout)
+        if dropout_rng is not None and config.res_dropout > 0:  # fold_in: the other branches keep their keys
+            m = dropout(jax.random.fold_in(dropout_rng, 3), m, config.res_dropout)
+        x = x + 0.5 * m
     apply_attention = KINDS[kind].apply
     if apply_attention is not None:
-        a, layer_cache = apply_attention(p["attn"], layer_norm(p["ln_1"], x, config), slots, first_slot,
-                                         layer_cache, config, layout, attn_rng)
+        a, layer_cache = apply_attention(p["attn"], prenorm(p.get("ln_1"), x, config), slots, first_slot,
+                                         layer_cache, config, layout, attn_rng, positions)
         if res_rng_1 is not None and config.res_dropout > 0:
             a = dropout(res_rng_1, a, config.res_dropout)
-        x = x + a
-    m = mlp(p["mlp"], layer_norm(p["ln_2"], x, config), config, layout)
+        x = x + (p["rezero_1"] * a if config.rezero else a)
+    m = mlp(p["mlp"], prenorm(p.get("ln_2"), x, config), config, layout)
     if res_rng_2 is not None and config.res_dropout > 0:
         m = dropout(res_rng_2, m, config.res_dropout)
-    x = x + m
+    if config.macaron:
+        m = 0.5 * m
+    x = x + (p["rezero_2"] * m if config.rezero else m)
     if layout is not None:
         x = layout.constrain_letters(x, "bse")
     return x, layer_cache
@@ -125,12 +165,13 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
     x = embed(p, tokens, positions, config, layout, dropout_rng)
     layer_caches = [None] * config.n_layer if cache is None else cache["layers"]
     new_caches = []
-    for layer, (kind, block_params, layer_cache) in enumerate(zip(config.layer_kinds, p["blocks"], layer_caches)):
+    for layer, (kind, layer_cache) in enumerate(zip(config.layer_kinds, layer_caches)):
+        block_params = p["blocks"][0 if config.share_parameters else layer]
         layer_fn = functools.partial(block, kind=kind, config=config, layout=layout)
         if config.recompute_grad:
             layer_fn = jax.checkpoint(layer_fn)
         layer_rng = jax.random.fold_in(dropout_rng, layer) if dropout_rng is not None else None
-        x, layer_cache = layer_fn(block_params, x, slots, first_slot, layer_cache, dropout_rng=layer_rng)
+        x, layer_cache = layer_fn(block_params, x, slots, first_slot, positions, layer_cache, dropout_rng=layer_rng)
         x = kernels.residual_gradient_boundary(x, config)
         new_caches.append(layer_cache)
     hidden = layer_norm(p["ln_f"], x, config)
@@ -154,12 +195,26 @@ def init_cache(config, batch: int, cache_slots: int, first_slot=None, layout=Non
 # --- logits -------------------------------------------------------------------------------------
 
 
-def output_embedding(params):
-    """[vocab, embd]: the tied token embedding projects hidden states to logits."""
-    return params["wte"]
+def output_weights(params, config):
+    """(table [vocab, embd], bias [vocab] or None) of the output projection: the tied token
+    embedding, or with no_weight_tie lm_head's weight and bias."""
+    if config.no_weight_tie:
+        return params["lm_head"]["w"], params["lm_head"]["bias"]
+    return params["wte"], None
+
+
+def unembed(hidden, output, config, layout=None, transposed: bool = False):
+    """hidden [batch, sequence, embd] (after ln_f) -> float32 logits [batch, sequence, vocab]: the
+    model's one output projection, for the loss, `logits` and sampling. `output` is
+    output_weights(...); with `transposed` its table comes as [embd, vocab] (a caller that uses it
+    many times, as the decode loop, may transpose it once)."""
+    table, output_bias = output
+    table = table.astype(hidden.dtype)
+    logits = project("bse,ev->bsv", hidden, table if transposed else table.T, config, layout).astype(jnp.float32)
+    return logits if output_bias is None else logits + output_bias.astype(jnp.float32)
 
 
 def logits(params, tokens, config, layout=None):
     """tokens [batch, sequence] -> float32 logits [batch, sequence, vocab] (no dropout)."""
     hidden, _, _ = forward(params, tokens, config, layout)
-    return jnp.einsum("bse,ve->bsv", hidden, output_embedding(params).astype(hidden.dtype)).astype(jnp.float32)
+    return unembed(hidden, output_weights(params, config), config, layout)

@@ -190,3 +190,261 @@ def test_the_attention_registry_holds_exactly_the_kinds_the_options_table_calls_
     implemented = {row.split(": ", 1)[1] for row, option in OPTIONS.items()
                    if row.startswith("attention_types: ") and option.implemented}
     assert implemented == set(KINDS)
+
+
+# --- GPT-Neo's architecture options against a plainly written model ------------------------------
+#
+# `reference_loss` is the whole model written out here from GPT-Neo's semantics (the architecture
+# reference), without calling models/: every option of a case must give the model's logits, loss
+# and gradients. Layers mix global, local and none attention.
+
+OPTION_BASE = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 4, "n_vocab": 64, "local_attention_radius": 5,
+               "attention_types": [[["global", "local", "none", "local"], 1]]}
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+REFERENCE_ACTIVATIONS = {"gelu": gelu_tanh, "silu": lambda x: x / (1 + jnp.exp(-x))}
+
+
+def rotation_matrices(length, head_dim):
+    """[position, kv, kv] float64: dimension i and i + kv/2 turn by position * 10000^(-2i/kv)."""
+    half = head_dim // 2
+    matrices = np.zeros((length, head_dim, head_dim))
+    for position in range(length):
+        for i in range(half):
+            angle = position * 10000.0 ** (-2 * i / head_dim)
+            c, s = np.cos(angle), np.sin(angle)
+            # new[i] = old[i] c - old[i + half] s; new[i + half] = old[i + half] c + old[i] s
+            matrices[position, i, i], matrices[position, i + half, i] = c, -s
+            matrices[position, i + half, i + half], matrices[position, i, i + half] = c, s
+    return matrices
+
+
+def reference_layer_norm(p, x, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def reference_prenorm(p, x, config):
+    if config.rezero:
+        return x
+    if config.scalenorm:  # GPT-Neo's: centred, one scalar gain, epsilon 1e-5, no bias
+        mean = x.mean(-1, keepdims=True)
+        return p["scale"] * (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+    return reference_layer_norm(p, x, config.layer_norm_epsilon)
+
+
+def reference_attention(p, x, kind, config):
+    n = x.shape[1]
+    q, k, v = (jnp.einsum("bse,ehk->bshk", x, p[name]) for name in ("q", "k", "v"))
+    if config.rotary_emb:
+        turn = jnp.asarray(rotation_matrices(n, config.n_embd // config.n_head), jnp.float32)
+        q, k = (jnp.einsum("bshk,skj->bshj", t, turn) for t in (q, k))
+    scores = jnp.einsum("bqhk,bmhk->bhqm", q, k)  # unscaled, as GPT-Neo
+    distance = np.arange(n)[:, None] - np.arange(n)[None, :]
+    allowed = (distance >= 0) & ((distance < config.local_attention_radius) if kind == "local" else True)
+    probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+    attended = jnp.einsum("bhqm,bmhk->bqhk", probs, v)
+    return jnp.einsum("bqhk,hke->bqe", attended, p["out"]) + p["out_bias"]
+
+
+def reference_mlp(p, x, config):
+    act = REFERENCE_ACTIVATIONS[config.activation_function]
+    if config.mlp_glu:  # GPT-Neo's c_fc, twice as wide, split into (h, gate) in that order
+        c_fc = jnp.concatenate([p["fc"], p["fc_gate"]], axis=1)
+        c_fc_bias = jnp.concatenate([p["fc_bias"], p["fc_gate_bias"]])
+        h, gate = jnp.split(x @ c_fc + c_fc_bias, 2, axis=-1)
+        return (h * act(gate)) @ p["proj"] + p["proj_bias"]
+    h = x @ p["fc"] + p["fc_bias"]
+    return act(h) @ p["proj"] + p["proj_bias"]
+
+
+def reference_loss(params, tokens, labels, config):
+    """(loss with z-loss, logits) of the whole model, written plainly."""
+    n = tokens.shape[1]
+    x = params["wte"][tokens]
+    if config.rotary_emb:
+        pass  # positions enter through q and k only
+    elif config.axial_pos_emb:
+        rows, columns = params["wpe_rows"], params["wpe_columns"]
+        table = ((rows[:, None, :] + columns[None, :, :]) / 2).reshape(-1, config.n_embd)  # row i * a2 + j
+        x = x + table[:n]
+    else:
+        x = x + params["wpe"][:n]
+    for layer, kind in enumerate(config.layer_kinds):
+        b = params["blocks"][0 if config.share_parameters else layer]
+        if config.macaron:  # in every layer, none included: no prenorm, no ReZero gain
+            x = x + 0.5 * reference_mlp(b["mlp_macaron"], x, config)
+        if kind != "none":
+            a = reference_attention(b["attn"], reference_prenorm(b.get("ln_1"), x, config), kind, config)
+            x = x + (b["rezero_1"] * a if config.rezero else a)
+        m = reference_mlp(b["mlp"], reference_prenorm(b.get("ln_2"), x, config), config)
+        if config.macaron:
+            m = 0.5 * m
+        x = x + (b["rezero_2"] * m if config.rezero else m)
+    x = reference_layer_norm(params["ln_f"], x, config.layer_norm_epsilon)
+    if config.no_weight_tie:
+        logits = x @ params["lm_head"]["w"].T + params["lm_head"]["bias"]
+    else:
+        logits = x @ params["wte"].T
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jnp.mean(log_z - label_logits) + config.z_loss * jnp.mean(log_z**2), logits
+
+
+def perturbed(params, seed=1, scale=0.1):
+    """Every leaf moved off its init, so that gains are not ones and scalars not zeros."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + scale * jax.random.normal(key, x.shape) for x, key in zip(leaves, keys)])
+
+
+OPTION_CASES = {
+    "rotary": {"rotary_emb": True},
+    "axial": {"axial_pos_emb": [4, 4]},
+    "scalenorm": {"scalenorm": True, "layer_norm_epsilon": 1e-3},  # ln_f's epsilon, not scalenorm's
+    "rezero": {"rezero": True},
+    "rezero over scalenorm": {"rezero": True, "scalenorm": True},
+    "swiglu": {"mlp_glu": True, "activation_function": "silu"},
+    "geglu": {"mlp_glu": True},
+    "untied": {"no_weight_tie": True},
+    "shared": {"share_parameters": True},
+    "macaron": {"macaron": True},
+    "macaron, rezero, glu": {"macaron": True, "rezero": True, "mlp_glu": True},
+    "together": {"share_parameters": True, "rotary_emb": True, "scalenorm": True, "mlp_glu": True,
+                 "activation_function": "silu", "no_weight_tie": True, "macaron": True},
+    "together, axial": {"share_parameters": True, "axial_pos_emb": [2, 8], "rezero": True, "mlp_glu": True,
+                        "no_weight_tie": True},
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_model_with_architecture_options_equals_the_plain_reference_in_logits_loss_and_gradients(case):
+    import model_fns
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, **OPTION_CASES[case]}, "test")
+    params = perturbed(gpt2.init_params(config, jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(2), (2, config.n_ctx), 0, config.n_vocab)
+    labels = jnp.roll(tokens, -1, axis=1)
+
+    np.testing.assert_allclose(jax.jit(lambda p: gpt2.logits(p, tokens, config))(params),
+                               jax.jit(lambda p: reference_loss(p, tokens, labels, config)[1])(params),
+                               rtol=2e-4, atol=2e-4)
+
+    def ours(p):
+        return model_fns.lm_loss(p, tokens, labels, config, None)[0]
+
+    def reference(p):
+        return reference_loss(p, tokens, labels, config)[0]
+
+    loss, grads = jax.jit(jax.value_and_grad(ours))(params)
+    expected_loss, expected_grads = jax.jit(jax.value_and_grad(reference))(params)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    assert jax.tree.structure(grads) == jax.tree.structure(expected_grads)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * max(float(jnp.abs(b).max()), 1.0),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_an_untied_model_has_a_biased_lm_head_and_keeps_ln_f():
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, "no_weight_tie": True}, "test")
+    tree = gpt2.weights(config)
+    assert "ln_f" in tree and tree["lm_head"]["w"].dims == ("vocab", "embd") and tree["lm_head"]["bias"].dims == ("vocab",)
+    tied = validate(OPTION_BASE, "test")
+    # untied, the token embedding is a lookup and lm_head the matmul: the same count as tied plus nothing
+    assert gpt2.parameter_count(config, matmul_only=True) == gpt2.parameter_count(tied, matmul_only=True)
+    assert gpt2.parameter_count(config) == gpt2.parameter_count(tied) + config.n_vocab * (config.n_embd + 1)
+
+
+def test_shared_parameters_are_one_block_serving_every_layer_kind():
+    from models import gpt2
+
+    shared = validate({**OPTION_BASE, "share_parameters": True}, "test")
+    separate = validate(OPTION_BASE, "test")
+    tree = gpt2.weights(shared)
+    assert len(tree["blocks"]) == 1 and {"ln_1", "attn", "ln_2", "mlp"} <= set(tree["blocks"][0])
+    only_mlp = validate({**OPTION_BASE, "share_parameters": True, "attention_types": [[["none"], 4]]}, "test")
+    assert set(gpt2.weights(only_mlp)["blocks"][0]) == {"ln_2", "mlp"}
+    # a token still meets every layer's multiplies: the FLOPs of the separate model
+    assert gpt2.parameter_count(shared, matmul_only=True) == gpt2.parameter_count(separate, matmul_only=True)
+    block = sum(int(np.prod(w.shape)) for w in jax.tree.leaves(gpt2.param_shapes(shared)["blocks"][0]))
+    assert gpt2.parameter_count(shared) == gpt2.parameter_count(separate) - sum(
+        int(np.prod(w.shape)) for w in jax.tree.leaves(gpt2.param_shapes(separate)["blocks"])) + block
+
+
+def test_rotary_emb_true_replaces_the_position_table_and_false_keeps_it():
+    from models import gpt2
+
+    assert "wpe" not in gpt2.weights(validate({**OPTION_BASE, "rotary_emb": True}, "test"))
+    off = validate({**OPTION_BASE, "rotary_emb": False}, "test")
+    assert not off.rotary_emb and "wpe" in gpt2.weights(off)
+
+
+@pytest.mark.parametrize("axial,message", [
+    ([4, 8], "a1 \\* a2 = 32 but n_ctx = 16"),
+    ([16], "two positive integers"),
+    ([4, 0], "two positive integers"),
+    ([4, "4"], "two positive integers"),
+])
+def test_axial_pos_emb_must_be_two_sizes_whose_product_is_n_ctx(axial, message):
+    from errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"key 'axial_pos_emb' = .*{message}"):
+        validate({**OPTION_BASE, "axial_pos_emb": axial}, "test")
+
+
+def test_axial_tables_have_their_own_dimensions_and_rotary_replaces_them():
+    from configs import unused_key_notes
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, "axial_pos_emb": [2, 8]}, "test")
+    tree = gpt2.weights(config)
+    assert "wpe" not in tree and tree["wpe_rows"].dims == ("axial_rows", "embd")
+    assert tree["wpe_columns"].dims == ("axial_columns", "embd")
+    assert gpt2.param_shapes(config)["wpe_rows"].shape == (2, 32) and gpt2.param_shapes(config)["wpe_columns"].shape == (8, 32)
+    both = validate({**OPTION_BASE, "axial_pos_emb": [2, 8], "rotary_emb": True}, "test")
+    assert not {"wpe", "wpe_rows", "wpe_columns"} & set(gpt2.weights(both))
+    assert any("'axial_pos_emb'" in note and "rotary_emb" in note for note in unused_key_notes({}, both))
+
+
+def test_a_fresh_rezero_model_is_the_identity_on_the_residual_stream():
+    """Every gain starts at 0: the hidden states are ln_f of the embeddings, whatever the blocks hold."""
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, "rezero": True}, "test")
+    params = gpt2.init_params(config, jax.random.key(0))
+    assert all("ln_1" not in b and "ln_2" not in b for b in params["blocks"])
+    assert [("rezero_1" in b) for b in params["blocks"]] == [kind != "none" for kind in config.layer_kinds]
+    tokens = jax.random.randint(jax.random.key(1), (2, config.n_ctx), 0, config.n_vocab)
+    hidden, _, _ = gpt2.forward(params, tokens, config)
+    embedded = params["wte"][tokens] + params["wpe"][: config.n_ctx]
+    np.testing.assert_allclose(hidden, reference_layer_norm(params["ln_f"], embedded, config.layer_norm_epsilon),
+                               rtol=1e-5, atol=1e-5)
+    from models.params import decay_mask
+
+    assert not any(decay_mask(gpt2.weights(config))["blocks"][0][name] for name in ("rezero_1", "rezero_2"))
+
+
+def test_rotary_angles_are_exact_far_past_256_under_bfloat16_compute():
+    """bfloat16 holds integers exactly only to 256: the rotation of late positions must still be
+    the float64 rotation, rounded once to bfloat16."""
+    from models.positions import rotate
+
+    length, head_dim = 2048, 16
+    x = jax.random.normal(jax.random.key(0), (1, length, 2, head_dim))
+    positions = jnp.arange(length)[None, :]
+    ours = np.asarray(rotate(x.astype(jnp.bfloat16), positions).astype(jnp.float32))
+    turn = rotation_matrices(length, head_dim)
+    exact = np.einsum("bshk,skj->bshj", np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64), turn)
+    late = slice(257, None)
+    np.testing.assert_allclose(ours[:, late], exact[:, late], rtol=0, atol=2.0**-7 * np.abs(exact).max())
+    # the same rotation with angles taken in bfloat16 would be far off: the test can tell
+    rounded = np.asarray(jnp.asarray(np.arange(length), jnp.bfloat16).astype(jnp.float32))
+    assert np.abs(rounded[late] - np.arange(length)[late]).max() >= 4

@@ -82,6 +82,32 @@ def test_cached_greedy_decoding_equals_full_recompute_for_global_local_and_none_
         assert tokens == full_recompute_greedy(params, config, prompt, 40)
 
 
+# GPT-Neo's architecture options, each on its own and together
+DECODING_OPTIONS = {
+    "rotary": {"rotary_emb": True},
+    "axial": {"axial_pos_emb": [8, 8]},
+    "scalenorm": {"scalenorm": True},
+    "rezero": {"rezero": True},
+    "swiglu": {"mlp_glu": True, "activation_function": "silu"},
+    "untied": {"no_weight_tie": True},
+    "shared": {"share_parameters": True},
+    "macaron": {"macaron": True, "rezero": True},
+    "together": {"share_parameters": True, "rotary_emb": True, "scalenorm": True, "mlp_glu": True,
+                 "activation_function": "silu", "no_weight_tie": True, "macaron": True},
+}
+
+
+@pytest.mark.parametrize("case", list(DECODING_OPTIONS))
+def test_cached_greedy_decoding_equals_full_recompute_with_architecture_options(case):
+    config = tiny_config(**DECODING_OPTIONS[case])
+    params = peaked_params(config)
+    params = jax.tree.map(lambda w: w + 0.7 if w.ndim == 0 else w, params)  # scalar gains (ReZero's start at 0)
+    prompts = [[5, 6, 7], list(range(1, 19))]
+    samples = generate(params, config, prompts, max_new_tokens=30, temperature=0.0)
+    for prompt, tokens in zip(prompts, samples.tokens):
+        assert tokens == full_recompute_greedy(params, config, prompt, 30)
+
+
 def test_generation_stops_at_n_ctx_and_a_long_prompt_is_left_truncated(caplog):
     config = tiny_config()
     params = peaked_params(config)
