@@ -310,7 +310,6 @@ OPTION_CASES = {
     "rezero": {"rezero": True},
     "rezero over scalenorm": {"rezero": True, "scalenorm": True},
     "swiglu": {"mlp_glu": True, "activation_function": "silu"},
-    "geglu": {"mlp_glu": True},
     "untied": {"no_weight_tie": True},
     "shared": {"share_parameters": True},
     "macaron": {"macaron": True},
