@@ -201,7 +201,7 @@ def test_log_grads_adds_each_parameter_gradient_norm_to_the_metrics():
     assert total == pytest.approx(float(metrics["grad_norm"]), rel=1e-5)
     off = validate(TINY, "test")  # without log_grads only the global norm (the state was donated: use the new one)
     _, metrics = model_fns.make_train_step(off, layout, optimizer, shardings)(state, batch[:, :-1], batch[:, 1:])
-    assert sorted(metrics) == ["cross_entropy", "grad_norm", "loss"]
+    assert sorted(metrics) == ["cross_entropy", "finite", "grad_norm", "loss"]
 
 
 def test_weight_decay_skips_norms_and_biases():
