@@ -159,6 +159,7 @@ OPTION_SETTINGS = {
     "attention_types: global": {"attention_types": [[["local", "global"], 1]]},
     "attention_types: local": {"attention_types": [[["global", "local"], 1]]},
     "attention_types: linear": {"attention_types": [[["global", "linear"], 1]]},
+    "attention_types: gau": {"attention_types": [[["global", "gau"], 1]]},
     "attention_types: none": {"attention_types": [[["global", "none"], 1]]},
     "rotary_emb": {"rotary_emb": True},
     "axial_pos_emb": {"axial_pos_emb": [4, 4]},
