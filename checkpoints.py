@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -205,6 +206,7 @@ class Checkpoints:
     def save_failed(self, step: int, err: BaseException) -> StorageError:
         """The error for a save of `step` that did not complete; its partial files are deleted
         (they hold the space that ran out, and no restore can use them)."""
+        quiet_closed_event_loop_reports()
         if not self.remote:
             for partial in storage.glob(storage.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
                 storage.rm_tree(partial)
@@ -319,6 +321,24 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def quiet_closed_event_loop_reports() -> None:
+    """After a failed save, tensorstore completes the writes still queued and hands each result to
+    orbax's asyncio loop, which orbax closed when the first write failed; every one of them prints
+    `RuntimeError: Event loop is closed` with a traceback. The failure itself is raised as one
+    StorageError; these echoes of it are dropped (any other uncaught error is reported as before)."""
+    report = sys.excepthook
+    if getattr(report, "quiet_closed_event_loop", False):
+        return
+
+    def quiet(kind, error, traceback):
+        if kind is RuntimeError and str(error) == "Event loop is closed":
+            return
+        report(kind, error, traceback)
+
+    quiet.quiet_closed_event_loop = True
+    sys.excepthook = quiet
 
 
 def abstract_tree(shardings, shapes):

@@ -199,7 +199,9 @@ def write_error(path: str, err: BaseException, note: str = "") -> StorageError:
         advice = f"check that the bucket exists, is reachable and writable, {RESUME_ADVICE}"
     else:
         advice = f"check that the folder is writable, {RESUME_ADVICE}"
-    return StorageError(f"{path}: could not write ({first_line(err)}){note}; {advice}")
+    # tensorstore's report of a full disk runs to hundreds of characters of its own paths
+    reason = "no space left on device" if out_of_space(err) else first_line(err)
+    return StorageError(f"{path}: could not write ({reason}){note}; {advice}")
 
 
 def endpoint(path: str) -> str:
