@@ -134,6 +134,8 @@ class Checkpoints:
             storage.require_reachable(self.directory)
         storage.forget_listings()  # another process (or --new) may have changed the folder since it was listed
         writer = not read_only and jax.process_index() == 0
+        if not read_only:  # before the first save: a failing one echoes while it is still being written
+            quiet_closed_event_loop_reports()
         if writer:
             self.delete_leftovers()
         try:
@@ -206,7 +208,6 @@ class Checkpoints:
     def save_failed(self, step: int, err: BaseException) -> StorageError:
         """The error for a save of `step` that did not complete; its partial files are deleted
         (they hold the space that ran out, and no restore can use them)."""
-        quiet_closed_event_loop_reports()
         if not self.remote:
             for partial in storage.glob(storage.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
                 storage.rm_tree(partial)
@@ -324,21 +325,22 @@ class Checkpoints:
 
 
 def quiet_closed_event_loop_reports() -> None:
-    """After a failed save, tensorstore completes the writes still queued and hands each result to
-    orbax's asyncio loop, which orbax closed when the first write failed; every one of them prints
-    `RuntimeError: Event loop is closed` with a traceback. The failure itself is raised as one
-    StorageError; these echoes of it are dropped (any other uncaught error is reported as before)."""
-    report = sys.excepthook
+    """When a save fails, tensorstore completes the writes still queued and hands each result to
+    orbax's asyncio loop, which orbax closed when the first write failed; each hand-over is an
+    unraisable `RuntimeError: Event loop is closed`, printed with a traceback (56 for one full
+    disk). The failure itself is raised as one StorageError; these echoes of it are dropped, and
+    every other unraisable error is reported as before."""
+    report = sys.unraisablehook
     if getattr(report, "quiet_closed_event_loop", False):
         return
 
-    def quiet(kind, error, traceback):
-        if kind is RuntimeError and str(error) == "Event loop is closed":
+    def quiet(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
             return
-        report(kind, error, traceback)
+        report(unraisable)
 
     quiet.quiet_closed_event_loop = True
-    sys.excepthook = quiet
+    sys.unraisablehook = quiet
 
 
 def abstract_tree(shardings, shapes):

@@ -65,8 +65,11 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
     logging.getLogger("neomesh").setLevel(logging.INFO)
     # orbax reports a failed background save (a full disk) through absl, with a traceback from each
-    # of its threads; checkpoints.py raises it as one StorageError naming the checkpoint instead
+    # of its threads, and asyncio adds one "Task exception was never retrieved" for each array
+    # orbax left unawaited; checkpoints.py raises the failure as one StorageError naming the
+    # checkpoint instead
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def format_eta(seconds: float) -> str:
