@@ -302,12 +302,17 @@ def process_is_running(pid) -> bool:
 
 
 def release_lock(path: str) -> None:
+    """Delete the lock if it is still this process's. A store that fails now (a lost bucket) leaves
+    it behind with a warning, not an error that would hide the run's own outcome (a later start on
+    this host takes it over, its owner being gone)."""
     try:
         owner = json.loads(storage.read_text(path))
+        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            storage.rm(path)
     except (FileNotFoundError, json.JSONDecodeError):
         return
-    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-        storage.rm(path)
+    except Exception as err:  # noqa: BLE001 - OSError locally, gcsfs's errors on a bucket
+        log.warning("%s: could not release the lock (%s); delete it if a later run on another host refuses it", path, storage.first_line(err))
 
 
 # --- where a run starts ---------------------------------------------------------------------------
