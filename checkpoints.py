@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -103,19 +104,55 @@ def tree_names(tree) -> dict[str, Any]:
     return {".".join(part(k) for k in path): leaf for path, leaf in leaves}
 
 
+# Under the checkpoints folder: where rotation renames a checkpoint before deleting it. Not a
+# step's name, so no listing or restore ever considers what is in it; a start empties it.
+DISCARDED = ".discarded"
+# the file orbax writes last into a checkpoint on a bucket: without it the checkpoint is incomplete
+COMMIT_MARKER = "commit_success.txt"
+
+
 class Checkpoints:
+    """model_path/checkpoints through orbax, with neomesh's own rotation and failure handling.
+
+    Rotation (keep the newest `keep`; fewer than 1 keeps all) runs once a save is known to be
+    complete, and never leaves half a checkpoint where a restore could find it: locally a
+    checkpoint is first renamed into checkpoints/.discarded (atomic), then deleted; on a bucket,
+    where deletion is object by object, its commit marker and meta go first, so that a kill midway
+    leaves a folder every reader skips as incomplete, and the next start deletes it.
+
+    A save that fails (a full disk, a lost bucket), in the foreground or in orbax's background
+    thread, raises a StorageError naming the checkpoint and the newest complete one, at the latest
+    from `wait()` / `close()`, which the training loop calls before it exits."""
+
     def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
         self.directory = checkpoints_directory(model_path)
+        self.keep = keep
         self.read_only = read_only
+        self.in_flight: int | None = None  # the step of the save orbax may still be writing
+        self.remote = storage.is_remote(self.directory)
+        if self.remote:
+            storage.require_reachable(self.directory)
         storage.forget_listings()  # another process (or --new) may have changed the folder since it was listed
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            item_names=tuple(ITEM_HANDLERS),
-            item_handlers=item_handlers(self.directory),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=not read_only,
-            ),
-        )
+        writer = not read_only and jax.process_index() == 0
+        if not read_only:  # before the first save: a failing one echoes while it is still being written
+            quiet_closed_event_loop_reports()
+        if writer:
+            self.delete_leftovers()
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                item_names=tuple(ITEM_HANDLERS),
+                item_handlers=item_handlers(self.directory),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=None, enable_async_checkpointing=asynchronous, create=not read_only,
+                    # a save that a kill or a full disk interrupted leaves a temporary folder, holding space
+                    cleanup_tmp_directories=not read_only,
+                ),
+            )
+        except StorageError:
+            raise
+        except OSError as err:
+            raise storage.write_error(self.directory, err) from None
 
     def where(self, step: int) -> str:
         return storage.join(self.directory, str(step))
@@ -147,10 +184,39 @@ class Checkpoints:
         return shapes
 
     def save(self, step: int, state: dict, meta: CheckpointMeta) -> None:
+        """Start saving `step` (asynchronously unless made otherwise); the previous save is
+        completed, its failure raised, and rotation done first."""
+        self.wait()
         items = {"params": ocp.args.StandardSave(state["params"]), "meta": ocp.args.JsonSave(meta.to_json())}
         if state.get("opt_state") is not None:
             items["opt_state"] = ocp.args.StandardSave(state["opt_state"])
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.in_flight = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:  # noqa: BLE001 - tensorstore's ValueError, OSError, gcsfs's errors
+            self.in_flight = None
+            raise self.save_failed(step, err) from None
+
+    def committed(self, step: int) -> bool:
+        """Whether `step` was written whole: locally orbax renames the finished folder into place;
+        on a bucket it writes the commit marker last."""
+        storage.forget_listings()
+        if self.remote:
+            return storage.exists(storage.join(self.where(step), COMMIT_MARKER))
+        return storage.isdir(self.where(step))
+
+    def save_failed(self, step: int, err: BaseException) -> StorageError:
+        """The error for a save of `step` that did not complete; its partial files are deleted
+        (they hold the space that ran out, and no restore can use them)."""
+        if not self.remote:
+            for partial in storage.glob(storage.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+                storage.rm_tree(partial)
+        self.manager.reload()
+        older = [s for s in self.manager.all_steps() if s != step and self.committed(s)]
+        kept = (f"; the newest complete checkpoint, step {max(older)}, is intact" if older
+                else "; no checkpoint was completed before it")
+        return storage.write_error(self.where(step), err, kept)
+
 
     def restore(self, step: int, abstract: dict) -> tuple[dict, CheckpointMeta]:
         """Restore `step` into the shardings of `abstract` (a tree of jax.ShapeDtypeStruct with
@@ -196,11 +262,85 @@ class Checkpoints:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Until the save in flight is complete: raise a StorageError if it failed, else rotate."""
+        step, self.in_flight = self.in_flight, None
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001 - whatever orbax's background thread met
+            if step is None:
+                raise
+            raise self.save_failed(step, err) from None
+        if step is not None and not self.committed(step):  # orbax logs some failures and goes on
+            raise self.save_failed(step, StorageError("orbax did not complete it"))
+        if step is not None and not self.read_only and jax.process_index() == 0:
+            self.rotate()
+
+    def rotate(self) -> None:
+        steps = sorted(self.manager.all_steps())
+        if self.keep is None or self.keep < 1 or len(steps) <= self.keep:
+            return
+        for step in steps[:-self.keep]:
+            self.discard(step)
+        self.manager.reload()
+
+    def discard(self, step: int) -> None:
+        """Delete one checkpoint so that no moment of it looks like a checkpoint (see the class)."""
+        source = self.where(step)
+        try:
+            if self.remote:
+                for first in (COMMIT_MARKER, "meta"):
+                    if storage.exists(storage.join(source, first)):
+                        storage.rm_tree(storage.join(source, first))
+                storage.rm_tree(source)
+            else:
+                aside = storage.join(self.directory, DISCARDED, f"{step}-{uuid.uuid4().hex[:6]}")
+                storage.makedirs(storage.parent(aside))
+                storage.move(source, aside)
+                storage.rm_tree(aside)
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - OSError locally, gcsfs's errors on a bucket
+            raise StorageError(f"{source}: could not delete this old checkpoint ({storage.first_line(err)}); "
+                               f"check that {self.directory} is writable, then run again") from None
+
+    def delete_leftovers(self) -> None:
+        """What a kill during rotation left: the discarded folder, and on a bucket a step without
+        its commit marker (no save is in flight at a start: model_path is locked)."""
+        discarded = storage.join(self.directory, DISCARDED)
+        if storage.exists(discarded):
+            storage.rm_tree(discarded)
+        if self.remote:
+            for name in storage.listdir(self.directory):
+                if name.isdigit() and not storage.exists(storage.join(self.directory, name, COMMIT_MARKER)):
+                    log.warning("deleting %s: an incomplete checkpoint", storage.join(self.directory, name))
+                    storage.rm_tree(storage.join(self.directory, name))
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Complete the save in flight (raising its failure) and release orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def quiet_closed_event_loop_reports() -> None:
+    """When a save fails, tensorstore completes the writes still queued and hands each result to
+    orbax's asyncio loop, which orbax closed when the first write failed; each hand-over is an
+    unraisable `RuntimeError: Event loop is closed`, printed with a traceback (56 for one full
+    disk). The failure itself is raised as one StorageError; these echoes of it are dropped, and
+    every other unraisable error is reported as before."""
+    report = sys.unraisablehook
+    if getattr(report, "quiet_closed_event_loop", False):
+        return
+
+    def quiet(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        report(unraisable)
+
+    quiet.quiet_closed_event_loop = True
+    sys.unraisablehook = quiet
 
 
 def abstract_tree(shardings, shapes):

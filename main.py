@@ -100,9 +100,18 @@ def select_devices(args) -> None:
         jax.distributed.initialize()  # a TPU pod slice finds its hosts by itself
 
 
+def trains(args) -> bool:
+    return not (args.predict or args.eval or args.export is not None or args.dry_run or args.check_dataset
+                or args.auto_layout or args.auto_layout_and_mesh_shape)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import storage  # noqa: F401  (first: translates STORAGE_EMULATOR_HOST before any storage library starts)
+    import train
+
+    if trains(args) and argv is None:  # the command line itself, not a caller's in-process use
+        train.catch_stop_signals()  # a preemption while JAX starts and compiles is kept, not fatal
     from configs import load_config
     from errors import ConfigError, DataError, StorageError
     from metrics import setup_logging

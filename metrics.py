@@ -64,6 +64,12 @@ def setup_logging() -> None:
     """neomesh's own INFO lines on stdout; libraries (orbax, jax, absl) keep to warnings."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
     logging.getLogger("neomesh").setLevel(logging.INFO)
+    # orbax reports a failed background save (a full disk) through absl, with a traceback from each
+    # of its threads, and asyncio adds one "Task exception was never retrieved" for each array
+    # orbax left unawaited; checkpoints.py raises the failure as one StorageError naming the
+    # checkpoint instead
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def format_eta(seconds: float) -> str:
@@ -72,24 +78,35 @@ def format_eta(seconds: float) -> str:
 
 class RunLog:
     """metrics.jsonl and TensorBoard scalars in model_path (process 0 only): the training loop's
-    first metric sink. model_path may be local, gs:// or memory:// (all through storage.py)."""
+    first metric sink. model_path may be local, gs:// or memory:// (all through storage.py).
+
+    Every write happens in the calling thread, so that a full disk or a lost bucket raises a
+    StorageError naming the file at the row that met it (tensorboardX's SummaryWriter writes from a
+    thread of its own, which dies with a traceback and loses the rows silently)."""
 
     def __init__(self, model_path: str, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = storage.join(model_path, "metrics.jsonl")
         self.remote = storage.is_remote(model_path)
-        self.writer = None
+        self.events = None
         self.rows: list[dict] = []
         if enabled:
             storage.makedirs(model_path)
             # a run that crashed after its last checkpoint logged steps that will be trained again
             self.rows = [r for r in read_metrics(model_path) if r["step"] <= start_step]
             storage.write_text(self.path, "".join(map(metrics_row, self.rows)))
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.record_writer import directory_check
 
-            tensorboard = storage.join(model_path, "tensorboard")
-            storage.tensorboard_writer_factory(tensorboard)
-            self.writer = SummaryWriter(tensorboard)
+            self.tensorboard = storage.join(model_path, "tensorboard")
+            storage.tensorboard_writer_factory(self.tensorboard)
+            try:
+                directory_check(self.tensorboard)
+                self.events = EventsWriter(storage.join(self.tensorboard, "events"))
+            except StorageError:
+                raise
+            except Exception as err:  # noqa: BLE001 - OSError locally, gcsfs's errors on a bucket
+                raise storage.write_error(self.tensorboard, err) from None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -99,17 +116,30 @@ class RunLog:
         if self.remote:  # an object cannot be appended to: the file is uploaded whole (rows are small)
             storage.write_text(self.path, "".join(map(metrics_row, self.rows)))
         else:
-            with open(self.path, "a") as f:
-                f.write(metrics_row(row))
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
+            storage.append_line(self.path, metrics_row(row))
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        try:
+            for name, value in values.items():
+                self.events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(name, value)))
+            self.events.flush()
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - see __init__
+            raise storage.write_error(self.events._file_name, err) from None
 
     __call__ = log
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.events is not None:
+            events, self.events = self.events, None
+            try:
+                events.close()
+            except StorageError:
+                raise
+            except Exception as err:  # noqa: BLE001 - see __init__
+                raise storage.write_error(events._file_name, err) from None
 
 
 def progress_line(step: int, total: int, values: dict[str, float], seconds_per_step: float) -> str:

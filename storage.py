@@ -34,11 +34,15 @@ checkpoints there, so a model_path on memory:// is refused by checkpoints.py.
 from __future__ import annotations
 
 import builtins
+import errno
 import io
 import os
 import posixpath
+import socket
+import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import fsspec
 
@@ -147,6 +151,8 @@ def parent(path: str) -> str:
 
 def filesystem(path: str):
     """(fsspec filesystem, the path as that filesystem spells it)."""
+    if protocol(path) == "gs":
+        require_reachable(path)
     try:
         return fsspec.core.url_to_fs(str(path))
     except (ImportError, ValueError) as err:
@@ -160,6 +166,79 @@ def _url(fs, fs_path: str) -> str:
 def protocol_of(fs) -> str:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" if "file" in protocols or "local" in protocols else protocols[0]
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+RESUME_ADVICE = "then run the same command again (training resumes from its newest complete checkpoint)"
+# seconds within which a gs:// endpoint must accept a connection: gcsfs alone retries each request
+# six times with backoff (about 90 s for a run's first few requests) before a raw aiohttp traceback
+REACHABLE_WITHIN_SECONDS = 10.0
+_reachable: set[str] = set()
+
+
+def out_of_space(err: BaseException) -> bool:
+    """A full disk or quota, however the library spelled it (tensorstore: RESOURCE_EXHAUSTED)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "RESOURCE_EXHAUSTED" in text or "Disk quota exceeded" in text
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def write_error(path: str, err: BaseException, note: str = "") -> StorageError:
+    """A failed write as one line: the path, what the system said, (a note on what was kept,) and
+    what to do about it."""
+    if out_of_space(err):
+        advice = f"the disk is full: free space there, {RESUME_ADVICE}"
+    elif is_remote(path):
+        advice = f"check that the bucket exists, is reachable and writable, {RESUME_ADVICE}"
+    else:
+        advice = f"check that the folder is writable, {RESUME_ADVICE}"
+    # tensorstore's report of a full disk runs to hundreds of characters of its own paths
+    reason = "no space left on device" if out_of_space(err) else first_line(err)
+    return StorageError(f"{path}: could not write ({reason}){note}; {advice}")
+
+
+def endpoint(path: str) -> str:
+    """The address a gs:// path is served from: STORAGE_EMULATOR_HOST, or Google's endpoint."""
+    address = emulator()
+    if address is None:
+        return "https://storage.googleapis.com"
+    return address if address.startswith(("http://", "https://")) else f"http://{address}"
+
+
+def require_reachable(path: str) -> None:
+    """Refuse, in one line and within REACHABLE_WITHIN_SECONDS, a gs:// path whose endpoint takes
+    no connection (a name that does not resolve, a closed port, no network). Checked once per
+    endpoint and process; behind an HTTP(S) proxy the endpoint is not dialled directly, so there
+    the check is left to the proxy."""
+    address = endpoint(path)
+    if address in _reachable or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return
+    url = urlparse(address)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    started, pause, tries = time.monotonic(), 0.5, 0
+    while True:
+        tries += 1
+        try:
+            socket.create_connection((url.hostname, port), timeout=3).close()
+            _reachable.add(address)
+            return
+        except OSError as err:
+            reason = first_line(err)
+        waited = time.monotonic() - started
+        if waited + pause > REACHABLE_WITHIN_SECONDS:
+            variable = f" (set by {EMULATOR_VARIABLE})" if emulator() else ""
+            raise StorageError(f"{path}: cannot reach the storage endpoint {address}{variable}: {reason} "
+                               f"({tries} tries over {waited:.0f} s); check the network and the address, then run "
+                               "the same command again")
+        time.sleep(pause)
+        pause *= 2
 
 
 # --- queries -------------------------------------------------------------------------------------
@@ -226,28 +305,59 @@ def write_bytes(path: str, data: bytes) -> str:
     locally a temporary file renamed over the target; an object store's upload is atomic already."""
     fs, fs_path = filesystem(path)
     if protocol_of(fs) == "file":
-        os.makedirs(os.path.dirname(os.path.abspath(fs_path)), exist_ok=True)
         temporary = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
-        with builtins.open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, fs_path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(fs_path)), exist_ok=True)
+            with builtins.open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, fs_path)
+        except OSError as err:
+            if os.path.exists(temporary):  # what did fit is no use to anyone and holds the space
+                os.remove(temporary)
+            raise write_error(path, err) from None
     else:
-        fs.pipe_file(fs_path, data)
+        try:
+            fs.pipe_file(fs_path, data)
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - gcsfs raises HttpError, aiohttp errors and OSErrors alike
+            raise write_error(path, err) from None
     return str(path)
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to a local file with one write call, so that a crash or a full disk leaves
+    whole lines, or at most one torn last line (which read_metrics drops), never a line split."""
+    data = line.encode("utf-8")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if written != len(data):  # the disk filled within the line
+            raise OSError(errno.ENOSPC, f"No space left on device (wrote {written} of {len(data)} bytes)")
+    except OSError as err:
+        raise write_error(path, err) from None
 
 
 def create_exclusive(path: str, data: bytes) -> bool:
     """Create a file only if none exists (on a bucket: an upload conditional on the object's
     generation being 0), so that of two writers exactly one succeeds. False if it existed."""
     fs, fs_path = filesystem(path)
-    if protocol_of(fs) == "file":
-        os.makedirs(os.path.dirname(os.path.abspath(fs_path)), exist_ok=True)
     try:
+        if protocol_of(fs) == "file":
+            os.makedirs(os.path.dirname(os.path.abspath(fs_path)), exist_ok=True)
         fs.pipe_file(fs_path, data, mode="create")
     except FileExistsError:
         return False
+    except Exception as err:  # noqa: BLE001 - a full disk, a lost bucket: see write_bytes
+        if protocol_of(fs) == "file" and os.path.exists(fs_path) and os.path.getsize(fs_path) < len(data):
+            os.remove(fs_path)  # a half-written file would read as a lock of nobody's
+        raise write_error(path, err) from None
     forget_listings()
     return True
 
@@ -260,7 +370,10 @@ def makedirs(path: str) -> None:
     """Create a folder (and its parents); object stores have no folders, so there it does nothing."""
     fs, fs_path = filesystem(path)
     if protocol_of(fs) in ("file", "memory"):
-        fs.makedirs(fs_path, exist_ok=True)
+        try:
+            fs.makedirs(fs_path, exist_ok=True)
+        except OSError as err:
+            raise write_error(path, err) from None
 
 
 def rm(path: str) -> None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import storage
-from errors import ConfigError
+from errors import ConfigError, StorageError
 
 log = logging.getLogger("neomesh")
 
@@ -41,6 +41,12 @@ OPTIMIZER_KEYS = ("opt_name", "gradient_clipping", "weight_decay")
 # keys that differ between runs of one model without changing what a checkpoint holds
 RUN_KEYS = ("train_steps", "model_path", "steps_per_checkpoint", "keep_checkpoints", "iterations", "eval_steps",
             "eval_batch_size", "predict_batch_size", "predict_max_steps")
+# keys that may change on resume and shape no array of the state: never blamed for a shape that differs
+MAY_CHANGE_ON_RESUME = RUN_KEYS + (
+    "lr", "lr_decay", "lr_decay_end", "warmup_steps", "beta1", "beta2", "epsilon", "ada_epsilon1", "ada_epsilon2",
+    "z_loss", "embed_dropout", "attn_dropout", "res_dropout", "recompute_grad", "tokens_per_mb_per_replica",
+    "attention_kernel", "cpu_backward", "mesh_shape", "layout", "log_grads", "skip_nonfinite_steps", "temperature",
+    "top_k", "top_p", "repetition_penalty", "sampling_seed", "predict_steps", "eval_tasks", "model")
 
 
 @dataclasses.dataclass
@@ -64,18 +70,51 @@ def run(config, new: bool = False, assume_yes: bool = False, allow_data_change: 
 
     from mesh import build_mesh_layout
 
-    require_model_path(config)
-    layout = layout if layout is not None else build_mesh_layout(config)
-    main_process = jax.process_index() == 0
-    lock = take_lock(config.model_path) if main_process else None  # multi-host: process 0 for all
+    previous_handlers = take_stop_signals() if handle_signals else {}
+    lock = None
     try:
-        return train_loop(config, layout, new, assume_yes, allow_data_change, sinks, handle_signals)
+        require_model_path(config)
+        layout = layout if layout is not None else build_mesh_layout(config)
+        main_process = jax.process_index() == 0
+        lock = take_lock(config.model_path) if main_process else None  # multi-host: process 0 for all
+        return train_loop(config, layout, new, assume_yes, allow_data_change, sinks)
     finally:
         if lock is not None:
             release_lock(lock)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        STOP["early"] = False
 
 
-def train_loop(config, layout, new, assume_yes, allow_data_change, sinks, handle_signals) -> TrainResult:
+# --- preemption: a signal saves at the next step boundary, then the run returns -------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP = {"signal": None, "early": False}  # the signal received, if any; whether main.py caught it from its start
+
+
+def on_stop_signal(signum, _frame) -> None:
+    STOP["signal"] = signum
+
+
+def catch_stop_signals() -> None:
+    """For main.py, first thing when it is to train: a SIGTERM or SIGINT from here on is kept for
+    the training loop (which then returns before its first step), instead of killing the process
+    while it imports, restores and compiles."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
+    STOP["early"] = True
+
+
+def take_stop_signals() -> dict:
+    """Install the stop handlers for one run; returns the handlers they replace. A signal that
+    main.py caught before the run counts; one left over from an earlier run in this process does not."""
+    if not STOP["early"]:
+        STOP["signal"] = None
+    return {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
+
+
+def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> TrainResult:
+
     """`run` once model_path is this process's: data -> sharded step -> metrics -> checkpoint."""
     import jax
     import numpy as np
@@ -122,22 +161,11 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks, handle
              config.source, f"{gpt2.parameter_count(config):,}", layout.mesh.size, dict(layout.mesh.shape),
              layout.layout or "{}", start, config.train_steps, peak_source)
 
-    # --- preemption: a signal saves at the next step boundary, then the run returns ------------
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    previous_handlers = {}
-    if handle_signals:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous_handlers[signum] = signal.signal(signum, on_signal)
-
     def stopping() -> bool:
         """Every host stops at the same step (saving is collective), if any host was signalled."""
         if jax.process_count() == 1:
-            return stop["signal"] is not None
-        flags = multihost_utils.process_allgather(np.asarray(stop["signal"] is not None))
+            return STOP["signal"] is not None
+        flags = multihost_utils.process_allgather(np.asarray(STOP["signal"] is not None))
         return bool(np.any(flags))
 
     # --- the guard: no state that is not finite is ever saved -----------------------------------
@@ -168,7 +196,10 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks, handle
     step, values, stopped = start, {}, False
     window_start, window_steps, window_sums = time.perf_counter(), 0, None
     try:
-        while step < config.train_steps:
+        if step < config.train_steps and stopping():  # signalled while starting: nothing new to save
+            log.info("stopped by a signal before step %d; nothing new to save", step + 1)
+            stopped = True
+        while step < config.train_steps and not stopped:
             batch_inputs, batch_labels = inputs.global_batch(train_data, step, layout, config.train_batch_size)
             state, step_metrics = train_step(state, batch_inputs, batch_labels)
             unchecked.append((step + 1, step_metrics))
@@ -209,11 +240,19 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks, handle
             if stopped:
                 log.info("stopped by a signal at step %d; checkpoint saved", step)
                 break
-    finally:
-        checkpoints.close()
+    except BaseException as err:
+        # the save in flight completes (or is recognisably incomplete and deleted) before the error
+        # leaves: a corrupt shard or a full disk mid-run keeps the checkpoint that was being written
+        for close in (checkpoints.close, run_log.close):
+            try:
+                close()
+            except Exception as also:  # noqa: BLE001 - the first error is the one to report
+                if not isinstance(err, StorageError) or str(also) != str(err):
+                    log.warning("while stopping: %s", storage.first_line(also))
+        raise
+    else:
+        checkpoints.close()  # a failed background save surfaces here at the latest
         run_log.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
     if main_process:
         curve = plot_loss_curve(config.model_path)
         if curve:
@@ -263,12 +302,17 @@ def process_is_running(pid) -> bool:
 
 
 def release_lock(path: str) -> None:
+    """Delete the lock if it is still this process's. A store that fails now (a lost bucket) leaves
+    it behind with a warning, not an error that would hide the run's own outcome (a later start on
+    this host takes it over, its owner being gone)."""
     try:
         owner = json.loads(storage.read_text(path))
+        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            storage.rm(path)
     except (FileNotFoundError, json.JSONDecodeError):
         return
-    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-        storage.rm(path)
+    except Exception as err:  # noqa: BLE001 - OSError locally, gcsfs's errors on a bucket
+        log.warning("%s: could not release the lock (%s); delete it if a later run on another host refuses it", path, storage.first_line(err))
 
 
 # --- where a run starts ---------------------------------------------------------------------------
@@ -322,7 +366,7 @@ def restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_dat
 def changed_keys(config, saved_config: dict, keys=None) -> dict[str, tuple]:
     """{key: (checkpoint's value, config's value)} for the keys whose values differ."""
     current = json.loads(json.dumps(config.to_dict()))  # compared as the checkpoint stored them
-    keys = keys if keys is not None else [k for k in current if k not in RUN_KEYS]
+    keys = keys if keys is not None else [k for k in current if k not in MAY_CHANGE_ON_RESUME]
     return {k: (saved_config.get(k), current.get(k)) for k in keys
             if k in saved_config and saved_config[k] != current.get(k)}
 

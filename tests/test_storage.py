@@ -138,9 +138,12 @@ def test_gs_model_path_trains_resumes_predicts_evaluates_exports_and_new_deletes
     assert {"runs/tiny/metrics.jsonl", "runs/tiny/loss_curve.png"} <= objects
     assert not Path(REPO / "gs:").exists()
 
-    second = main_py_with_emulator(emulator, *run, "--set", "train_steps=4")
+    second = main_py_with_emulator(emulator, *run, "--set", "train_steps=4", "--set", "keep_checkpoints=1")
     assert "resumed from" in second.stdout and "at step 2" in second.stdout
     assert "step 3/4" in second.stdout and "step 1/4" not in second.stdout
+    # rotation on a bucket deletes object by object, the commit marker first: nothing of step 2 is left
+    assert not any(o.startswith("runs/tiny/checkpoints/2/") for o in bucket_objects("runs/tiny/checkpoints"))
+    assert "runs/tiny/checkpoints/4/commit_success.txt" in bucket_objects("runs/tiny/checkpoints")
     rows = [json.loads(line) for line in storage.read_text(f"{model_path}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert storage.read_bytes(f"{model_path}/loss_curve.png")[:4] == b"\x89PNG"
