@@ -46,6 +46,7 @@ _LETTER_DIMENSIONS = {letter: name for name, letter in DIMENSION_LETTERS.items()
 DATA_AXIS = "data"  # the axis an empty mesh_shape puts every local device on
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIZE = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
 
 
 def dimensions_of(letters: str) -> tuple[str, ...]:
@@ -63,7 +64,7 @@ def parse_mesh_shape(text: str, where: str = "config") -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, size = part.partition(":")
         name = name.strip()
-        if not _NAME.match(name) or not size.strip().isdigit() or int(size) <= 0:
+        if not _NAME.match(name) or not _SIZE.fullmatch(size.strip()) or int(size) <= 0:
             raise ConfigError(
                 f"{where}: key 'mesh_shape' = {text!r}: {part!r} is not name:size with a positive size; "
                 'expected e.g. "x:4,y:2"'
