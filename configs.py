@@ -11,6 +11,7 @@ import difflib
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,8 +346,9 @@ def read_json(path: Path) -> Any:
     except RecursionError:
         raise ConfigError(f"{path}: JSON nested too deeply to read; a config nests at most "
                           f"{MAX_NESTING} levels") from None
-    except ValueError as err:  # an integer literal beyond Python's digit limit (4300 digits)
-        raise ConfigError(f"{path}: a value cannot be read ({err}); numbers in a config fit in 64 bits") from None
+    except ValueError:  # an integer literal beyond Python's digit limit (4300 digits)
+        raise ConfigError(f"{path}: holds an integer of more than {sys.get_int_max_str_digits()} digits, which "
+                          "cannot be read; every number a config takes fits in 64 bits") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read as a config file: {err.strerror or err}") from None
 
@@ -365,8 +367,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     except RecursionError:
         raise ConfigError(f"--set {key}=...: the value is nested too deeply; a config nests at most "
                           f"{MAX_NESTING} levels") from None
-    except ValueError as err:  # an integer literal beyond Python's digit limit
-        raise ConfigError(f"--set {key}=...: the value cannot be read ({err}); numbers in a config fit in 64 bits") from None
+    except ValueError:  # an integer literal beyond Python's digit limit
+        raise ConfigError(f"--set {key}=...: an integer of more than {sys.get_int_max_str_digits()} digits cannot "
+                          "be read; every number a config takes fits in 64 bits") from None
     if KEYS[key].kind.startswith("str") and not isinstance(value, str):
         value = raw  # `--set mesh_shape=8` means the string "8"
     return key, value
