@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import storage  # noqa: F401  (first: translates STORAGE_EMULATOR_HOST before any storage library starts)
     from configs import load_config
-    from errors import ConfigError, DataError, StorageError
+    from errors import USER_ERRORS, report_user_error
     from metrics import setup_logging
 
     setup_logging()
@@ -116,9 +116,8 @@ def main(argv=None) -> int:
         config = load_config(args.model, overrides)
         select_devices(args)
         return run(args, config)
-    except (ConfigError, DataError, StorageError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report_user_error(err)
 
 
 def run(args, config) -> int:

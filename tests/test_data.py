@@ -439,7 +439,7 @@ def test_create_tfrecords_killed_midway_resumes_to_the_uninterrupted_result(tmp_
 
 def test_create_tfrecords_refuses_to_mix_runs_with_different_flags(corpus, tokenizer_path, tmp_path):
     make_shards(corpus, tokenizer_path, tmp_path, "documents", files_per=3)
-    with pytest.raises(SystemExit, match="files_per"):
+    with pytest.raises(ConfigError, match="files_per"):
         make_shards(corpus, tokenizer_path, tmp_path, "documents", files_per=4)
 
 
@@ -453,7 +453,7 @@ def test_train_tokenizer_writes_special_ids_and_never_overwrites_silently(tokeni
     suggested = json.loads((tokenizer_path.parent / "dataset_config.json").read_text())
     assert suggested["eos_id"] == 0 and suggested["padding_id"] == 1 and suggested["n_vocab"] == 600
     before = tokenizer_path.read_bytes()
-    with pytest.raises(SystemExit, match="--overwrite"):
+    with pytest.raises(ConfigError, match="--overwrite"):
         train_tokenizer.main(["--base_dir", str(corpus), "--output_dir", str(tokenizer_path.parent),
                               "--file_type", "txt", "--vocab_size", "300"])
     assert tokenizer_path.read_bytes() == before
@@ -502,7 +502,7 @@ def test_ftfy_shortcut_changes_nothing_ftfy_would_not(tmp_path):
 
 def test_an_encoder_path_that_does_not_exist_is_one_clear_line(corpus, tmp_path):
     missing = tmp_path / "no_such" / "byte-level-bpe.tokenizer.json"
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(ConfigError) as stop:
         create_tfrecords.main(["--input_dir", str(corpus), "--name", "t", "--output_dir", str(tmp_path / "out"),
                                "--encoder_path", str(missing), "--quiet"])
     message = str(stop.value)
