@@ -604,8 +604,9 @@ def check_dataset_entry(entry: Any, source: str) -> None:
         raise ConfigError(f"{where}: stitch must be an integer in [1, 2^31)")
     if not isinstance(mode, str) or mode not in SAMPLING_MODES:
         raise ConfigError(f"{where}: sampling mode {show(mode)} is not one of {', '.join(SAMPLING_MODES)}")
-    if (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(float(weight))
-            or weight <= 0):
+    # a weight is used as a float: an integer beyond a float's range is refused like infinity
+    if (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < 1e300
+            or not math.isfinite(float(weight))):
         raise ConfigError(f"{where}: weight must be a finite positive number")
 
 

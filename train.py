@@ -434,6 +434,7 @@ def dry_run(config, layout) -> dict:
 
     import inputs
     import model_fns
+    from mesh import check_fits_in_memory
     from models import gpt2
     from optimizers import make_optimizer
 
@@ -461,18 +462,7 @@ def dry_run(config, layout) -> dict:
               f"outputs {memory.output_size_in_bytes / gib:.2f}, temporaries {memory.temp_size_in_bytes / gib:.2f}, "
               f"donated {memory.alias_size_in_bytes / gib:.2f})")
         report["per_device_bytes"] = total
-        # refuse a step that cannot fit: a device's bytes_limit, or on a CPU, which reports none, the
-        # host's memory shared by its devices
-        device = layout.mesh.devices.flat[0]
-        limit = (device.memory_stats() or {}).get("bytes_limit")
-        where = f"a {device.platform} device's memory"
-        if limit is None:
-            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // layout.mesh.devices.size
-            where = "this host's memory per CPU device"
-        if total > limit:
-            raise ConfigError(f"{config.source}: the train step needs {total / gib:.2f} GiB per device, beyond "
-                              f"{where} ({limit / gib:.2f} GiB): shard it over more devices (mesh_shape, layout), "
-                              "use tokens_per_mb_per_replica or recompute_grad, or make the model smaller")
+        check_fits_in_memory(compiled, layout, config.source)
     print(f"train step compiled in {seconds:.1f} s")
     return report
 
