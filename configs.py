@@ -201,7 +201,7 @@ DATASET_KEYS = {
     "eval_path": Key("", "str", "glob of the evaluation shards"),
     "tokenizer_is_pretrained": Key(False, "bool", "tokenizer_path names a pretrained tokenizer (e.g. gpt2)"),
     "tokenizer_path": Key("", "str", "tokenizer.json path or pretrained name"),
-    "eos_id": Key(None, "int?", "end-of-text id, joins stitched documents", "[0, n_vocab)"),
+    "eos_id": Key(None, "int?", "end-of-text id, joins stitched documents", "[0, 2^31)"),
     "padding_id": Key(None, "int?", "padding id", "[0, 2^31)"),
 }
 
