@@ -31,6 +31,7 @@ bench: $(VENV)/.test
 	$(PY) bench/train_throughput.py
 	$(PY) bench/generate_throughput.py
 	$(PY) bench/data_throughput.py
+	$(PY) bench/attention_scaling.py
 
 clean-demo:
 	rm -rf demo_data runs/demo

@@ -49,18 +49,20 @@ KEYS: dict[str, Key] = {
     # 10x GPT-3's 96 layers and admits the deepest published transformers (DeepNet's 1000 layers).
     "n_layer": Key(12, "int", "number of transformer blocks", "[1, 1024]"),
     "n_vocab": Key(50257, "int", "rows of the token embedding (dimension `vocab`); may exceed the tokenizer's size", "[1, 2^31)"),
-    "attention_types": Key(None, "list?", "[[kinds, repeat], ...] expanded to one kind per layer: global | local | linear | none; absent: all global"),
+    "attention_types": Key(None, "list?", "[[kinds, repeat], ...] expanded to one kind per layer: global | local | linear | gau | none; absent: all global"),
     "local_attention_radius": Key(256, "int", "a `local` layer's query attends to itself and the previous radius-1 positions", "[1, 2^31)"),
     "activation_function": Key("gelu", "str", "MLP activation (see models/activations.py for the names)"),
     "intermediate_size": Key(None, "int?", "MLP hidden width (dimension `intermediate_expanded`); absent: 4 * n_embd", "[1, 2^31)"),
     "layer_norm_epsilon": Key(1e-5, "float", "epsilon of every LayerNorm", "(0, inf)"),
     # --- architecture options ----------------------------------------------------------------
-    "scale_by_depth": Key(True, "bool", "scale the init of residual output projections by 1/sqrt(n_layer)"),
-    "scale_by_in": Key(False, "bool", "scale the init of every projection by 1/sqrt(fan_in)"),
+    "scale_by_depth": Key(True, "bool", "scale the init of the MLP's and gau's residual output projections by 1/sqrt(n_layer) (softmax and linear attention keep GPT-Neo's own init, see models/attention.py)"),
+    "scale_by_in": Key(False, "bool", "scale the init of the MLP's and gau's projections by 1/sqrt(fan_in)"),
     "no_weight_tie": Key(False, "bool", "a separate biased output projection (lm_head) instead of the tied token embedding; ln_f stays"),
     "rotary_emb": Key(False, "bool", "rotary position embeddings instead of the learned table"),
     "axial_pos_emb": Key(None, "list?", "[a1, a2] with a1 * a2 = n_ctx: axial position embeddings (dimensions `axial_rows`, `axial_columns`); ignored when rotary_emb is on"),
-    "num_mem_kv": Key(0, "int", "learned memory key/values prepended in global layers", "[0, 2^31)"),
+    "num_mem_kv": Key(0, "int", "learned memory key/values (dimension `mem_kv`) prepended to the keys of every global layer, visible to every query; memory_length becomes n_ctx + num_mem_kv", "[0, 2^31)"),
+    "gau_key_size": Key(128, "int", "a `gau` layer's q, k and v width s (dimension `gau_key`); even with rotary_emb", "[1, 2^31)"),
+    "gau_expanded_size": Key(None, "int?", "a `gau` layer's gate width e (dimension `gau_expanded`); absent: 2 * n_embd", "[1, 2^31)"),
     "scalenorm": Key(False, "bool", "GPT-Neo's ScaleNorm (mean-centred, one scalar gain, no bias) instead of each block's LayerNorms; ln_f stays a LayerNorm"),
     "rezero": Key(False, "bool", "ReZero: no pre-norms; each residual branch times a learned scalar that starts at 0 (ln_f stays)"),
     "macaron": Key(False, "bool", "macaron blocks: a half-step MLP (no norm, no ReZero gain) before attention, and the block's MLP halved"),
@@ -139,7 +141,7 @@ KEYS: dict[str, Key] = {
 }
 # fmt: on
 
-ATTENTION_KINDS = ("global", "local", "linear", "none")
+ATTENTION_KINDS = ("global", "local", "linear", "gau", "none")
 INPUT_FNS = ("sequential_input", "generic_text")  # GPT-Neo's readers; neomesh has one sampler for both
 EVAL_TASKS = {"lambada": False}  # GPT-Neo's task evaluations: name -> implemented in neomesh
 
@@ -175,11 +177,12 @@ OPTIONS: dict[str, Option] = {
     #  row                       what                                                     implemented  hf
     "attention_types: global": Option("global attention",                                      True,  True),
     "attention_types: local":  Option("local attention",                                       True,  True),
-    "attention_types: linear": Option("linear attention",                                      False, False, "global and local attention only"),
+    "attention_types: linear": Option("linear attention",                                      True,  False, "global and local attention only"),
+    "attention_types: gau":    Option("gated attention units (GAU)",                           True,  False, "global and local attention only"),
     "attention_types: none":   Option("layers without attention",                              True,  False, "global and local attention only"),
     "rotary_emb":              Option("rotary position embeddings",                            True,  False, "a learned position table only"),
     "axial_pos_emb":           Option("axial position embeddings",                             True,  False, "a learned position table only"),
-    "num_mem_kv":              Option("memory key/values",                                     False, False, "no memory key/values"),
+    "num_mem_kv":              Option("memory key/values",                                     True,  False, "no memory key/values"),
     "scalenorm":               Option("ScaleNorm",                                             True,  False, "LayerNorm only"),
     "rezero":                  Option("ReZero residuals",                                      True,  False, "pre-LN residuals only"),
     "macaron":                 Option("macaron blocks",                                        True,  False, "one MLP per block"),
@@ -232,6 +235,10 @@ class Config:
         return self.intermediate_size or 4 * self.n_embd
 
     @property
+    def gau_expanded(self) -> int:
+        return self.gau_expanded_size or 2 * self.n_embd
+
+    @property
     def dim_sizes(self) -> dict[str, int]:
         """Size of every named tensor dimension (design §3)."""
         return {
@@ -245,6 +252,9 @@ class Config:
             "axial_columns": self.axial_pos_emb[1] if self.axial_pos_emb else 1,
             "sequence": self.n_ctx,
             "memory_length": self.n_ctx + self.num_mem_kv,
+            "mem_kv": self.num_mem_kv,
+            "gau_key": self.gau_key_size,
+            "gau_expanded": self.gau_expanded,
             "batch": self.train_batch_size,
         }
 
@@ -530,6 +540,12 @@ def validate(raw: dict[str, Any], source: str) -> Config:
             fail("eval_tasks", f"unknown task {show(task)}; GPT-Neo's tasks: {', '.join(EVAL_TASKS)}")
         if not EVAL_TASKS[task]:
             fail("eval_tasks", f"task evaluation ({task!r}) is not implemented in neomesh yet; accepted: []")
+    kinds = expand_attention_types(values["attention_types"], values["n_layer"])
+    if values["rotary_emb"] and "gau" in kinds and values["gau_key_size"] % 2:
+        fail("gau_key_size", "must be even with rotary_emb: rotary embeddings turn pairs of dimensions")
+    if values["rotary_emb"] and values["n_embd"] // values["n_head"] % 2:
+        fail("n_head", f"gives an odd head size n_embd / n_head = {values['n_embd'] // values['n_head']}; "
+                       "rotary_emb turns pairs of dimensions, so it must be even")
     axial = values["axial_pos_emb"]
     if axial is not None:
         if len(axial) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in axial):

@@ -39,6 +39,9 @@ DIMENSION_LETTERS = {
     "embed_sequence": "p",
     "axial_rows": "r",  # axial_pos_emb's first table
     "axial_columns": "c",  # and its second
+    "mem_kv": "n",  # num_mem_kv's memory key/values
+    "gau_key": "g",  # gau's q, k and v
+    "gau_expanded": "u",  # gau's gate
 }
 DIMENSION_NAMES = tuple(DIMENSION_LETTERS)
 POSITION_DIMENSIONS = ("sequence", "memory_length")  # a decoding step holds fewer positions than n_ctx

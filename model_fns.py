@@ -159,8 +159,8 @@ def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):
 
 def flops_per_token(config) -> float:
     """Useful training FLOPs per token: 6 per matmul weight (forward and backward; the position
-    table is a lookup, the tied token embedding a matmul at the output) plus the q.k and probs.v
-    products over the positions each layer's causal mask lets a query see, on average."""
+    table is a lookup, the tied token embedding a matmul at the output) plus what each layer's
+    attention computes beyond its projections (models/attention.py: for softmax attention the q.k
+    and probs.v products over the positions its mask lets a query see, on average)."""
     matmul_weights = gpt2.parameter_count(config, matmul_only=True)
-    attended = sum(KINDS[kind].attended_keys(config) for kind in config.layer_kinds)
-    return 6 * matmul_weights + 12 * attended * config.n_embd
+    return 6 * matmul_weights + sum(KINDS[kind].flops(config) for kind in config.layer_kinds)

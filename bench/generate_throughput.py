@@ -13,6 +13,11 @@ slower than one thread, and the peer should be measured at its best.
     PYTHONPATH=. .venv/bin/python bench/generate_throughput.py            # 125M, batches 1 and 8
     PYTHONPATH=. .venv/bin/python bench/generate_throughput.py --small    # a quick check of the script
 
+Then the per-token time by position, neomesh only (HF GPTNeo has no linear attention): a model
+with every layer `linear` against the same model with every layer `global`, each decoding new
+tokens after prompts of growing length. Linear attention decodes from a running state, so its
+time per token should not grow with the position; global attention reads a cache that grows.
+
 The last line of the output is one JSON object with every figure.
 """
 
@@ -103,6 +108,31 @@ def fastest_torch_threads(model, prompt) -> int:
     return min(timings, key=timings.get)
 
 
+POSITION_SHAPE = dict(n_layer=4, n_embd=256, n_head=4, n_ctx=2048, n_vocab=4096)
+
+
+def per_token_by_position(prompts: list[int], new_tokens: int, repeats: int) -> dict:
+    """{kind: {prompt length: ms per new token}} for POSITION_SHAPE with every layer `kind`: the
+    time of a generation of 65 + new_tokens tokens minus that of 65, over new_tokens (both include
+    the same prompt pass, and 64 steps already warm the loop)."""
+    rng = np.random.default_rng(1)
+    rows = {}
+    for kind in ("linear", "global"):
+        config = validate(dict(POSITION_SHAPE, attention_types=[[[kind], POSITION_SHAPE["n_layer"]]]),
+                          "bench/generate_throughput.py")
+        params = gpt2.init_params(config, jax.random.key(0))
+        rows[kind] = {}
+        for length in prompts:
+            prompt = rng.integers(0, config.n_vocab, (1, length)).tolist()
+            longer, _ = time_ours(params, config, prompt, 65 + new_tokens, repeats)
+            first, _ = time_ours(params, config, prompt, 65, repeats)
+            rows[kind][length] = round(1e3 * max(longer - first, 0.0) / new_tokens, 3)
+        line = ", ".join(f"after {length} tokens {ms:.2f} ms" for length, ms in rows[kind].items())
+        growth = rows[kind][prompts[-1]] / max(rows[kind][prompts[0]], 1e-9)
+        print(f"{kind:6s} per new token: {line} | last / first {growth:.2f}x", flush=True)
+    return rows
+
+
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two greedy generations share (float32 rounding may split them later)."""
     n = 0
@@ -118,6 +148,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best counts")
+    parser.add_argument("--position_prompts", type=int, nargs="*", default=[64, 512, 1536],
+                        help="prompt lengths of the per-token-by-position rows (none: skip them)")
     args = parser.parse_args()
 
     shape = SHAPE_SMALL if args.small else SHAPE_125M
@@ -150,6 +182,9 @@ def main() -> None:
             "first_token_speedup": round(hf_ttft / ours_ttft, 3), "greedy_agreeing_prefix": agree,
             "hf_torch_threads": hf_threads,
         }
+    if args.position_prompts:
+        print(f"per-token time by position, {POSITION_SHAPE}, batch 1, 192 new tokens after 64, neomesh only:")
+        results["ms_per_token_by_prompt_length"] = per_token_by_position(args.position_prompts, 192, max(args.repeats, 3))
     print(json.dumps(results))
 
 

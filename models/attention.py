@@ -1,32 +1,28 @@
 """Attention, by kind: every kind a layer of `attention_types` can be is one `AttentionKind` in
 `KINDS`, which gives its weights, how it is applied, its decoding cache and its FLOPs.
 
-    global  softmax attention over every earlier position
+    global  softmax attention over every earlier position, and over num_mem_kv learned memory
+            key/values that every query sees
     local   softmax attention over the last `local_attention_radius` positions (the query's own
             included: query i sees key j when 0 <= i - j < radius, Hugging Face GPTNeo's window)
+    linear  linear attention (models/linear_attention.py), decoded from a running state
+    gau     a gated attention unit (models/gau.py)
     none    no attention at all: the layer is an MLP block
 
-Softmax attention is GPT-Neo's: scores q.k are not divided by sqrt(kv), and the softmax runs in
-float32 whatever the compute dtype. With rotary_emb, q and k are rotated by their positions
-(models/positions.py) right after their projections.
+Softmax attention is GPT-Neo's: scores q.k are not divided by sqrt(kv) (the init of q holds that
+scale, see `softmax_weights`), and the softmax runs in float32 whatever the compute dtype. With
+rotary_emb, q and k are rotated by their positions (models/positions.py) right after their
+projections; memory keys are never rotated.
 
-Decoding keeps a cache per layer and calls the same `apply` on the new positions only. Cache
-slots are the positions of the cache, the same for every row of a batch; a row whose prompt is
-left-padded starts at slot `first_slot[row]` (slots before it are masked out of every
-attention), so that every row's newest token is in the same slot. The cache, in dimension
-letters (mesh.DIMENSION_LETTERS):
-    global  k, v [batch, heads, memory_length, kv]: one entry per slot
-    local   k, v [batch, heads, memory_length, kv]: a ring of `radius` entries, slot s at s % radius,
-            so that a step reads only the keys it can see
-    none    no cache
-Heads come before memory_length in a cache (unlike the [batch, memory_length, heads, kv] keys of
-a full pass) because a matrix multiply wants (batch, heads) leading: in the other order XLA
-copies a transposed cache in every step of every layer.
+Decoding keeps a cache per layer and calls the same `apply` on the new positions only: global
+and local attention and gau keep keys and values (models/kv_cache.py), linear attention its
+running sums, none nothing. Memory key/values are weights, not cache entries.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,14 +30,18 @@ import jax
 import jax.numpy as jnp
 
 from mesh import einsum
-from models import kernels
+from models import kernels, kv_cache
 from models.dropout import dropout
+from models.gau import gau_apply, gau_cache, gau_flops, gau_weights
 from models.kernels import project
-from models.params import Weight, bias, projection_std
+from models.kv_cache import CACHE_LETTERS, visible
+from models.linear_attention import causal_linear_attention, constrained_state, empty_state, noncausal_linear_attention
+from models.params import Weight, bias
 from models.positions import rotate
 
 MASK_VALUE = -1e9  # finite: a row with every key masked (a padding slot's query) gets no NaN
-CACHE_LETTERS = "bhmk"
+
+__all__ = ["KINDS", "CACHE_LETTERS", "visible", "probabilities", "attend", "softmax_weights"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class AttentionKind:
     # (p, x, slots, first_slot, layer_cache, config, layout, rng, positions=None) -> (out, layer_cache);
     # positions [batch, sequence] default to the slots (a whole sequence from position 0)
     apply: Callable | None
-    init_cache: Callable  # (config, batch, cache_slots, dtype) -> the layer's cache (None: no cache)
-    attended_keys: Callable  # (config) -> keys a query attends to, averaged over a sequence of n_ctx
+    init_cache: Callable  # (config, batch, cache_slots, dtype, layout) -> the layer's cache (None: no cache)
+    flops: Callable  # (config) -> training FLOPs per token beyond the projections, averaged over n_ctx
 
 
 # --- softmax attention: the meaning -------------------------------------------------------------
@@ -60,16 +60,6 @@ class AttentionKind:
 def window(kind: str, config) -> int | None:
     """How far back a query sees: None (global) or local_attention_radius positions."""
     return config.local_attention_radius if kind == "local" else None
-
-
-def visible(query_slots, key_slots, window: int | None):
-    """[..., sequence, memory_length] booleans: key j is visible to query i when j <= i and, with
-    a window, i - j < window. Broadcasts over leading batch dimensions."""
-    distance = query_slots[..., :, None] - key_slots[..., None, :]
-    allowed = distance >= 0
-    if window is not None:
-        allowed &= distance < window
-    return allowed
 
 
 def probabilities(q, k, mask, layout=None, key_letters: str = "bmhk"):
@@ -94,52 +84,97 @@ def attend(q, k, v, mask, layout=None, keep=None, key_letters: str = "bmhk"):
 
 
 def softmax_weights(config) -> dict[str, Weight]:
-    std = projection_std(config, config.n_embd)
+    """q, k, v and the output, initialised as GPT-Neo's (mesh-tensorflow's) were: q with standard
+    deviation (embd * kv)^-1/2, where the 1/sqrt(kv) that attention does not apply at run time
+    lives; k and v embd^-1/2; the output (heads * kv)^-1/2; no q/k/v biases. (scale_by_depth and
+    scale_by_in are the MLP's.)"""
+    embd, kv = config.n_embd, config.head_dim
     return {
-        "q": Weight(("embd", "heads", "kv"), std),
-        "k": Weight(("embd", "heads", "kv"), std),
-        "v": Weight(("embd", "heads", "kv"), std),
-        "out": Weight(("heads", "kv", "embd"), projection_std(config, config.n_embd, residual_output=True)),
+        "q": Weight(("embd", "heads", "kv"), (embd * kv) ** -0.5),
+        "k": Weight(("embd", "heads", "kv"), embd ** -0.5),
+        "v": Weight(("embd", "heads", "kv"), embd ** -0.5),
+        "out": Weight(("heads", "kv", "embd"), (config.n_head * kv) ** -0.5),
         "out_bias": bias(("embd",)),
     }
+
+
+def global_weights(config) -> dict[str, Weight]:
+    """Softmax attention's, and with num_mem_kv the memory keys and values [mem_kv, heads, kv],
+    each N(0, 1/sqrt(kv)) as GPT-Neo's."""
+    weights = softmax_weights(config)
+    if config.num_mem_kv:
+        std = 1 / math.sqrt(config.head_dim)
+        weights |= {"mem_k": Weight(("mem_kv", "heads", "kv"), std), "mem_v": Weight(("mem_kv", "heads", "kv"), std)}
+    return weights
+
+
+def query_key_value(p, x, slots, positions, config, layout):
+    """x [batch, sequence, embd] -> q [batch, sequence, heads, kv], k and v [batch, memory_length,
+    heads, kv], rotated by their positions with rotary_emb."""
+    q = project("bse,ehk->bshk", x, p["q"], config, layout)
+    k = project("bme,ehk->bmhk", x, p["k"], config, layout)
+    v = project("bme,ehk->bmhk", x, p["v"], config, layout)
+    if config.rotary_emb:  # before the cache: a cached key keeps the rotation of its own position
+        if positions is None:
+            positions = jnp.broadcast_to(slots, x.shape[:2])
+        q = rotate(q, positions, layout)
+        k = rotate(k, positions, layout, "bmhk")
+    return q, k, v
 
 
 def softmax_attention(kind: str):
     def apply(p, x, slots, first_slot, layer_cache, config, layout, rng, positions=None):
         """x [batch, sequence, embd] at `slots` [sequence], each token at positions [batch, sequence]
         of its text -> ([batch, sequence, embd], layer_cache)."""
-        q = project("bse,ehk->bshk", x, p["q"], config, layout)
-        k = project("bme,ehk->bmhk", x, p["k"], config, layout)
-        v = project("bme,ehk->bmhk", x, p["v"], config, layout)
-        if config.rotary_emb:  # before the cache: a cached key keeps the rotation of its own position
-            if positions is None:
-                positions = jnp.broadcast_to(slots, x.shape[:2])
-            q = rotate(q, positions, layout)
-            k = rotate(k, positions, layout, "bmhk")
+        q, k, v = query_key_value(p, x, slots, positions, config, layout)
         reach = window(kind, config)
+        memory = (p["mem_k"], p["mem_v"]) if "mem_k" in p and kind == "global" else None
         if layer_cache is None:
-            attended = self_attention(q, k, v, reach, config, layout, rng)
+            attended = self_attention(q, k, v, reach, memory, config, layout, rng)
         else:
-            attended, layer_cache = cached_attention(q, k, v, slots, first_slot, layer_cache, reach, layout)
+            keys, values, mask, layer_cache = kv_cache.store_and_view(k, v, slots, first_slot, layer_cache, reach, layout)
+            if memory is not None:
+                keys, values, mask = with_memory(keys, values, mask, memory, "bhmk")
+            attended = attend(q, keys, values, mask[:, None], layout, key_letters=CACHE_LETTERS)
         return project("bshk,hke->bse", attended, p["out"], config, layout) + p["out_bias"], layer_cache
 
     return apply
 
 
-def self_attention(q, k, v, reach, config, layout, rng):
-    """Causal attention of a whole sequence over itself, by the kernel `attention_kernel` chooses."""
+def with_memory(keys, values, mask, memory, key_letters: str):
+    """keys and values (batch first, then key_letters' order) with the memory [mem_kv, heads, kv]
+    prepended along memory_length, and mask [batch, sequence, memory_length] with the memory
+    visible to every query."""
+    axis = key_letters.index("m")
+
+    def prepend(entries, table):
+        table = jnp.einsum(f"mhk->{key_letters[1:]}", table)
+        table = jnp.broadcast_to(table[None], (entries.shape[0], *table.shape)).astype(entries.dtype)
+        return jnp.concatenate([table, entries], axis=axis)
+
+    mem_k, mem_v = memory
+    mask = jnp.concatenate([jnp.ones((*mask.shape[:-1], mem_k.shape[0]), bool), mask], axis=-1)
+    return prepend(keys, mem_k), prepend(values, mem_v), mask
+
+
+def self_attention(q, k, v, reach, memory, config, layout, rng):
+    """Causal attention of a whole sequence over itself (and the memory), by the kernel
+    `attention_kernel` chooses."""
     attention_dropout = rng is not None and config.attn_dropout > 0
-    kernel = kernels.choose_attention_kernel(config, q, layout, attention_dropout)
+    kernel = kernels.choose_attention_kernel(config, q, layout, attention_dropout, memory is not None)
     if kernel == "cudnn":
         return kernels.fused_attention(q, k, v, reach)
     length = q.shape[1]
     batch, heads = q.shape[0], q.shape[2]
     if kernel == "plain":
         slots = jnp.arange(length)
+        mask = jnp.broadcast_to(visible(slots, slots, reach), (batch, length, length))
+        if memory is not None:
+            k, v, mask = with_memory(k, v, mask, memory, "bmhk")
         keep = None
         if attention_dropout:
-            keep = dropout(rng, jnp.ones((batch, heads, length, length), q.dtype), config.attn_dropout)
-        return attend(q, k, v, visible(slots, slots, reach), layout, keep)
+            keep = dropout(rng, jnp.ones((batch, heads, length, mask.shape[-1]), q.dtype), config.attn_dropout)
+        return attend(q, k, v, mask[:, None], layout, keep)
     blocks = kernels.attention_blocks(length, reach)
     keep = None
     if attention_dropout:  # one multiplier per probability: 0 where dropped, 1/(1-rate) where kept
@@ -150,86 +185,63 @@ def self_attention(q, k, v, reach, config, layout, rng):
     return kernels.blocked_attention(q, k, v, keep, blocks, block_probabilities)
 
 
-# --- softmax attention: the decoding cache ------------------------------------------------------
-
-
 def softmax_cache(kind: str):
-    def init_cache(config, batch: int, cache_slots: int, dtype):
-        reach = window(kind, config)
-        length = cache_slots if reach is None else min(reach, cache_slots)
-        shape = (batch, config.n_head, length, config.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    def init_cache(config, batch: int, cache_slots: int, dtype, layout):
+        return kv_cache.empty(batch, config.n_head, cache_slots, window(kind, config), config.head_dim, dtype, layout)
 
     return init_cache
 
 
-def cached_attention(q, k, v, slots, first_slot, layer_cache, reach, layout):
-    """q, k, v [batch, sequence, heads, kv] of new positions at `slots` [sequence] (consecutive,
-    the same for every row): store k and v in the cache, attend over everything visible."""
-    new = {"k": jnp.einsum("bmhk->bhmk", k), "v": jnp.einsum("bmhk->bhmk", v)}
-    length = layer_cache["k"].shape[2]
-    next_slot = slots[0]
-    if reach is None or length < reach:  # one entry per slot: the cache never wraps
-        layer_cache = {name: _write(layer_cache[name], new[name], next_slot, layout) for name in new}
-        keys, values, key_slots = layer_cache["k"], layer_cache["v"], jnp.arange(length)
-    elif q.shape[1] == 1:
-        # the entry one new key overwrites holds slot - radius, which its query no longer sees
-        layer_cache = {name: _write_ring(layer_cache[name], new[name], next_slot, layout) for name in new}
-        keys, values, key_slots = layer_cache["k"], layer_cache["v"], _ring_slots(next_slot + 1, length)
-    else:  # earlier new queries may need entries that later new keys overwrite: attend to both
-        keys, values = (jnp.concatenate([layer_cache[name], new[name]], axis=2) for name in ("k", "v"))
-        key_slots = jnp.concatenate([_ring_slots(next_slot, length), slots])
-        layer_cache = {name: _write_ring(layer_cache[name], new[name], next_slot, layout) for name in new}
-    mask = visible(slots, key_slots, reach)[None] & (key_slots >= first_slot[:, None])[:, None, :]  # [b, s, m]
-    return attend(q, keys, values, mask[:, None], layout, key_letters=CACHE_LETTERS), layer_cache
-
-
-def _write(cache, new, first, layout):
-    """cache [batch, heads, memory_length, kv] with `new` written at entries first, first+1, ..."""
-    return layout_constrained(jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, first, 0)), layout)
-
-
-def _write_ring(ring, new, first_slot, layout):
-    """The ring with new [batch, heads, n, kv] of slots first_slot.. written at slot % length."""
-    length, count = ring.shape[2], new.shape[2]
-    if count >= length:  # only the last `length` new entries stay
-        new, first_slot, count = new[:, :, -length:], first_slot + count - length, length
-    new = new.astype(ring.dtype)
-    if count == 1:
-        return _write(ring, new, first_slot % length, layout)
-    return layout_constrained(ring.at[:, :, (first_slot + jnp.arange(count)) % length].set(new), layout)
-
-
-def _ring_slots(next_slot, length: int):
-    """The slot each ring entry holds once slots < next_slot are written: the newest slot
-    congruent to the entry's index (negative: not written yet, masked as padding is)."""
-    index = jnp.arange(length)
-    return next_slot - 1 - jnp.mod(next_slot - 1 - index, length)
-
-
-def layout_constrained(cache, layout):
-    return cache if layout is None else layout.constrain_letters(cache, CACHE_LETTERS)
-
-
-def attended_keys(kind: str):
+def softmax_flops(kind: str):
     def count(config) -> float:
-        """Keys a query sees, averaged over the positions of an n_ctx sequence."""
+        """q.k and probs.v (2 * embd each) over the keys a query sees, averaged over the positions
+        of an n_ctx sequence, forward and backward (x3)."""
         n = config.n_ctx
         if kind == "global":
-            return (n + 1) / 2
-        radius = min(config.local_attention_radius, n)
-        return radius - radius * (radius - 1) / (2 * n)
+            keys = (n + 1) / 2 + config.num_mem_kv
+        else:
+            radius = min(config.local_attention_radius, n)
+            keys = radius - radius * (radius - 1) / (2 * n)
+        return 12 * config.n_embd * keys
 
     return count
+
+
+# --- linear attention -----------------------------------------------------------------------------
+
+
+def linear_apply(p, x, slots, first_slot, layer_cache, config, layout, rng, positions=None):
+    """Softmax attention's projections around models/linear_attention.py: the causal form, or with
+    mlm_training the non-causal one."""
+    q, k, v = query_key_value(p, x, slots, positions, config, layout)
+    if config.mlm_training:
+        attended = noncausal_linear_attention(q, k, v)
+    elif layer_cache is None:
+        attended, _ = causal_linear_attention(q, k, v)
+    else:
+        key_valid = slots[None, :] >= first_slot[:, None]
+        attended, layer_cache = causal_linear_attention(q, k, v, layer_cache, key_valid)
+        layer_cache = constrained_state(layer_cache, layout)
+    if layout is not None:
+        attended = layout.constrain_letters(attended, "bshk")
+    return project("bshk,hke->bse", attended, p["out"], config, layout) + p["out_bias"], layer_cache
+
+
+def linear_flops(config) -> float:
+    """Per token, adding phi_k (x) v to the state and reading phi_q . S: 2 * kv * kv per head each,
+    forward and backward (x3); the chunked form does about as much."""
+    return 12 * config.n_embd * config.head_dim
 
 
 # --- the registry -------------------------------------------------------------------------------
 
 KINDS: dict[str, AttentionKind] = {
-    "global": AttentionKind(softmax_weights, softmax_attention("global"), softmax_cache("global"),
-                            attended_keys("global")),
-    "local": AttentionKind(softmax_weights, softmax_attention("local"), softmax_cache("local"),
-                           attended_keys("local")),
-    "none": AttentionKind(lambda config: {}, None, lambda config, batch, cache_slots, dtype: None,
+    "global": AttentionKind(global_weights, softmax_attention("global"), softmax_cache("global"), softmax_flops("global")),
+    "local": AttentionKind(softmax_weights, softmax_attention("local"), softmax_cache("local"), softmax_flops("local")),
+    "linear": AttentionKind(softmax_weights, linear_apply,
+                            lambda config, batch, cache_slots, dtype, layout: empty_state(config, batch, layout),
+                            linear_flops),
+    "gau": AttentionKind(gau_weights, gau_apply, gau_cache, gau_flops),
+    "none": AttentionKind(lambda config: {}, None, lambda config, batch, cache_slots, dtype, layout: None,
                           lambda config: 0.0),
 }

@@ -1,7 +1,7 @@
 """GPT-Neo's model, one forward for training, evaluation, prefill and decoding.
 
 Token embedding plus positions (models/positions.py); pre-LN blocks, each with its layer's attention kind
-(models/attention.py) and an MLP; a final LayerNorm; the output projection `unembed`: the token
+(models/attention.py: global, local, linear, gau or none) and an MLP; a final LayerNorm; the output projection `unembed`: the token
 embedding tied, or with no_weight_tie a separate biased lm_head. Read top to bottom: `weights`,
 `embed`, `block`, `forward`, `unembed`, `logits`.
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from models import kernels, params
-from models.attention import KINDS, layout_constrained
+from models.attention import KINDS
 from models.dropout import dropout
 from models.kernels import project
 from models.mlp import mlp, mlp_weights
@@ -27,6 +27,8 @@ from models.params import Weight, bias, is_weight, shape_of
 from models.positions import POSITION_TABLE_DIMENSIONS, embed_positions, position_weights
 
 __all__ = ["Weight", "is_weight", "shape_of"]
+
+NOT_PROJECTIONS = (*POSITION_TABLE_DIMENSIONS, "mem_kv")  # leading dimensions of weights no token multiplies by
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -83,7 +85,8 @@ def param_shapes(config):
 def parameter_count(config, matmul_only: bool = False) -> int:
     """All parameters, or those a token meets in matrix multiplies, each as often as it meets it: a
     shared block once per layer, with only what that layer's kind uses; not the position tables,
-    lookups; the tied token embedding, as the output projection (an untied one is a lookup)."""
+    lookups, nor memory key/values (attention's FLOPs count them); the tied token embedding, as the
+    output projection (an untied one is a lookup)."""
     tree = weights(config)
     if matmul_only:
         tree["blocks"] = [block_weights([kind], config) for kind in config.layer_kinds]
@@ -92,7 +95,7 @@ def parameter_count(config, matmul_only: bool = False) -> int:
     return sum(
         math.prod(shape_of(w, config))
         for w in jax.tree.leaves(tree, is_leaf=is_weight)
-        if not matmul_only or (len(w.dims) >= 2 and w.dims[0] not in POSITION_TABLE_DIMENSIONS)
+        if not matmul_only or (len(w.dims) >= 2 and w.dims[0] not in NOT_PROJECTIONS)
     )
 
 
@@ -184,10 +187,7 @@ def init_cache(config, batch: int, cache_slots: int, first_slot=None, layout=Non
     """An empty decoding cache of `cache_slots` slots per row; row b's text starts at slot
     first_slot[b] (its left padding; default 0)."""
     dtype = compute_dtype(config)
-    layers = [KINDS[kind].init_cache(config, batch, cache_slots, dtype) for kind in config.layer_kinds]
-    if layout is not None:
-        layers = [None if c is None else {name: layout_constrained(a, layout) for name, a in c.items()}
-                  for c in layers]
+    layers = [KINDS[kind].init_cache(config, batch, cache_slots, dtype, layout) for kind in config.layer_kinds]
     first_slot = jnp.zeros((batch,), jnp.int32) if first_slot is None else jnp.asarray(first_slot, jnp.int32)
     return {"next_slot": jnp.zeros((), jnp.int32), "first_slot": first_slot, "layers": layers}
 

@@ -118,9 +118,15 @@ _materialise_gradient.defvjp(_materialise_forward, _materialise_backward)
 # --- attention kernels -----------------------------------------------------------------------
 
 
-def choose_attention_kernel(config, q, layout, attention_dropout: bool) -> str:
-    """plain | blocked | cudnn for causal self-attention over q [batch, sequence, heads, kv]."""
+def choose_attention_kernel(config, q, layout, attention_dropout: bool, memory: bool = False) -> str:
+    """plain | blocked | cudnn for causal self-attention over q [batch, sequence, heads, kv];
+    `memory`: the keys begin with num_mem_kv memory entries, which only plain attention takes."""
     chosen = config.attention_kernel
+    if memory:
+        if chosen not in ("auto", "plain"):
+            raise ConfigError(f"{config.source}: key 'attention_kernel' = {chosen!r} does not take the memory "
+                              f"key/values of num_mem_kv = {config.num_mem_kv}; use auto or plain")
+        return "plain"
     if chosen == "auto":
         return "cudnn" if cudnn_refusal(q, layout, attention_dropout) is None else "blocked"
     if chosen == "cudnn":

@@ -159,6 +159,7 @@ OPTION_SETTINGS = {
     "attention_types: global": {"attention_types": [[["local", "global"], 1]]},
     "attention_types: local": {"attention_types": [[["global", "local"], 1]]},
     "attention_types: linear": {"attention_types": [[["global", "linear"], 1]]},
+    "attention_types: gau": {"attention_types": [[["global", "gau"], 1]]},
     "attention_types: none": {"attention_types": [[["global", "none"], 1]]},
     "rotary_emb": {"rotary_emb": True},
     "axial_pos_emb": {"axial_pos_emb": [4, 4]},
@@ -317,7 +318,8 @@ def test_arrays_xla_cannot_address_are_refused_before_anything_compiles():
     with pytest.raises(ConfigError, match=r"activations .* beyond the 2\^60"):  # batch * n_ctx * 4 n_embd
         validate({**SMALL, "n_embd": 2**20, "n_head": 1, "n_ctx": 2**20, "train_batch_size": 2**20}, "test.json")
     with pytest.raises(ConfigError, match=r"weight \S+ would hold .* beyond the 2\^60"):
-        validate({**SMALL, "n_vocab": 2**31 - 1, "n_embd": 2**31 - 1, "n_head": 1, "intermediate_size": 4}, "test.json")
+        validate({**SMALL, "n_vocab": 2**31 - 1, "n_embd": 2**31 - 1, "n_head": 1, "intermediate_size": 4,
+                  "gau_expanded_size": 4}, "test.json")
 
 
 def test_values_at_the_edges_of_their_ranges_are_accepted():

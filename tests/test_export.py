@@ -259,6 +259,7 @@ def test_imported_tokenizer_encodes_as_hf_and_is_found_through_the_config(import
 # a value that turns on each option of configs.OPTIONS that HF GPTNeo cannot express (a new row needs one)
 NOT_EXPORTABLE = {
     "attention_types: linear": {"attention_types": [[["global", "linear"], 1], [["local"], 1]]},
+    "attention_types: gau": {"attention_types": [[["global", "gau", "local"], 1]], "gau_key_size": 16},
     "attention_types: none": {"attention_types": [[["none", "global", "local"], 1]]},
     "rotary_emb": {"rotary_emb": True},
     "axial_pos_emb": {"axial_pos_emb": [8, 8]},

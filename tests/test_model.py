@@ -239,17 +239,49 @@ def reference_prenorm(p, x, config):
 
 
 def reference_attention(p, x, kind, config):
+    if kind == "gau":
+        return reference_gau(p, x, config)
     n = x.shape[1]
     q, k, v = (jnp.einsum("bse,ehk->bshk", x, p[name]) for name in ("q", "k", "v"))
     if config.rotary_emb:
         turn = jnp.asarray(rotation_matrices(n, config.n_embd // config.n_head), jnp.float32)
         q, k = (jnp.einsum("bshk,skj->bshj", t, turn) for t in (q, k))
-    scores = jnp.einsum("bqhk,bmhk->bhqm", q, k)  # unscaled, as GPT-Neo
-    distance = np.arange(n)[:, None] - np.arange(n)[None, :]
-    allowed = (distance >= 0) & ((distance < config.local_attention_radius) if kind == "local" else True)
-    probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
-    attended = jnp.einsum("bhqm,bmhk->bqhk", probs, v)
+    if kind == "linear":
+        attended = reference_linear_attention(q, k, v)
+    else:
+        distance = np.arange(n)[:, None] - np.arange(n)[None, :]
+        allowed = (distance >= 0) & ((distance < config.local_attention_radius) if kind == "local" else True)
+        if kind == "global" and config.num_mem_kv:  # memory first, seen by every query, never rotated
+            k = jnp.concatenate([jnp.broadcast_to(p["mem_k"], (x.shape[0], *p["mem_k"].shape)), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(p["mem_v"], (x.shape[0], *p["mem_v"].shape)), v], axis=1)
+            allowed = np.concatenate([np.ones((n, config.num_mem_kv), bool), allowed], axis=1)
+        scores = jnp.einsum("bqhk,bmhk->bhqm", q, k)  # unscaled, as GPT-Neo
+        probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+        attended = jnp.einsum("bhqm,bmhk->bqhk", probs, v)
     return jnp.einsum("bqhk,hke->bqe", attended, p["out"]) + p["out_bias"]
+
+
+def reference_linear_attention(q, k, v):
+    """GPT-Neo's causal linear attention as its reference states it, with the [batch, sequence,
+    heads, kv, kv] running sum held whole: fine for a test's few positions."""
+    phi_q = jax.nn.softmax(q, axis=-1)
+    phi_k = jnp.exp(k)
+    running_kv = jnp.cumsum(jnp.einsum("bshd,bshe->bshde", phi_k, v), axis=1)
+    running_k = jnp.cumsum(phi_k, axis=1) + 1e-6
+    return jnp.einsum("bshd,bshde->bshe", phi_q, running_kv) / jnp.einsum("bshd,bshd->bsh", phi_q, running_k)[..., None]
+
+
+def reference_gau(p, x, config):
+    """The GAU formula of models/gau.py's docstring, as written there."""
+    n, s = x.shape[1], config.gau_key_size
+    q, k, v = (jax.nn.relu(x @ p[name]) for name in ("gau_q", "gau_k", "gau_v"))
+    if config.rotary_emb:
+        turn = jnp.asarray(rotation_matrices(n, s), jnp.float32)
+        q, k = (jnp.einsum("bsk,skj->bsj", t, turn) for t in (q, k))
+    u = jax.nn.relu(x @ p["gau_u"])
+    causal = np.tril(np.ones((n, n)))
+    weights = jax.nn.relu(jnp.einsum("bqg,bmg->bqm", q, k) / np.sqrt(s)) ** 2 * causal / causal.sum(-1, keepdims=True)
+    return (((weights @ v) @ p["gau_w"]) * u) @ p["gau_out"] + p["gau_out_bias"]
 
 
 def reference_mlp(p, x, config):
@@ -316,6 +348,13 @@ OPTION_CASES = {
     "macaron, rezero, glu": {"macaron": True, "rezero": True, "mlp_glu": True},
     "together": {"share_parameters": True, "rotary_emb": True, "scalenorm": True, "mlp_glu": True,
                  "activation_function": "silu", "no_weight_tie": True, "macaron": True},
+    "linear": {"attention_types": [[["global", "linear", "none", "linear"], 1]]},
+    "gau": {"attention_types": [[["gau", "local", "none", "gau"], 1]], "gau_key_size": 12, "gau_expanded_size": 40},
+    "mem-kv": {"num_mem_kv": 3, "attention_types": [[["global", "local", "none", "global"], 1]]},
+    "every kind, rotary, mem-kv": {"attention_types": [[["global", "linear", "gau", "local"], 1]], "rotary_emb": True,
+                                   "num_mem_kv": 2, "gau_key_size": 8},
+    "every kind, shared": {"attention_types": [[["global", "linear", "gau", "none"], 1]], "share_parameters": True,
+                           "num_mem_kv": 2, "gau_key_size": 8, "rezero": True},
     "together, axial": {"share_parameters": True, "axial_pos_emb": [2, 8], "rezero": True, "mlp_glu": True,
                         "no_weight_tie": True},
 }
@@ -447,3 +486,110 @@ def test_rotary_angles_are_exact_far_past_256_under_bfloat16_compute():
     # the same rotation with angles taken in bfloat16 would be far off: the test can tell
     rounded = np.asarray(jnp.asarray(np.arange(length), jnp.bfloat16).astype(jnp.float32))
     assert np.abs(rounded[late] - np.arange(length)[late]).max() >= 4
+
+
+# --- linear attention's arithmetic ------------------------------------------------------------------
+
+
+def float64_linear_attention(q, k, v):
+    """GPT-Neo's causal formula in float64 numpy, position by position: exp(k) does not overflow
+    there for the keys below."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    phi_q = np.exp(q - q.max(-1, keepdims=True))
+    phi_q /= phi_q.sum(-1, keepdims=True)
+    phi_k = np.exp(k)
+    out = np.zeros_like(v)
+    for t in range(q.shape[1]):
+        kv = np.einsum("bshd,bshe->bhde", phi_k[:, : t + 1], v[:, : t + 1])
+        z = phi_k[:, : t + 1].sum(1) + 1e-6
+        out[:, t] = np.einsum("bhd,bhde->bhe", phi_q[:, t], kv) / np.einsum("bhd,bhd->bh", phi_q[:, t], z)[..., None]
+    return out
+
+
+@pytest.mark.parametrize("length,key_scale", [(150, 1.0), (150, 12.0), (7, 30.0)])
+def test_causal_linear_attention_equals_gpt_neo_formula_over_chunks_and_for_keys_exp_would_overflow(length, key_scale):
+    """150 positions: three chunks, the last padded. Keys up to ~50 (scale 12) and ~100 (scale 30):
+    GPT-Neo's float32 exp(k) is inf past 88; the formula itself is finite."""
+    from models.linear_attention import causal_linear_attention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, length, 3, 8)) for i in range(3))
+    k = k * key_scale
+    ours, _ = jax.jit(causal_linear_attention)(q, k, v)
+    np.testing.assert_allclose(ours, float64_linear_attention(q, k, v), rtol=2e-4, atol=2e-5)
+
+
+def test_causal_linear_attention_gradients_equal_autodiff_of_the_plain_formula():
+    from models.linear_attention import causal_linear_attention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 100, 2, 8)) for i in range(3))
+    cotangent = jax.random.normal(jax.random.key(5), (2, 100, 2, 8))
+    ours = jax.grad(lambda *a: jnp.sum(causal_linear_attention(*a)[0] * cotangent), (0, 1, 2))(q, k, v)
+    plain = jax.grad(lambda *a: jnp.sum(reference_linear_attention(*a) * cotangent), (0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", ours, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name)
+
+
+def test_linear_attention_from_a_running_state_equals_one_pass_and_the_state_does_not_grow():
+    """A prompt of 70 positions, then one position at a time, with a padded first key in row 0:
+    the state carries everything, and it is the same size at every position."""
+    from models.linear_attention import causal_linear_attention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 90, 2, 8)) * 3 for i in range(3))
+    valid = np.ones((2, 90), bool)
+    valid[0, 0] = False
+    whole, _ = causal_linear_attention(q, k, v, None, jnp.asarray(valid))
+    parts, state = [], None
+    step = jax.jit(causal_linear_attention)
+    for start, stop in [(0, 70)] + [(t, t + 1) for t in range(70, 90)]:
+        out, new_state = step(q[:, start:stop], k[:, start:stop], v[:, start:stop], state, jnp.asarray(valid[:, start:stop]))
+        if state is not None:
+            assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, state)
+        parts.append(out)
+        state = new_state
+    np.testing.assert_allclose(jnp.concatenate(parts, axis=1), whole, rtol=1e-4, atol=1e-5)
+    assert state["S"].shape == (2, 2, 8, 8)
+
+
+def test_noncausal_linear_attention_equals_its_formula_in_outputs_and_gradients():
+    from models.linear_attention import noncausal_linear_attention
+
+    def plain(q, k, v):  # every query sees every position; phi_k is a softmax over the sequence
+        phi_q = jax.nn.softmax(q, axis=-1)
+        phi_k = jax.nn.softmax(k, axis=1)
+        return jnp.einsum("bshd,bhde->bshe", phi_q, jnp.einsum("bshd,bshe->bhde", phi_k, v))
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 40, 2, 8)) for i in range(3))
+    np.testing.assert_allclose(noncausal_linear_attention(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+    # the first position sees the last: not causal
+    changed = v.at[:, -1].add(1.0)
+    assert not np.allclose(noncausal_linear_attention(q, k, changed)[:, 0], noncausal_linear_attention(q, k, v)[:, 0])
+    ours = jax.grad(lambda *a: jnp.sum(noncausal_linear_attention(*a) ** 2), (0, 1, 2))(q, k, v)
+    expected = jax.grad(lambda *a: jnp.sum(plain(*a) ** 2), (0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", ours, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_attention_weights_start_where_gpt_neo_started():
+    """mesh-tensorflow's init: q (embd * kv)^-1/2, k and v embd^-1/2, out (heads * kv)^-1/2; memory
+    key/values 1/sqrt(kv). Measured on a fresh model wide enough for the sample deviation to tell."""
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, "n_embd": 256, "n_head": 4, "num_mem_kv": 64, "scale_by_in": True,
+                       "attention_types": [[["global"], 4]]}, "test")
+    attn = gpt2.init_params(config, jax.random.key(0))["blocks"][0]["attn"]
+    embd, kv, heads = 256, 64, 4
+    expected = {"q": (embd * kv) ** -0.5, "k": embd ** -0.5, "v": embd ** -0.5, "out": (heads * kv) ** -0.5,
+                "mem_k": kv ** -0.5, "mem_v": kv ** -0.5}
+    for name, std in expected.items():
+        assert float(jnp.std(attn[name])) == pytest.approx(std, rel=0.03), name
+    assert float(jnp.abs(attn["out_bias"]).max()) == 0.0
+
+
+def test_memory_key_values_take_only_plain_attention():
+    from errors import ConfigError
+    from models import gpt2
+
+    config = validate({**OPTION_BASE, "num_mem_kv": 2, "attention_kernel": "blocked"}, "test")
+    params = gpt2.init_params(config, jax.random.key(0))
+    with pytest.raises(ConfigError, match="'attention_kernel' = 'blocked' does not take the memory key/values"):
+        gpt2.logits(params, jnp.zeros((1, config.n_ctx), jnp.int32), config)

@@ -80,12 +80,13 @@ def test_sharded_loss_equals_single_device_loss(single_device_run, mesh_shape, l
 
 # layouts that split heads, embd and memory_length, for models with GPT-Neo's architecture options
 OPTION_LAYOUTS = [
-    ("x:4,y:2", "batch:x,heads:y,vocab:y,intermediate_expanded:y,axial_rows:y"),
-    ("x:2,y:2,z:2", "batch:x,embd:y,memory_length:z"),
+    ("x:4,y:2", "batch:x,heads:y,vocab:y,intermediate_expanded:y,axial_rows:y,gau_expanded:y"),
+    ("x:2,y:2,z:2", "batch:x,embd:y,memory_length:z,gau_key:z"),
 ]
 OPTION_SETS = {  # together, every option built so far (rotary replaces axial's tables, so they go apart)
     "rotary": {"rotary_emb": True, "scalenorm": True, "mlp_glu": True, "activation_function": "silu",
-               "no_weight_tie": True, "macaron": True},
+               "no_weight_tie": True, "macaron": True, "num_mem_kv": 4, "gau_key_size": 16, "n_layer": 5,
+               "attention_types": [[["global", "local", "none", "linear", "gau"], 1]]},
     "axial": {"axial_pos_emb": [4, 8], "rezero": True, "mlp_glu": True, "no_weight_tie": True},
 }
 
@@ -660,3 +661,41 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_the_run_resum
     assert f"checkpoint {run / 'checkpoints' / '6'} is damaged or incomplete" in caplog.text
     assert (resumed.start_step, resumed.step) == (3, 9)
     assert len(list((run / "damaged_checkpoints").iterdir())) == 1  # kept for a look, out of the way
+
+
+@pytest.mark.slow
+def test_gpt_neo_test_models_combination_trains_and_samples_through_main_py(tmp_path):
+    """The options GPT-Neo's own test_models.py combines (2 layers global/local, rotary, 16 memory
+    key/values, an untied head, shared parameters, ReZero, res_dropout 0.1), with a tokenizer
+    trained here: main.py trains it and samples from its checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = ["memory keys are seen by every query", "rotary turns each pair of dimensions",
+              "a shared block serves every layer of the model"] * 30
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "shards").mkdir()
+    documents = [tokenizer.encode(text).ids + [0] for text in corpus]
+    write_shard(str(tmp_path / "shards" / f"neo_0_{len(documents)}.tfrecords"), documents)
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "neo.json").write_text(json.dumps({
+        "n_vocab": 300, "path": str(tmp_path / "shards" / "*.tfrecords"), "eos_id": 0,
+        "tokenizer_path": str(tmp_path / "tokenizer.json")}))
+    config = {"n_layer": 2, "n_embd": 32, "n_head": 4, "n_ctx": 32, "n_vocab": 320, "train_batch_size": 4,
+              "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
+              "rotary_emb": True, "num_mem_kv": 16, "no_weight_tie": True, "share_parameters": True,
+              "rezero": True, "res_dropout": 0.1, "datasets": [["neo", 2, "documents_random", 1.0]],
+              "train_steps": 4, "iterations": 2, "steps_per_checkpoint": 4, "lr": 3e-3,
+              "model_path": str(tmp_path / "model"), "predict_max_steps": 10, "mesh_shape": "", "layout": ""}
+    (tmp_path / "neo.json").write_text(json.dumps(config))
+    main_py("--model", str(tmp_path / "neo.json"))
+    losses = logged(tmp_path / "model", "loss")
+    assert set(losses) == {2, 4} and all(np.isfinite(list(losses.values())))
+    (tmp_path / "prompt.txt").write_text("memory keys are")
+    sampled = main_py("--model", str(tmp_path / "neo.json"), "--predict", "--prompt", str(tmp_path / "prompt.txt"))
+    written = (tmp_path / "model" / "predictions_nosacred_4.txt").read_text()
+    assert " SAMPLE 0 " in written and "memory keys are" in written and "SAMPLE 0" in sampled.stdout

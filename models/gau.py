@@ -1,0 +1,76 @@
+"""GAU, the `gau` attention kind: a single-head gated attention unit, in misaka-v3's form (the
+GAU paper's unit without its shared scale-offset, ReLU instead of swish). With s = gau_key_size
+and e = gau_expanded_size, for the queries t of a sequence x [sequence, embd]:
+
+    q = relu(x Wq), k = relu(x Wk), v = relu(x Wv)         [sequence, s]  (each its own projection)
+    u = relu(x Wu)                                         [sequence, e]  (the gate)
+    A[t, j] = relu(q[t] . k[j] / sqrt(s))^2 / n(t)         for every key j visible to t, else 0
+    out = ((A v) W * u) Wo + bo                            W [s, e], Wo [e, embd]
+
+n(t) is the number of keys t sees (t + 1 in a sequence from position 0: causal, as global
+attention). With rotary_emb, q and k are rotated by their positions after the ReLU. No biases but
+the output's; no attention dropout (attn_dropout is global attention's). Decoding keeps k and v
+per slot, as global attention does (models/kv_cache.py), with one head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mesh import einsum
+from models import kv_cache
+from models.kernels import project
+from models.params import Weight, bias, projection_std
+from models.positions import rotate
+
+CACHE_DIMENSIONS = ("batch", None, "memory_length", "gau_key")  # one head: the heads entry stays whole
+
+
+def gau_weights(config) -> dict[str, Weight]:
+    embd_std = projection_std(config, config.n_embd)
+    return {
+        "gau_q": Weight(("embd", "gau_key"), embd_std),
+        "gau_k": Weight(("embd", "gau_key"), embd_std),
+        "gau_v": Weight(("embd", "gau_key"), embd_std),
+        "gau_u": Weight(("embd", "gau_expanded"), embd_std),
+        "gau_w": Weight(("gau_key", "gau_expanded"), projection_std(config, config.gau_key_size)),
+        "gau_out": Weight(("gau_expanded", "embd"),
+                          projection_std(config, config.gau_expanded, residual_output=True)),
+        "gau_out_bias": bias(("embd",)),
+    }
+
+
+def gau_apply(p, x, slots, first_slot, layer_cache, config, layout, rng, positions=None):
+    """x [batch, sequence, embd] at `slots` -> ([batch, sequence, embd], layer_cache)."""
+    q, k, v = (jax.nn.relu(project("bse,eg->bsg", x, p[name], config, layout)) for name in ("gau_q", "gau_k", "gau_v"))
+    u = jax.nn.relu(project("bse,eu->bsu", x, p["gau_u"], config, layout))
+    if config.rotary_emb:
+        if positions is None:
+            positions = jnp.broadcast_to(slots, x.shape[:2])
+        q, k = (rotate(t[:, :, None, :], positions)[:, :, 0, :] for t in (q, k))
+    if layer_cache is None:
+        keys, values = k, v
+        mask = jnp.broadcast_to(kv_cache.visible(slots, slots, None), (x.shape[0], len(slots), len(slots)))
+    else:
+        keys, values, mask, layer_cache = kv_cache.store_and_view(
+            k[:, :, None, :], v[:, :, None, :], slots, first_slot, layer_cache, None, layout, CACHE_DIMENSIONS)
+        keys, values = keys[:, 0], values[:, 0]
+    scores = einsum("bsg,bmg->bsm", q.astype(jnp.float32), keys.astype(jnp.float32)) / math.sqrt(config.gau_key_size)
+    seen = jnp.maximum(mask.sum(-1, keepdims=True), 1)  # a padding slot's query sees nothing
+    weights = jnp.where(mask, jnp.square(jax.nn.relu(scores)), 0.0) / seen
+    attended = einsum("bsm,bmg->bsg", weights.astype(values.dtype), values, layout=layout)
+    gated = project("bsg,gu->bsu", attended, p["gau_w"], config, layout) * u
+    return project("bsu,ue->bse", gated, p["gau_out"], config, layout) + p["gau_out_bias"], layer_cache
+
+
+def gau_cache(config, batch: int, cache_slots: int, dtype, layout):
+    return kv_cache.empty(batch, 1, cache_slots, None, config.gau_key_size, dtype, layout, CACHE_DIMENSIONS)
+
+
+def gau_flops(config) -> float:
+    """Training FLOPs per token beyond the projections: q.k and A.v over (n_ctx + 1) / 2 keys on
+    average, each 2 * s, forward and backward (x3)."""
+    return 12 * config.gau_key_size * (config.n_ctx + 1) / 2
