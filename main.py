@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="resume although seed, train_batch_size, n_ctx or datasets changed since the checkpoint "
                              "(the data order then differs from an uninterrupted run's)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="validate, compile the train step, print parameter count and per-device memory, exit")
+                        help="validate, check that the datasets' shards exist, compile the train step, print parameter "
+                             "count and per-device memory (refused beyond a device's memory), exit")
     parser.add_argument("--eval", action="store_true", help="evaluate the newest checkpoint on eval_path")
     parser.add_argument("--predict", action="store_true", help="sample from the newest checkpoint")
     parser.add_argument("--prompt", help="text file holding the prompt for --predict")
