@@ -49,7 +49,7 @@ _LETTER_DIMENSIONS = {letter: name for name, letter in DIMENSION_LETTERS.items()
 DATA_AXIS = "data"  # the axis an empty mesh_shape puts every local device on
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SIZE = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+_SIZE = re.compile(r"[0-9]{1,18}")  # ASCII digits (isdigit() takes "²", which int() refuses), fitting int64
 
 
 def dimensions_of(letters: str) -> tuple[str, ...]:

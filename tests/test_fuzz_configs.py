@@ -106,6 +106,7 @@ STRUCTURED = [
     {"datasets": [["fuzz", 3, "documents_random", 2.0]]},
     {"datasets": [["fuzz", 1, "documents_fixed", 10**400]]},
     {"mesh_shape": "x:-1"}, {"mesh_shape": "x:1,x:1"}, {"mesh_shape": "x:99999999999999999999999"},
+    {"mesh_shape": "x:" + "9" * 5000}, {"layout": "batch:" + "x" * 5000},
     {"mesh_shape": "ü:1"}, {"mesh_shape": ":"}, {"mesh_shape": ",,,"}, {"mesh_shape": "x:1"},
     {"mesh_shape": "x:1", "layout": "batch:x"}, {"mesh_shape": "x:1", "layout": "batch:y"},
     {"mesh_shape": "x:1", "layout": "batch:x,batch:x"}, {"mesh_shape": "x:1", "layout": "bätch:x"},
