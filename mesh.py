@@ -61,6 +61,11 @@ def dimensions_of(letters: str) -> tuple[str, ...]:
     return tuple(_LETTER_DIMENSIONS[letter] for letter in letters)
 
 
+def _quoted(text: str) -> str:
+    """A mesh_shape or layout (or a part of one) as a message quotes it: shortened when long."""
+    return repr(text) if len(text) <= 100 else repr(text[:100]) + " ..."
+
+
 def parse_mesh_shape(text: str, where: str = "config") -> dict[str, int]:
     """'x:4,y:2' -> {'x': 4, 'y': 2} (ordered)."""
     axes: dict[str, int] = {}
@@ -69,11 +74,11 @@ def parse_mesh_shape(text: str, where: str = "config") -> dict[str, int]:
         name = name.strip()
         if not _NAME.match(name) or not _SIZE.fullmatch(size.strip()) or int(size) <= 0:
             raise ConfigError(
-                f"{where}: key 'mesh_shape' = {text!r}: {part!r} is not name:size with a positive size; "
+                f"{where}: key 'mesh_shape' = {_quoted(text)}: {_quoted(part)} is not name:size with a positive size; "
                 'expected e.g. "x:4,y:2"'
             )
         if name in axes:
-            raise ConfigError(f"{where}: key 'mesh_shape' = {text!r}: axis {name!r} appears twice")
+            raise ConfigError(f"{where}: key 'mesh_shape' = {_quoted(text)}: axis {_quoted(name)} appears twice")
         axes[name] = int(size)
     return axes
 
@@ -84,19 +89,19 @@ def parse_layout(text: str, mesh_axes: dict[str, int], where: str = "config") ->
     for part in filter(None, (p.strip() for p in text.split(","))):
         dim, _, axis = (s.strip() for s in part.partition(":"))
         if not dim or not axis:
-            raise ConfigError(f"{where}: key 'layout' = {text!r}: {part!r} is not dimension:axis, e.g. \"batch:x\"")
+            raise ConfigError(f"{where}: key 'layout' = {_quoted(text)}: {_quoted(part)} is not dimension:axis, e.g. \"batch:x\"")
         if dim not in DIMENSION_NAMES:
             raise ConfigError(
-                f"{where}: key 'layout' = {text!r}: unknown dimension {dim!r}; accepted: {', '.join(DIMENSION_NAMES)}"
+                f"{where}: key 'layout' = {_quoted(text)}: unknown dimension {_quoted(dim)}; accepted: {', '.join(DIMENSION_NAMES)}"
             )
         if axis not in mesh_axes:
             known = ", ".join(mesh_axes) or "none: mesh_shape is empty"
             raise ConfigError(
-                f"{where}: key 'layout' = {text!r}: dimension {dim!r} maps to mesh axis {axis!r}, "
+                f"{where}: key 'layout' = {_quoted(text)}: dimension {_quoted(dim)} maps to mesh axis {_quoted(axis)}, "
                 f"which mesh_shape does not define (axes: {known})"
             )
         if dim in layout:
-            raise ConfigError(f"{where}: key 'layout' = {text!r}: dimension {dim!r} appears twice")
+            raise ConfigError(f"{where}: key 'layout' = {_quoted(text)}: dimension {_quoted(dim)} appears twice")
         layout[dim] = axis
     return layout
 
