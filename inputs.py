@@ -290,6 +290,9 @@ class Sampler:
             raise ConfigError(f"{dataset.file}: key 'n_vocab' = {dataset.n_vocab} exceeds the model's n_vocab = "
                               f"{config.n_vocab} ({config.source}); the model could not embed every token")
         eos_id, padding_id = special_ids(config, dataset=dataset)  # this dataset's ids, by the one rule
+        if eos_id is not None and eos_id >= config.n_vocab:  # the config's own eos_id is checked by validate()
+            raise ConfigError(f"{dataset.file}: key 'eos_id' = {eos_id} is >= the model's n_vocab = {config.n_vocab} "
+                              f"({config.source}); no embedding row holds it: accepted: an id in [0, {config.n_vocab})")
         if padding_id is None:  # neither an eos nor a padding id: rows are padded with 0
             padding_id = 0
         if dataset.mode in ("documents_random", "documents_fixed") and eos_id is None:

@@ -583,3 +583,9 @@ def test_create_tfrecords_refuses_a_corpus_without_tokens_and_a_missing_encoder_
     result = run_tool("create_tfrecords.py", "--input_dir", str(tmp_path / "empty"), "--output_dir",
                       str(tmp_path / "out"), "--encoder_path", str(missing), "--processes", "1", "--quiet")
     assert_one_error_line(result, "--encoder_path", str(missing), "no such file")
+
+
+def test_a_dataset_eos_id_beyond_the_model_vocabulary_is_refused_naming_the_dataset_config(tmp_path):
+    write_shard(str(tmp_path / "s_0_1.tfrecords"), [np.arange(40)])
+    with pytest.raises(ConfigError, match=r"d.json: key 'eos_id' = 600 is >= the model's n_vocab = 600"):
+        sampler_for(tmp_path / "cfg", tmp_path / "s_*.tfrecords", "chunks", eos_id=600)
