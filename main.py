@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="resume although seed, train_batch_size, n_ctx or datasets changed since the checkpoint "
                              "(the data order then differs from an uninterrupted run's)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="validate, compile the train step, print parameter count and per-device memory, exit")
+                        help="validate, check that the datasets' shards exist, compile the train step, print parameter "
+                             "count and per-device memory (refused beyond a device's memory), exit")
     parser.add_argument("--eval", action="store_true", help="evaluate the newest checkpoint on eval_path")
     parser.add_argument("--predict", action="store_true", help="sample from the newest checkpoint")
     parser.add_argument("--prompt", help="text file holding the prompt for --predict")
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     if trains(args) and argv is None:  # the command line itself, not a caller's in-process use
         train.catch_stop_signals()  # a preemption while JAX starts and compiles is kept, not fatal
     from configs import load_config
-    from errors import ConfigError, DataError, StorageError
+    from errors import USER_ERRORS, report_user_error
     from metrics import setup_logging
 
     setup_logging()
@@ -125,9 +126,8 @@ def main(argv=None) -> int:
         config = load_config(args.model, overrides)
         select_devices(args)
         return run(args, config)
-    except (ConfigError, DataError, StorageError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report_user_error(err)
 
 
 def run(args, config) -> int:
