@@ -23,7 +23,7 @@ BISECTION_STEPS halvings of that interval, then NEWTON_STEPS Newton steps on f f
 lower end (f is convex and falling there, so the steps climb to the root without passing it),
 reach float32's resolution of τ; the probabilities are renormalised to sum to 1 at the end. Each
 step reads the logits once and keeps only [...] numbers, so XLA fuses it into one pass: no
-[..., V] temporary per step.
+[..., V] temporary per step (loss and gradient together hold two [..., V] float32 temporaries).
 
 The Fenchel–Young loss of entmax (Blondel, Martins & Niculae) for target y, p* = entmax(z):
 
@@ -69,7 +69,7 @@ def entmax(logits, alpha: float = ALPHA):
     top = jnp.max(z, axis=-1, keepdims=True)
     power = 1.0 / (alpha - 1.0)
 
-    def above(tau):  # [s_i - τ]_+, s recomputed in each pass so that XLA fuses it there instead of storing it
+    def above(tau):  # [s_i - τ]_+; XLA fuses it into each pass (the bisection loop keeps one copy of s)
         return jnp.maximum((alpha - 1.0) * (z - top) - tau[..., None], 0.0)
 
     lo = jnp.full(z.shape[:-1], -1.0, jnp.float32)
