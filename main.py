@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval", action="store_true", help="evaluate the newest checkpoint on eval_path")
     parser.add_argument("--predict", action="store_true", help="sample from the newest checkpoint")
     parser.add_argument("--prompt", help="text file holding the prompt for --predict")
+    parser.add_argument("--entmax_sampling", action="store_true",
+                        help="--predict draws from entmax-1.3 of the logits instead of softmax, after repetition_penalty, "
+                             "temperature, top_k and top_p (top_p measured in entmax probabilities); greedy is unchanged")
     parser.add_argument("--sacred_id", default="nosacred", help="names the predictions file")
     parser.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
                         help="write the newest checkpoint as a Hugging Face GPTNeo folder (default <model_path>/hf)")
@@ -151,7 +154,7 @@ def run(args, config) -> int:
     if args.predict:
         import sample
 
-        print(f"predictions written to {sample.run_predict(config, layout, args.prompt, args.sacred_id)}")
+        print(f"predictions written to {sample.run_predict(config, layout, args.prompt, args.sacred_id, args.entmax_sampling)}")
         return 0
     if args.export is not None:
         import export

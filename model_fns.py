@@ -15,23 +15,31 @@ from errors import ConfigError
 from mesh import MeshLayout
 from models import gpt2
 from models.attention import KINDS
+from models.entmax import entmax_loss
 
 BATCH_DIMS = ("batch", "sequence")
 
 
 def cross_entropy(hidden, output, labels, config, layout=None):
-    """Mean float32 softmax cross-entropy and mean log(Z)^2 over all positions.
+    """(mean data loss, mean z-loss term) over all positions, in float32.
 
     hidden [batch, sequence, embd], output gpt2.output_weights(...), labels [batch, sequence].
+    The data loss is the softmax cross-entropy and the z-loss term log(Z)^2, Z softmax's
+    normaliser; with entmax_loss, the entmax-1.3 Fenchel-Young loss (models/entmax.py) and 0:
+    entmax has no Z, and GPT-Neo's entmax loss ignored z_loss too.
     """
     logits = gpt2.unembed(hidden, output, config, layout)
+    if config.entmax_loss:
+        return jnp.mean(entmax_loss(logits, labels)), jnp.zeros((), jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return jnp.mean(log_z - label_logits), jnp.mean(jnp.square(log_z))
 
 
 def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
-    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, cross_entropy)."""
+    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, data loss).
+    The data loss (the `cross_entropy` metric, and --eval's loss) is the cross-entropy, or with
+    entmax_loss the entmax Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo)."""
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
     ce, z = cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
     return ce + config.z_loss * z + sum(aux.values()), ce

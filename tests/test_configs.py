@@ -224,8 +224,8 @@ def test_benchmarks_build_their_configs_through_validation():
     from bench.train_throughput import config_for
 
     assert config_for(SMALL).n_layer == 2
-    with pytest.raises(ConfigError, match="'entmax_loss'"):
-        config_for({**SMALL, "entmax_loss": True})
+    with pytest.raises(ConfigError, match="'moe_layers'"):
+        config_for({**SMALL, "moe_layers": [1]})
 
 
 def test_readme_options_table_is_generated_from_the_options_table():
