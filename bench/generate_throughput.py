@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a small model, to check the script quickly")
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="batch sizes of the HF comparison (none: skip it)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best counts")
     parser.add_argument("--position_prompts", type=int, nargs="*", default=[64, 512, 1536],
                         help="prompt lengths of the per-token-by-position rows (none: skip them)")
@@ -184,7 +184,7 @@ def main() -> None:
         }
     if args.position_prompts:
         print(f"per-token time by position, {POSITION_SHAPE}, batch 1, 192 new tokens after 64, neomesh only:")
-        results["ms_per_token_by_prompt_length"] = per_token_by_position(args.position_prompts, 192, max(args.repeats, 3))
+        results["ms_per_token_by_prompt_length"] = per_token_by_position(args.position_prompts, 192, max(args.repeats, 5))
     print(json.dumps(results))
 
 
