@@ -179,7 +179,7 @@ OPTIONS: dict[str, Option] = {
     "no_weight_tie":           Option("an untied output projection",                           True,  False, "lm_head tied to wte"),
     "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", False, False, "no mixture of experts"),
     "entmax_loss":             Option("the entmax loss",                                       False, False, "softmax outputs only"),
-    "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               False, False, "a causal LM only"),
+    "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               True,  False, "a causal LM only"),
     "activation_function":     Option("an activation outside Hugging Face's names",            True,  False,
                                       f"ACT2FN equivalents of {', '.join(HF_ACTIVATIONS)} only"),
 }
@@ -450,12 +450,39 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         fail("tokens_per_mb_per_replica", "must be a positive integer")
     for entry in values["datasets"]:
         check_dataset_entry(entry, source)
+    if values["mlm_training"]:
+        check_masked_lm(values, fail)
 
     from mesh import parse_layout, parse_mesh_shape
 
     mesh_axes = parse_mesh_shape(values["mesh_shape"], source)
     parse_layout(values["layout"], mesh_axes, source)
     return Config(values, source)  # refuses options not implemented yet
+
+
+def check_masked_lm(values: dict[str, Any], fail) -> None:
+    """The mlm_* keys of a config with mlm_training (inputs.MaskedLM reads them)."""
+    n_vocab = values["n_vocab"]
+    if values["mlm_mask_id"] is None:
+        fail("mlm_mask_id", f"mlm_training needs the id of its mask token: an id below n_vocab = {n_vocab}")
+    for key in ("mlm_mask_id", "mlm_cls_token_id"):
+        if values[key] is not None and not 0 <= values[key] < n_vocab:
+            fail(key, f"must be a token id: 0 <= id < n_vocab = {n_vocab}")
+    if values["mlm_cls_token_id"] == values["mlm_mask_id"]:
+        fail("mlm_cls_token_id", "must differ from mlm_mask_id")
+    for key in ("mlm_mask_prob", "mlm_same_token_prob", "mlm_random_token_prob"):
+        if not 0.0 <= values[key] <= 1.0:
+            fail(key, "a probability must be in [0, 1]")
+    if values["mlm_same_token_prob"] + values["mlm_random_token_prob"] > 1.0:
+        fail("mlm_random_token_prob", f"plus mlm_same_token_prob = {values['mlm_same_token_prob']} exceeds 1: they are "
+                                      "shares of the masked positions (the rest show mlm_mask_id)")
+    ignored = values["mlm_mask_ignore_ids"] or []
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ignored):
+        fail("mlm_mask_ignore_ids", "must be a list of token ids (integers >= 0)")
+    if values["mlm_cls_token_id"] is not None and values["n_ctx"] < 2:
+        fail("n_ctx", "must be at least 2 with mlm_cls_token_id: the CLS token takes the first position")
+    if values["entmax_loss"]:
+        fail("entmax_loss", "the masked-LM loss is softmax cross-entropy only; accepted with mlm_training: false")
 
 
 def check_dataset_entry(entry: Any, source: str) -> None:

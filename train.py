@@ -455,6 +455,8 @@ def evaluate(config, layout) -> dict:
     data = inputs.Sampler(config, split)
     eval_step = model_fns.make_eval_step(config, layout, {"params": model_fns.param_shardings(config, layout)},
                                          config.eval_batch_size)
+    if config.mlm_training:
+        return evaluate_masked_lm(config, data, split, eval_step, params, step, layout)
     tokenizer = encoders.load_dataset_tokenizer(config)
     losses, byte_count, token_count = [], 0, 0
     for i in range(max(config.eval_steps, 1)):
@@ -469,6 +471,28 @@ def evaluate(config, layout) -> dict:
     if jax.process_index() == 0:
         print(f"step {step} | {split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits per byte {bits_per_byte:.4f}")
     return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte}
+
+
+def evaluate_masked_lm(config, data, split: str, eval_step, params, step: int, layout) -> dict:
+    """--eval of an MLM model: cross-entropy and accuracy of the original token at the masked
+    positions, over every masked position of eval_steps batches (masked as training masks them)."""
+    import jax
+
+    import inputs
+
+    totals = {"loss": 0.0, "accuracy": 0.0, "masked": 0}
+    for i in range(max(config.eval_steps, 1)):
+        batch_inputs, batch_labels = inputs.global_batch(data, i, layout, config.eval_batch_size)
+        _, ce, accuracy, masked = (float(x) for x in eval_step(params, batch_inputs, batch_labels))
+        totals["loss"] += ce * masked
+        totals["accuracy"] += accuracy * masked
+        totals["masked"] += int(masked)
+    masked = max(totals["masked"], 1)
+    loss, accuracy = totals["loss"] / masked, totals["accuracy"] / masked
+    if jax.process_index() == 0:
+        print(f"step {step} | {split} masked-token loss {loss:.4f} | masked-token accuracy {accuracy:.4f} | "
+              f"{totals['masked']} masked tokens")
+    return {"step": step, "split": split, "loss": loss, "accuracy": accuracy, "masked_tokens": totals["masked"]}
 
 
 def dry_run(config, layout) -> dict:

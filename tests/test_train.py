@@ -352,10 +352,10 @@ def test_training_logs_gradient_norms_with_log_grads_and_each_unused_gpt_neo_key
 
 
 def test_main_refuses_an_option_neomesh_does_not_implement_in_one_line(tmp_path):
-    result = main_py("--model", "demo", "--set", "entmax_loss=true", "--dry_run", check=False)
+    result = main_py("--model", "demo", "--set", "moe_layers=[1]", "--dry_run", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "key 'entmax_loss' = True" in result.stderr and "not implement" in result.stderr
+    assert "key 'moe_layers' = [1]" in result.stderr and "not implement" in result.stderr
 
 
 def test_training_refuses_token_ids_at_or_above_n_vocab(tmp_path):
