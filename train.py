@@ -429,8 +429,12 @@ def has_eval_data(config) -> bool:
 
 
 def run_eval(config, layout, eval_step, params, eval_data) -> float:
+    """The evaluation loss while training: the mean cross-entropy (of an MLM model, over the masked
+    positions of every batch)."""
     import inputs
 
+    if config.mlm_training:
+        return masked_lm_totals(config, eval_data, eval_step, params, layout)[0]
     losses = []
     for i in range(max(config.eval_steps, 1)):
         batch_inputs, batch_labels = inputs.global_batch(eval_data, i, layout, config.eval_batch_size)
@@ -478,21 +482,24 @@ def evaluate_masked_lm(config, data, split: str, eval_step, params, step: int, l
     positions, over every masked position of eval_steps batches (masked as training masks them)."""
     import jax
 
+    loss, accuracy, masked = masked_lm_totals(config, data, eval_step, params, layout)
+    if jax.process_index() == 0:
+        print(f"step {step} | {split} masked-token loss {loss:.4f} | masked-token accuracy {accuracy:.4f} | "
+              f"{masked} masked tokens")
+    return {"step": step, "split": split, "loss": loss, "accuracy": accuracy, "masked_tokens": masked}
+
+
+def masked_lm_totals(config, data, eval_step, params, layout) -> tuple[float, float, int]:
+    """(cross-entropy, accuracy, count) over every masked position of eval_steps batches: each
+    batch's means weighted by its count of masked positions."""
     import inputs
 
-    totals = {"loss": 0.0, "accuracy": 0.0, "masked": 0}
+    loss_sum, correct_sum, count = 0.0, 0.0, 0
     for i in range(max(config.eval_steps, 1)):
         batch_inputs, batch_labels = inputs.global_batch(data, i, layout, config.eval_batch_size)
         _, ce, accuracy, masked = (float(x) for x in eval_step(params, batch_inputs, batch_labels))
-        totals["loss"] += ce * masked
-        totals["accuracy"] += accuracy * masked
-        totals["masked"] += int(masked)
-    masked = max(totals["masked"], 1)
-    loss, accuracy = totals["loss"] / masked, totals["accuracy"] / masked
-    if jax.process_index() == 0:
-        print(f"step {step} | {split} masked-token loss {loss:.4f} | masked-token accuracy {accuracy:.4f} | "
-              f"{totals['masked']} masked tokens")
-    return {"step": step, "split": split, "loss": loss, "accuracy": accuracy, "masked_tokens": totals["masked"]}
+        loss_sum, correct_sum, count = loss_sum + ce * masked, correct_sum + accuracy * masked, count + int(masked)
+    return loss_sum / max(count, 1), correct_sum / max(count, 1), count
 
 
 def dry_run(config, layout) -> dict:

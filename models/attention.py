@@ -10,11 +10,13 @@
     none    no attention at all: the layer is an MLP block
 
 With mlm_training every kind sees both ways (a masked-LM reads the whole text): global every
-position; local key j when |i - j| < radius, the causal window mirrored, so that the radius still
-says how far a query reaches (radius - 1 positions, now on each side: 2 * radius - 1 keys, GPT-Neo's
-"±radius" read as the same distance rule); linear its non-causal form; gau every position; none
-nothing. Softmax attention then runs on the plain kernel (the others are causal), and there is no
-decoding: a masked-LM fills masks, it does not continue a text.
+position; local key j when |i - j| < radius: the query, radius - 1 keys before it and radius - 1
+after, 2 * radius - 1 in all. That is the causal window's rule (i - j < radius) mirrored, so that
+local_attention_radius means the same reach in both objectives; GPT-Neo's "±radius" gives no exact
+bound, and this reading never lets a query see farther than a causal one does. linear takes its
+non-causal form; gau every position; none nothing. Softmax attention then runs on the plain kernel
+(the others are causal), and there is no decoding: a masked-LM fills masks, it does not continue
+a text.
 
 Softmax attention is GPT-Neo's: scores q.k are not divided by sqrt(kv) (the init of q holds that
 scale, see `softmax_weights`), and the softmax runs in float32 whatever the compute dtype. With

@@ -186,6 +186,19 @@ def test_mlm_refuses_the_causal_attention_kernels_by_key(kernel):
         gpt2.logits(params, jnp.zeros((1, 16), jnp.int32), config)
 
 
+@pytest.mark.parametrize("kind,radius", [("global", 4), ("local", 4), ("local", 40), ("gau", 4)])
+def test_mlm_attention_flops_count_every_key_each_query_sees_both_ways(kind, radius):
+    """MFU's count: q.k and probs.v (2 * width FLOPs each, x3 for the backward) per key a query sees."""
+    from models.attention import KINDS
+
+    config = validate({**VISIBILITY, "mlm_training": True, "attention_types": [[[kind], 1]],
+                       "local_attention_radius": radius}, "test")
+    query, key = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    seen = np.abs(query - key) < radius if kind == "local" else np.ones((16, 16), bool)
+    width = config.gau_key_size if kind == "gau" else config.n_embd
+    assert KINDS[kind].flops(config) == pytest.approx(12 * width * seen.sum() / 16)
+
+
 # --- the loss ---------------------------------------------------------------------------------------
 
 LOSS = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2, "n_vocab": 64, "train_batch_size": 8,
@@ -272,12 +285,14 @@ def main_py(*args):
                           text=True, timeout=300)
 
 
-def test_predict_on_an_mlm_model_is_refused_in_one_line(tmp_path):
+def test_predict_on_an_mlm_model_is_refused_in_one_line(tmp_path, capsys):
+    import main
+
     model = write_mlm_dataset(tmp_path, model_path=str(tmp_path / "model"))
-    result = main_py("--model", str(model), "--predict")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "key 'mlm_training' = True" in result.stderr and "fills masks" in result.stderr
+    assert main.main(["--model", str(model), "--predict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "key 'mlm_training' = True" in err and "fills masks" in err and "not build mask filling" in err
 
 
 @pytest.mark.slow
@@ -285,18 +300,19 @@ def test_gpt_neo_mlm_parameters_train_and_evaluate_through_main_py(tmp_path):
     """GPT-Neo's test_models.py MLM settings (mask id 3, cls id 4, random token share 0.1, shared
     parameters, 2 layers global/local) train, then --eval reports masked-token loss and accuracy."""
     model = write_mlm_dataset(tmp_path, model_path=str(tmp_path / "model"), share_parameters=True,
-                              train_steps=4, iterations=2, steps_per_checkpoint=4, eval_batch_size=8, lr=3e-3,
-                              n_ctx=32, train_batch_size=8)
+                              train_steps=4, iterations=2, steps_per_checkpoint=4, eval_steps=2, eval_batch_size=8,
+                              lr=3e-3, n_ctx=32, train_batch_size=8)
     trained = main_py("--model", str(model))
     assert trained.returncode == 0, trained.stdout + trained.stderr
     losses = [json.loads(line)["loss"] for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 2 and all(np.isfinite(losses))
-    evaluated = main_py("--model", str(model), "--eval", "--set", "eval_steps=2")
+    evaluated = main_py("--model", str(model), "--eval")
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     line = next(line for line in evaluated.stdout.splitlines() if "masked-token loss" in line)
     fields = dict(part.strip().rsplit(" ", 1) for part in line.split("|")[1:3])
     loss, accuracy = float(fields["eval masked-token loss"]), float(fields["masked-token accuracy"])
     assert 0 < loss < np.log(N_VOCAB) + 1 and 0 <= accuracy <= 1
+    assert f"step 4 | eval loss {loss:.4f}" in trained.stdout  # the same batches, masked alike, while training
     masked = int(line.split("|")[3].split()[0])
     assert 0.1 * 2 * 8 * 32 < masked < 0.2 * 2 * 8 * 32  # ~15% of 2 batches of 8 x 32 positions
