@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ log = logging.getLogger("neomesh")
 
 REPO_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = REPO_DIR / "configs"
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -27,105 +30,114 @@ class Key:
     default: Any
     kind: str  # int | float | bool | str | list | dict | any; "?" suffix: None is also accepted
     meaning: str
+    # the values accepted beyond the kind, applied by validate() (to each element of a list):
+    #   an interval "[0, 1)", "(0, inf)", "[1, 2^31)": a bound is a number, inf, 2^k or another int key
+    #     ("[0, n_vocab)"); ints whose bound is 2^31 become int32 inside XLA (shapes, ids, step counters)
+    #   choices "adam | adafactor"
+    # Every float, whatever this says, must be finite: NaN and infinity are refused.
+    accepts: str = ""
 
 
 # fmt: off
 KEYS: dict[str, Key] = {
     # --- model shape -------------------------------------------------------------------------
-    "n_ctx": Key(2048, "int", "context length in tokens (dimension `sequence`)"),
-    "n_embd": Key(768, "int", "width of the residual stream (dimension `embd`)"),
-    "n_head": Key(12, "int", "attention heads (dimension `heads`); n_embd / n_head is `kv`"),
-    "n_layer": Key(12, "int", "number of transformer blocks"),
-    "n_vocab": Key(50257, "int", "rows of the token embedding (dimension `vocab`); may exceed the tokenizer's size"),
+    "n_ctx": Key(2048, "int", "context length in tokens (dimension `sequence`)", "[1, 2^31)"),
+    "n_embd": Key(768, "int", "width of the residual stream (dimension `embd`)", "[1, 2^31)"),
+    "n_head": Key(12, "int", "attention heads (dimension `heads`); n_embd / n_head is `kv`", "[1, 2^31)"),
+    # n_layer: blocks are unrolled in the compiled step, so compile time and compiler memory grow with
+    # depth (on a 2-core CPU ~0.5 s and ~12 MB per layer; 2000 layers compiled for over 300 s). 1024 is
+    # 10x GPT-3's 96 layers and admits the deepest published transformers (DeepNet's 1000 layers).
+    "n_layer": Key(12, "int", "number of transformer blocks", "[1, 1024]"),
+    "n_vocab": Key(50257, "int", "rows of the token embedding (dimension `vocab`); may exceed the tokenizer's size", "[1, 2^31)"),
     "attention_types": Key(None, "list?", "[[kinds, repeat], ...] expanded to one kind per layer: global | local | linear | gau | none; absent: all global"),
-    "local_attention_radius": Key(256, "int", "a `local` layer's query attends to itself and the previous radius-1 positions"),
+    "local_attention_radius": Key(256, "int", "a `local` layer's query attends to itself and the previous radius-1 positions", "[1, 2^31)"),
     "activation_function": Key("gelu", "str", "MLP activation (see models/activations.py for the names)"),
-    "intermediate_size": Key(None, "int?", "MLP hidden width (dimension `intermediate_expanded`); absent: 4 * n_embd"),
-    "layer_norm_epsilon": Key(1e-5, "float", "epsilon of every LayerNorm"),
+    "intermediate_size": Key(None, "int?", "MLP hidden width (dimension `intermediate_expanded`); absent: 4 * n_embd", "[1, 2^31)"),
+    "layer_norm_epsilon": Key(1e-5, "float", "epsilon of every LayerNorm", "(0, inf)"),
     # --- architecture options ----------------------------------------------------------------
     "scale_by_depth": Key(True, "bool", "scale the init of the MLP's and gau's residual output projections by 1/sqrt(n_layer) (softmax and linear attention keep GPT-Neo's own init, see models/attention.py)"),
     "scale_by_in": Key(False, "bool", "scale the init of the MLP's and gau's projections by 1/sqrt(fan_in)"),
     "no_weight_tie": Key(False, "bool", "a separate biased output projection (lm_head) instead of the tied token embedding; ln_f stays"),
     "rotary_emb": Key(False, "bool", "rotary position embeddings instead of the learned table"),
     "axial_pos_emb": Key(None, "list?", "[a1, a2] with a1 * a2 = n_ctx: axial position embeddings (dimensions `axial_rows`, `axial_columns`); ignored when rotary_emb is on"),
-    "num_mem_kv": Key(0, "int", "learned memory key/values (dimension `mem_kv`) prepended to the keys of every global layer, visible to every query; memory_length becomes n_ctx + num_mem_kv"),
-    "gau_key_size": Key(128, "int", "a `gau` layer's q, k and v width s (dimension `gau_key`); even with rotary_emb"),
-    "gau_expanded_size": Key(None, "int?", "a `gau` layer's gate width e (dimension `gau_expanded`); absent: 2 * n_embd"),
+    "num_mem_kv": Key(0, "int", "learned memory key/values (dimension `mem_kv`) prepended to the keys of every global layer, visible to every query; memory_length becomes n_ctx + num_mem_kv", "[0, 2^31)"),
+    "gau_key_size": Key(128, "int", "a `gau` layer's q, k and v width s (dimension `gau_key`); even with rotary_emb", "[1, 2^31)"),
+    "gau_expanded_size": Key(None, "int?", "a `gau` layer's gate width e (dimension `gau_expanded`); absent: 2 * n_embd", "[1, 2^31)"),
     "scalenorm": Key(False, "bool", "GPT-Neo's ScaleNorm (mean-centred, one scalar gain, no bias) instead of each block's LayerNorms; ln_f stays a LayerNorm"),
     "rezero": Key(False, "bool", "ReZero: no pre-norms; each residual branch times a learned scalar that starts at 0 (ln_f stays)"),
     "macaron": Key(False, "bool", "macaron blocks: a half-step MLP (no norm, no ReZero gain) before attention, and the block's MLP halved"),
     "mlp_glu": Key(False, "bool", "gated linear unit MLP: h * activation(gate), both halves intermediate_expanded wide (silu: SwiGLU)"),
     "share_parameters": Key(False, "bool", "one block's parameters for every layer; each layer keeps its attention kind"),
-    "moe_layers": Key(None, "list?", "0-indexed layers whose MLP is a mixture of experts"),
+    "moe_layers": Key(None, "list?", "0-indexed layers whose MLP is a mixture of experts", "[0, n_layer)"),
     "moe_params": Key(None, "dict?", "mixture-of-experts settings (experts, gating, hidden size)"),
     "moe_activation": Key("relu", "str", "activation inside the experts"),
-    "entmax_loss": Key(False, "bool", "entmax loss instead of softmax cross-entropy"),
+    "entmax_loss": Key(False, "bool", "the entmax-1.3 Fenchel-Young loss instead of softmax cross-entropy (models/entmax.py); z_loss then does not apply, as in GPT-Neo"),
     "mlm_training": Key(False, "bool", "masked-language-model objective instead of causal LM"),
-    "mlm_mask_id": Key(None, "int?", "token id of the MLM mask token"),
-    "mlm_cls_token_id": Key(None, "int?", "token id of the MLM CLS token"),
-    "mlm_mask_prob": Key(0.15, "float", "MLM: fraction of positions masked"),
-    "mlm_same_token_prob": Key(0.10, "float", "MLM: fraction of masked positions left as they were"),
-    "mlm_random_token_prob": Key(0.0, "float", "MLM: fraction of masked positions replaced by a random token"),
-    "mlm_mask_ignore_ids": Key(None, "list?", "MLM: token ids never masked"),
+    "mlm_mask_id": Key(None, "int?", "token id of the MLM mask token", "[0, n_vocab)"),
+    "mlm_cls_token_id": Key(None, "int?", "token id of the MLM CLS token", "[0, n_vocab)"),
+    "mlm_mask_prob": Key(0.15, "float", "MLM: fraction of positions masked", "[0, 1]"),
+    "mlm_same_token_prob": Key(0.10, "float", "MLM: fraction of masked positions left as they were", "[0, 1]"),
+    "mlm_random_token_prob": Key(0.0, "float", "MLM: fraction of masked positions replaced by a random token", "[0, 1]"),
+    "mlm_mask_ignore_ids": Key(None, "list?", "MLM: token ids never masked", "[0, n_vocab)"),
     # --- regularisation and loss -------------------------------------------------------------
-    "embed_dropout": Key(0.0, "float", "dropout after the input embedding"),
-    "attn_dropout": Key(0.0, "float", "dropout on attention probabilities"),
-    "res_dropout": Key(0.0, "float", "dropout on each block's attention and MLP outputs"),
-    "z_loss": Key(1e-4, "float", "weight of the log(Z)^2 penalty added to the cross-entropy"),
+    "embed_dropout": Key(0.0, "float", "dropout after the input embedding", "[0, 1)"),
+    "attn_dropout": Key(0.0, "float", "dropout on attention probabilities", "[0, 1)"),
+    "res_dropout": Key(0.0, "float", "dropout on each block's attention and MLP outputs", "[0, 1)"),
+    "z_loss": Key(1e-4, "float", "weight of the log(Z)^2 penalty added to the cross-entropy", "[0, inf)"),
     # --- numerics and memory ---------------------------------------------------------------
-    "precision": Key("float32", "str", "float32 | bfloat16 (bf16 compute, float32 master weights)"),
+    "precision": Key("float32", "str", "float32 | bfloat16 (bf16 compute, float32 master weights)", "float32 | bfloat16"),
     "recompute_grad": Key(False, "bool", "rematerialise each block in the backward pass (jax.checkpoint)"),
-    "tokens_per_mb_per_replica": Key(None, "int?", "tokens per microbatch per batch replica; the step accumulates gradients over the microbatches"),
+    "tokens_per_mb_per_replica": Key(None, "int?", "tokens per microbatch per batch replica; the step accumulates gradients over the microbatches", "[1, 2^31)"),
     # --- kernels: speed only, never the meaning (models/kernels.py) ----------------------------
-    "attention_kernel": Key("auto", "str", "auto | plain | blocked | cudnn: how attention is computed; auto: cudnn for half precision on a GPU where it applies, else blocked; plain: the reference (one score matrix)"),
-    "cpu_backward": Key("auto", "str", "auto | plain: on a CPU, auto uses projection gradients written for XLA:CPU's matmul kernels and a fusion boundary on the residual stream's gradient; plain: the gradients JAX derives"),
+    "attention_kernel": Key("auto", "str", "auto | plain | blocked | cudnn: how attention is computed; auto: cudnn for half precision on a GPU where it applies, else blocked; plain: the reference (one score matrix)", "auto | plain | blocked | cudnn"),
+    "cpu_backward": Key("auto", "str", "auto | plain: on a CPU, auto uses projection gradients written for XLA:CPU's matmul kernels and a fusion boundary on the residual stream's gradient; plain: the gradients JAX derives", "auto | plain"),
     # --- mesh ----------------------------------------------------------------------------------
     "mesh_shape": Key("", "str", 'named device mesh, e.g. "x:4,y:2"; empty: all local devices on the batch'),
     "layout": Key("", "str", 'tensor dimension -> mesh axis, e.g. "batch:x,heads:y"'),
     # --- training ------------------------------------------------------------------------------
-    "train_batch_size": Key(8, "int", "sequences per global training batch"),
-    "train_steps": Key(1000, "int", "optimizer steps to train for"),
-    "iterations": Key(100, "int", "steps between progress lines and metric logs"),
-    "steps_per_checkpoint": Key(5000, "int", "steps between checkpoints (and evaluations); --steps_per_checkpoint overrides"),
-    "keep_checkpoints": Key(3, "int", "how many of the newest checkpoints to keep"),
+    "train_batch_size": Key(8, "int", "sequences per global training batch", "[1, 2^31)"),
+    "train_steps": Key(1000, "int", "optimizer steps to train for", "[0, 2^31)"),
+    "iterations": Key(100, "int", "steps between progress lines and metric logs", "[1, 2^31)"),
+    "steps_per_checkpoint": Key(5000, "int", "steps between checkpoints (and evaluations); --steps_per_checkpoint overrides", "[1, 2^31)"),
+    "keep_checkpoints": Key(3, "int", "how many of the newest checkpoints to keep", "[1, 2^31)"),
     "model_path": Key("", "str", "folder (local or gs://) for checkpoints, metrics and samples"),
-    "model": Key("GPT", "str", 'model family: only "GPT"'),
-    "seed": Key(0, "int", "seed of the initialisation, dropout and data order"),
+    "model": Key("GPT", "str", 'model family: only "GPT"', "GPT"),
+    "seed": Key(0, "int", "seed of the initialisation, dropout and data order", "[0, 2^63)"),
     "log_grads": Key(False, "bool", "true: also log each parameter's gradient norm (grad_norm/<path>, e.g. grad_norm/blocks.0.attn.q) with the metrics; the global norm is always logged"),
     # --- optimizer -----------------------------------------------------------------------------
-    "opt_name": Key("adam", "str", "adam (decoupled weight decay, skipping norms and biases) | adafactor"),
-    "lr": Key(6e-4, "float", "peak learning rate"),
-    "lr_decay": Key("cosine", "str", "cosine | linear (to 0.1 * lr over lr_decay_end steps) | none"),
-    "lr_decay_end": Key(None, "int?", "step at which the decay reaches 0.1 * lr; absent: train_steps"),
-    "warmup_steps": Key(0, "int", "linear warmup steps"),
-    "beta1": Key(0.9, "float", "Adam beta1"),
-    "beta2": Key(0.95, "float", "Adam beta2"),
-    "epsilon": Key(1e-8, "float", "Adam epsilon"),
-    "ada_epsilon1": Key(1e-30, "float", "Adafactor epsilon added to squared gradients"),
-    "ada_epsilon2": Key(1e-3, "float", "Adafactor parameter-scale floor"),
-    "weight_decay": Key(0.01, "float", "decoupled weight decay (not applied to norms and biases)"),
+    "opt_name": Key("adam", "str", "adam (decoupled weight decay, skipping norms and biases) | adafactor", "adam | adafactor"),
+    "lr": Key(6e-4, "float", "peak learning rate", "[0, inf)"),
+    "lr_decay": Key("cosine", "str", "cosine | linear (to 0.1 * lr over lr_decay_end steps) | none", "cosine | linear | none"),
+    "lr_decay_end": Key(None, "int?", "step at which the decay reaches 0.1 * lr; absent: train_steps", "[1, 2^31)"),
+    "warmup_steps": Key(0, "int", "linear warmup steps", "[0, 2^31)"),
+    "beta1": Key(0.9, "float", "Adam beta1", "[0, 1)"),
+    "beta2": Key(0.95, "float", "Adam beta2", "[0, 1)"),
+    "epsilon": Key(1e-8, "float", "Adam epsilon", "(0, inf)"),
+    "ada_epsilon1": Key(1e-30, "float", "Adafactor epsilon added to squared gradients", "(0, inf)"),
+    "ada_epsilon2": Key(1e-3, "float", "Adafactor parameter-scale floor", "[0, inf)"),
+    "weight_decay": Key(0.01, "float", "decoupled weight decay (not applied to norms and biases)", "[0, inf)"),
     "skip_nonfinite_steps": Key(False, "bool", "a step whose loss, gradient norm or updated parameters are not finite is skipped (the state stays as it was) and counted in metrics as skipped_steps; false: the run stops at such a step, saving nothing from it"),
-    "gradient_clipping": Key(1.0, "float", "clip gradients to this global norm; 0 turns clipping off"),
+    "gradient_clipping": Key(1.0, "float", "clip gradients to this global norm; 0 turns clipping off", "[0, inf)"),
     # --- data ----------------------------------------------------------------------------------
     "datasets": Key([], "list", "[[dataset_id, stitch, sampling_mode, weight], ...]; configs/dataset_configs/<id>.json"),
-    "input_fn": Key("sequential_input", "str", "GPT-Neo's reader: sequential_input | generic_text (others are refused); neomesh reads every dataset with its one sampler (deterministic, honouring stitch, mode and weight), so a config that sets it is logged once"),
+    "input_fn": Key("sequential_input", "str", "GPT-Neo's reader: sequential_input | generic_text (others are refused); neomesh reads every dataset with its one sampler (deterministic, honouring stitch, mode and weight), so a config that sets it is logged once", "sequential_input | generic_text"),
     "remove_partial_sequences": Key(False, "bool", "--predict: true writes each sample without its prompt (only the new tokens), as GPT-Neo's output without the partial sequences"),
     "shuffle_input_filenames": Key(True, "bool", "GPT-Neo shuffled the shard list when true; neomesh always shuffles examples deterministically from (seed, step), so false has no effect and is logged once"),
-    "padding_id": Key(None, "int?", "padding token id; absent: the dataset config's; one >= n_vocab, or none, means eos_id (configs.special_ids)"),
-    "eos_id": Key(None, "int?", "end-of-text token id; absent: the first dataset config's, else the tokenizer's (configs.special_ids)"),
+    "padding_id": Key(None, "int?", "padding token id; absent: the dataset config's; one >= n_vocab, or none, means eos_id (configs.special_ids)", "[0, 2^31)"),
+    "eos_id": Key(None, "int?", "end-of-text token id; absent: the first dataset config's, else the tokenizer's (configs.special_ids)", "[0, n_vocab)"),
     # --- evaluation ----------------------------------------------------------------------------
-    "eval_batch_size": Key(8, "int", "sequences per evaluation batch"),
-    "eval_steps": Key(0, "int", "evaluation batches every checkpoint (0: no evaluation while training)"),
+    "eval_batch_size": Key(8, "int", "sequences per evaluation batch", "[1, 2^31)"),
+    "eval_steps": Key(0, "int", "evaluation batches every checkpoint (0: no evaluation while training)", "[0, 2^31)"),
     "eval_tasks": Key([], "list", "task evaluations (GPT-Neo: lambada); neomesh implements none yet, so a non-empty list is refused"),
     # --- sampling ------------------------------------------------------------------------------
-    "predict_batch_size": Key(1, "int", "completions sampled per prompt"),
-    "predict_steps": Key(0, "int", "GPT-Neo: above 0, sample from the prompt at every checkpoint while training; neomesh does not (run main.py --predict), so above 0 is logged once"),
-    "predict_max_steps": Key(256, "int", "new tokens per completion (generation also stops at n_ctx)"),
-    "temperature": Key(0.9, "float", "sampling temperature; 0 is greedy"),
-    "top_k": Key(0, "int", "sample among the k most likely tokens; 0 turns it off"),
-    "top_p": Key(1.0, "float", "nucleus sampling: the smallest set with this much probability; 1 turns it off"),
-    "repetition_penalty": Key(1.0, "float", "divide positive (multiply negative) logits of tokens already present; 1 turns it off"),
-    "sampling_seed": Key(0, "int", "seed of the sampler"),
+    "predict_batch_size": Key(1, "int", "completions sampled per prompt", "[1, 2^31)"),
+    "predict_steps": Key(0, "int", "GPT-Neo: above 0, sample from the prompt at every checkpoint while training; neomesh does not (run main.py --predict), so above 0 is logged once", "[0, 2^31)"),
+    "predict_max_steps": Key(256, "int", "new tokens per completion (generation also stops at n_ctx)", "[0, 2^31)"),
+    "temperature": Key(0.9, "float", "sampling temperature; 0 is greedy", "[0, inf)"),
+    "top_k": Key(0, "int", "sample among the k most likely tokens; 0 turns it off", "[0, 2^31)"),
+    "top_p": Key(1.0, "float", "nucleus sampling: the smallest set with this much probability; 1 turns it off", "(0, 1]"),
+    "repetition_penalty": Key(1.0, "float", "divide positive (multiply negative) logits of tokens already present; 1 turns it off", "(0, inf)"),
+    "sampling_seed": Key(0, "int", "seed of the sampler", "[0, 2^63)"),
 }
 # fmt: on
 
@@ -178,7 +190,7 @@ OPTIONS: dict[str, Option] = {
     "share_parameters":        Option("parameters shared across layers",                       True,  False, "separate weights in every layer"),
     "no_weight_tie":           Option("an untied output projection",                           True,  False, "lm_head tied to wte"),
     "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", False, False, "no mixture of experts"),
-    "entmax_loss":             Option("the entmax loss",                                       False, False, "softmax outputs only"),
+    "entmax_loss":             Option("the entmax loss",                                       True,  False, "softmax outputs only"),
     "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               True,  False, "a causal LM only"),
     "activation_function":     Option("an activation outside Hugging Face's names",            True,  False,
                                       f"ACT2FN equivalents of {', '.join(HF_ACTIVATIONS)} only"),
@@ -187,13 +199,13 @@ OPTIONS: dict[str, Option] = {
 
 SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
 DATASET_KEYS = {
-    "n_vocab": Key(None, "int?", "token ids must be below this"),
+    "n_vocab": Key(None, "int?", "token ids must be below this", "[1, 2^31)"),
     "path": Key("", "str", "glob of the training shards (local or gs://)"),
     "eval_path": Key("", "str", "glob of the evaluation shards"),
     "tokenizer_is_pretrained": Key(False, "bool", "tokenizer_path names a pretrained tokenizer (e.g. gpt2)"),
     "tokenizer_path": Key("", "str", "tokenizer.json path or pretrained name"),
-    "eos_id": Key(None, "int?", "end-of-text id, joins stitched documents"),
-    "padding_id": Key(None, "int?", "padding id"),
+    "eos_id": Key(None, "int?", "end-of-text id, joins stitched documents", "[0, 2^31)"),
+    "padding_id": Key(None, "int?", "padding id", "[0, 2^31)"),
 }
 
 
@@ -252,22 +264,37 @@ class Config:
         return validate(values, self.source)
 
 
+def attention_types_problem(attention_types: list | None, n_layer: int) -> str | None:
+    """What is wrong with `attention_types` for n_layer layers, or None. The layer count is summed
+    before anything is expanded, so a repeat of 10^12 is refused without building its list."""
+    if attention_types is None:
+        return None
+    example = '[[["global", "local"], 6]]'
+    layers = 0
+    for entry in attention_types:
+        if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], list) or not entry[0]
+                or not isinstance(entry[1], int) or isinstance(entry[1], bool)):
+            return f"entry {show(entry)} is not [[kinds...], repeat], e.g. {example}"
+        kinds, repeat = entry
+        for kind in kinds:
+            if not isinstance(kind, str) or kind not in ATTENTION_KINDS:
+                return f"unknown kind {show(kind)}; accepted: {', '.join(ATTENTION_KINDS)}"
+        if repeat < 0:
+            return f"entry {show(entry)}: the repeat count must be zero or more"
+        layers += len(kinds) * repeat
+    if layers != n_layer:
+        return f"expands to {show(layers)} layers but n_layer = {n_layer}"
+    return None
+
+
 def expand_attention_types(attention_types: list | None, n_layer: int) -> list[str]:
+    """One attention kind per layer. validate() has checked the entries (attention_types_problem)."""
     if attention_types is None:
         return ["global"] * n_layer
-    kinds: list[str] = []
-    for entry in attention_types:
-        if (
-            not isinstance(entry, (list, tuple))
-            or len(entry) != 2
-            or not isinstance(entry[0], (list, tuple))
-            or not isinstance(entry[1], int)
-        ):
-            raise ConfigError(
-                f"attention_types: entry {entry!r} is not [[kinds...], repeat], e.g. [[\"global\", \"local\"], 6]"
-            )
-        kinds.extend(list(entry[0]) * entry[1])
-    return kinds
+    problem = attention_types_problem(attention_types, n_layer)
+    if problem is not None:
+        raise ConfigError(f"key 'attention_types': {problem}")
+    return [kind for kinds, repeat in attention_types for kind in list(kinds) * repeat]
 
 
 def resolve_model_path(model: str) -> Path:
@@ -317,10 +344,23 @@ def unused_key_notes(raw: dict[str, Any], config: Config) -> list[str]:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file's value; anything that is not a readable UTF-8 JSON file is a ConfigError naming it."""
     try:
-        return json.loads(Path(path).read_text())
+        text = Path(path).read_bytes().decode("utf-8")
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); "
+                          "a config is a UTF-8 JSON file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to read; a config nests at most "
+                          f"{MAX_NESTING} levels") from None
+    except ValueError:  # an integer literal beyond Python's digit limit (4300 digits)
+        raise ConfigError(f"{path}: holds an integer of more than {sys.get_int_max_str_digits()} digits, which "
+                          "cannot be read; every number a config takes fits in 64 bits") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read as a config file: {err.strerror or err}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -329,21 +369,53 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train_steps=100")
     key, raw = text.split("=", 1)
     key = key.strip()
-    check_known(key, f"--set {text}")
+    check_known(key, f"--set {show(text)}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {key}=...: the value is nested too deeply; a config nests at most "
+                          f"{MAX_NESTING} levels") from None
+    except ValueError:  # an integer literal beyond Python's digit limit
+        raise ConfigError(f"--set {key}=...: an integer of more than {sys.get_int_max_str_digits()} digits cannot "
+                          "be read; every number a config takes fits in 64 bits") from None
     if KEYS[key].kind.startswith("str") and not isinstance(value, str):
         value = raw  # `--set mesh_shape=8` means the string "8"
     return key, value
 
 
-def check_known(key: str, where: str) -> None:
-    if key not in KEYS:
-        close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
+def check_known(key: Any, where: str) -> None:
+    if not isinstance(key, str) or key not in KEYS:
+        close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6) if isinstance(key, str) else []
         hint = f"; did you mean {close[0]!r}?" if close else "; see KEYS in configs.py for the known keys"
-        raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        raise ConfigError(f"{where}: unknown key {show(key)}{hint}")
+
+
+MAX_NESTING = 8  # the deepest value a key takes is datasets' or attention_types' (3 levels)
+MAX_SHOWN = 100  # characters of a value quoted in a message
+
+
+def show(value: Any) -> str:
+    """A value as a message quotes it: its repr, shortened; an integer too long to print (Python
+    refuses to print one of more than 4300 digits) or a value too deep to print is described."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    if nesting(value) > MAX_NESTING:
+        return f"a {type(value).__name__} nested more than {MAX_NESTING} levels deep"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # a giant integer inside a list
+        return f"a {type(value).__name__} holding a value too large to print"
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + " ..."
+
+
+def nesting(value: Any, limit: int = MAX_NESTING + 1) -> int:
+    """How deep lists and dicts nest in `value` (a scalar is 0), counted no further than `limit`."""
+    if not isinstance(value, (list, tuple, dict)) or limit <= 0:
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((nesting(item, limit - 1) for item in items), default=0)
 
 
 def check_type(key: str, value: Any, kind: str, where: str) -> Any:
@@ -356,19 +428,84 @@ def check_type(key: str, value: Any, kind: str, where: str) -> Any:
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool) or value in (0, 1),
+        "bool": isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)),
         "str": isinstance(value, str),
         "list": isinstance(value, list),
         "dict": isinstance(value, dict),
         "any": True,
     }[base]
     if not ok:
-        raise ConfigError(f"{where}: key {key!r} has {value!r} ({type(value).__name__}); it takes a {base}")
+        raise ConfigError(f"{where}: key {key!r} has {show(value)} ({type(value).__name__}); it takes a {base}")
+    if nesting(value) > MAX_NESTING:
+        raise ConfigError(f"{where}: key {key!r} has {show(value)}; no key takes a value nested that deep")
+    if base == "str" and "\x00" in value:
+        raise ConfigError(f"{where}: key {key!r} = {show(value)} holds a NUL character, which no name or path may")
     if base == "float":
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: key {key!r} has {show(value)}: beyond the range of a float") from None
     if base == "bool":
         return bool(value)
     return value
+
+
+def check_accepts(key: str, value: Any, spec: Key, values: dict[str, Any], where: str) -> None:
+    """Apply spec.accepts (an interval or choices) and finiteness to a key's value, or to each element
+    of a list value; a ConfigError names the key, the value and what is accepted."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, list):
+        for element in value:
+            check_element(key, element, value, spec, values, where)
+    else:
+        check_element(key, value, value, spec, values, where)
+
+
+def check_element(key: str, element: Any, value: Any, spec: Key, values: dict[str, Any], where: str) -> None:
+    def fail(accepted: str) -> None:
+        of = "" if element is value else f" (element {show(element)})"
+        raise ConfigError(f"{where}: key {key!r} = {show(value)}{of}: accepted: {accepted}")
+
+    accepts = spec.accepts
+    if isinstance(element, float) and not math.isfinite(element):
+        fail(f"a finite number{' in ' + accepts if accepts.startswith(('[', '(')) else ''} (not NaN or infinity)")
+    if not accepts:
+        return
+    if not accepts.startswith(("[", "(")):
+        choices = [c.strip() for c in accepts.split("|")]
+        if not isinstance(element, str) or element not in choices:
+            fail(", ".join(choices))
+        return
+    low, high, closed_low, closed_high, words = interval(accepts, values)
+    number = "an integer" if spec.kind.startswith(("int", "list")) else "a number"
+    if spec.kind.startswith("list") and (not isinstance(element, int) or isinstance(element, bool)):
+        fail(f"a list of integers in {words}")
+    if not isinstance(element, (int, float)) or isinstance(element, bool):
+        fail(f"{number} in {words}")
+    inside_low = element >= low if closed_low else element > low
+    inside_high = element <= high if closed_high else element < high
+    if not (inside_low and inside_high):
+        fail(f"{number} in {words}")
+
+
+def interval(accepts: str, values: dict[str, Any]) -> tuple[float, float, bool, bool, str]:
+    """(low, high, low is included, high is included, the interval in words) of "[0, 2^31)"-style text;
+    a bound naming a key takes that key's value, and a power of two is written out."""
+    low_text, high_text = (part.strip() for part in accepts[1:-1].split(","))
+
+    def bound(text: str) -> tuple[float, str]:
+        if text in ("inf", "-inf"):
+            return float(text), text
+        if text in KEYS:
+            return values[text], f"{text} = {values[text]}"
+        if "^" in text:
+            base, exponent = text.split("^")
+            return int(base) ** int(exponent), f"{text} = {int(base) ** int(exponent)}"
+        return (float(text) if "." in text or "e" in text else int(text)), text
+
+    (low, low_words), (high, high_words) = bound(low_text), bound(high_text)
+    return low, high, accepts[0] == "[", accepts[-1] == "]", f"{accepts[0]}{low_words}, {high_words}{accepts[-1]}"
 
 
 def validate(raw: dict[str, Any], source: str) -> Config:
@@ -378,38 +515,20 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         values[key] = check_type(key, value, KEYS[key].kind, source)
     for key, spec in KEYS.items():
         values.setdefault(key, json.loads(json.dumps(spec.default)))
+    # bounds that name another key ("[0, n_vocab)") come second, once that key has passed its own
+    refers = {key for key, spec in KEYS.items() if spec.accepts.startswith(("[", "("))
+              and {part.strip() for part in spec.accepts[1:-1].split(",")} & set(KEYS)}
+    for key in [k for k in KEYS if k not in refers] + [k for k in KEYS if k in refers]:
+        check_accepts(key, values[key], KEYS[key], values, source)
 
     def fail(key: str, message: str) -> None:
-        raise ConfigError(f"{source}: key {key!r} = {values[key]!r}: {message}")
+        raise ConfigError(f"{source}: key {key!r} = {show(values[key])}: {message}")
 
-    for key in ("n_ctx", "n_embd", "n_head", "n_layer", "n_vocab", "train_batch_size", "eval_batch_size",
-                "predict_batch_size", "iterations", "steps_per_checkpoint", "keep_checkpoints",
-                "local_attention_radius"):
-        if values[key] <= 0:
-            fail(key, "must be a positive integer")
-    for key in ("train_steps", "eval_steps", "warmup_steps", "num_mem_kv", "top_k", "predict_max_steps",
-                "predict_steps"):
-        if values[key] < 0:
-            fail(key, "must be zero or more")
     if values["n_embd"] % values["n_head"]:
         fail("n_embd", f"must divide evenly by n_head = {values['n_head']} (head size n_embd / n_head)")
-    kinds = expand_attention_types(values["attention_types"], values["n_layer"])
-    unknown = sorted(set(kinds) - set(ATTENTION_KINDS))
-    if unknown:
-        fail("attention_types", f"unknown kind {unknown[0]!r}; accepted: {', '.join(ATTENTION_KINDS)}")
-    if len(kinds) != values["n_layer"]:
-        fail("attention_types", f"expands to {len(kinds)} layers but n_layer = {values['n_layer']}")
-    for key, accepted in (
-        ("precision", ("float32", "bfloat16")),
-        ("opt_name", ("adam", "adafactor")),
-        ("lr_decay", ("cosine", "linear", "none")),
-        ("model", ("GPT",)),
-        ("attention_kernel", ("auto", "plain", "blocked", "cudnn")),
-        ("cpu_backward", ("auto", "plain")),
-        ("input_fn", INPUT_FNS),
-    ):
-        if values[key] not in accepted:
-            fail(key, f"accepted: {', '.join(accepted)}")
+    problem = attention_types_problem(values["attention_types"], values["n_layer"])
+    if problem is not None:
+        fail("attention_types", problem)
     from models.activations import ACTIVATIONS
 
     if values["activation_function"] not in ACTIVATIONS:
@@ -417,23 +536,11 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         fail("activation_function", f"unknown activation{hint} (accepted: {', '.join(sorted(ACTIVATIONS))})")
     for task in values["eval_tasks"]:
-        if task not in EVAL_TASKS:
-            fail("eval_tasks", f"unknown task {task!r}; GPT-Neo's tasks: {', '.join(EVAL_TASKS)}")
+        if not isinstance(task, str) or task not in EVAL_TASKS:
+            fail("eval_tasks", f"unknown task {show(task)}; GPT-Neo's tasks: {', '.join(EVAL_TASKS)}")
         if not EVAL_TASKS[task]:
             fail("eval_tasks", f"task evaluation ({task!r}) is not implemented in neomesh yet; accepted: []")
-    for key in ("embed_dropout", "attn_dropout", "res_dropout"):
-        if not 0.0 <= values[key] < 1.0:
-            fail(key, "a dropout rate must be in [0, 1)")
-    for key in ("z_loss", "lr", "weight_decay", "gradient_clipping", "temperature"):
-        if values[key] < 0:
-            fail(key, "must be zero or more")
-    if not 0.0 < values["top_p"] <= 1.0:
-        fail("top_p", "must be in (0, 1]")
-    if values["repetition_penalty"] <= 0:
-        fail("repetition_penalty", "must be positive (1 turns it off)")
-    for key in ("intermediate_size", "gau_key_size", "gau_expanded_size"):
-        if values[key] is not None and values[key] <= 0:
-            fail(key, "must be a positive integer")
+    kinds = expand_attention_types(values["attention_types"], values["n_layer"])
     if values["rotary_emb"] and "gau" in kinds and values["gau_key_size"] % 2:
         fail("gau_key_size", "must be even with rotary_emb: rotary embeddings turn pairs of dimensions")
     if values["rotary_emb"] and values["n_embd"] // values["n_head"] % 2:
@@ -444,10 +551,7 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         if len(axial) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in axial):
             fail("axial_pos_emb", f"must be two positive integers [a1, a2] with a1 * a2 = n_ctx = {values['n_ctx']}")
         if axial[0] * axial[1] != values["n_ctx"]:
-            fail("axial_pos_emb", f"a1 * a2 = {axial[0] * axial[1]} but n_ctx = {values['n_ctx']}: they must be equal")
-    tokens_per_mb = values["tokens_per_mb_per_replica"]
-    if tokens_per_mb is not None and tokens_per_mb <= 0:
-        fail("tokens_per_mb_per_replica", "must be a positive integer")
+            fail("axial_pos_emb", f"a1 * a2 = {show(axial[0] * axial[1])} but n_ctx = {values['n_ctx']}: they must be equal")
     for entry in values["datasets"]:
         check_dataset_entry(entry, source)
     if values["mlm_training"]:
@@ -457,47 +561,85 @@ def validate(raw: dict[str, Any], source: str) -> Config:
 
     mesh_axes = parse_mesh_shape(values["mesh_shape"], source)
     parse_layout(values["layout"], mesh_axes, source)
-    return Config(values, source)  # refuses options not implemented yet
+    config = Config(values, source)  # refuses options not implemented yet
+    check_sizes(config)
+    return config
+
+
+# The largest array XLA can describe: its shape's element count, and its size in bytes (up to 8 per
+# element), must fit in int64; a larger one aborts the whole process inside XLA (SIGABRT, "overflow in
+# static extent product") instead of raising an error, so validate() refuses it first.
+MAX_ARRAY_ELEMENTS = 2**60
+
+
+def check_sizes(config: Config) -> None:
+    """Refuse, before JAX compiles anything, a model whose dimensions or arrays cannot be compiled:
+    every dimension and token position must fit int32 (ids, positions and shapes are int32 inside
+    the step), and every weight and the largest activations must be arrays XLA can describe."""
+    where = config.source
+    sizes = dict(config.dim_sizes, row=config.n_ctx + 1)  # a training row holds n_ctx + 1 tokens
+    for dimension, size in sizes.items():
+        if size > INT32_MAX:
+            raise ConfigError(f"{where}: dimension {dimension!r} would be {size}, beyond 2^31 - 1 = {INT32_MAX} "
+                              "(token ids, positions and sizes are int32 inside the step); make it smaller")
+    import jax
+
+    from models import gpt2
+
+    arrays: list[tuple[str, int]] = []
+    for path, weight in jax.tree_util.tree_flatten_with_path(gpt2.weights(config), is_leaf=gpt2.is_weight)[0]:
+        arrays.append((f"weight {keystr(path)}", math.prod(gpt2.shape_of(weight, config))))
+    batch = max(config.train_batch_size, config.eval_batch_size, config.predict_batch_size)
+    tokens = batch * config.n_ctx
+    arrays.append(("the logits [batch, sequence, vocab]", tokens * config.n_vocab))
+    arrays.append(("the attention scores [batch, heads, sequence, memory_length]",
+                   tokens * config.n_head * (config.n_ctx + config.num_mem_kv)))
+    arrays.append(("the MLP activations [batch, sequence, intermediate_expanded]", tokens * config.mlp_width))
+    parameters = sum(count for name, count in arrays if name.startswith("weight "))
+    arrays.append(("all parameters together", parameters))
+    for name, elements in arrays:
+        if elements > MAX_ARRAY_ELEMENTS:
+            raise ConfigError(f"{where}: {name} would hold {elements:.3g} elements, beyond the 2^60 an XLA array "
+                              f"can address (n_vocab {config.n_vocab}, n_embd {config.n_embd}, n_ctx {config.n_ctx}, "
+                              f"n_head {config.n_head}, n_layer {config.n_layer}, batch {batch}); make the model smaller")
+
+
+def keystr(path) -> str:
+    """A parameter's path as neomesh names it elsewhere, e.g. blocks.0.attn.q."""
+    return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
 def check_masked_lm(values: dict[str, Any], fail) -> None:
-    """The mlm_* keys of a config with mlm_training (inputs.MaskedLM reads them)."""
-    n_vocab = values["n_vocab"]
+    """What mlm_training needs of the mlm_* keys beyond each key's own range (KEYS' accepts)."""
     if values["mlm_mask_id"] is None:
-        fail("mlm_mask_id", f"mlm_training needs the id of its mask token: an id below n_vocab = {n_vocab}")
-    for key in ("mlm_mask_id", "mlm_cls_token_id"):
-        if values[key] is not None and not 0 <= values[key] < n_vocab:
-            fail(key, f"must be a token id: 0 <= id < n_vocab = {n_vocab}")
+        fail("mlm_mask_id", f"mlm_training needs the id of its mask token: an integer in [0, n_vocab = {values['n_vocab']})")
     if values["mlm_cls_token_id"] == values["mlm_mask_id"]:
         fail("mlm_cls_token_id", "must differ from mlm_mask_id")
-    for key in ("mlm_mask_prob", "mlm_same_token_prob", "mlm_random_token_prob"):
-        if not 0.0 <= values[key] <= 1.0:
-            fail(key, "a probability must be in [0, 1]")
     if values["mlm_same_token_prob"] + values["mlm_random_token_prob"] > 1.0:
         fail("mlm_random_token_prob", f"plus mlm_same_token_prob = {values['mlm_same_token_prob']} exceeds 1: they are "
                                       "shares of the masked positions (the rest show mlm_mask_id)")
-    ignored = values["mlm_mask_ignore_ids"] or []
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ignored):
-        fail("mlm_mask_ignore_ids", "must be a list of token ids (integers >= 0)")
     if values["mlm_cls_token_id"] is not None and values["n_ctx"] < 2:
         fail("n_ctx", "must be at least 2 with mlm_cls_token_id: the CLS token takes the first position")
-    if values["entmax_loss"]:
-        fail("entmax_loss", "the masked-LM loss is softmax cross-entropy only; accepted with mlm_training: false")
 
 
 def check_dataset_entry(entry: Any, source: str) -> None:
     example = '["mydata", 25, "documents_random", 1.0]'
     if not isinstance(entry, list) or len(entry) != 4:
-        raise ConfigError(f"{source}: key 'datasets' has entry {entry!r}; each entry is [id, stitch, mode, weight], e.g. {example}")
+        raise ConfigError(f"{source}: key 'datasets' has entry {show(entry)}; each entry is [id, stitch, mode, weight], e.g. {example}")
     dataset_id, stitch, mode, weight = entry
-    if not isinstance(dataset_id, str) or not dataset_id:
-        raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: the id must be a non-empty string")
-    if not isinstance(stitch, int) or isinstance(stitch, bool) or stitch <= 0:
-        raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: stitch must be a positive integer")
-    if mode not in SAMPLING_MODES:
-        raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: sampling mode {mode!r} is not one of {', '.join(SAMPLING_MODES)}")
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-        raise ConfigError(f"{source}: key 'datasets' entry {entry!r}: weight must be a positive number")
+    where = f"{source}: key 'datasets' entry {show(entry)}"
+    if not isinstance(dataset_id, str) or not dataset_id or any(c in dataset_id for c in "/\\\x00"):
+        raise ConfigError(f"{where}: the id must be a non-empty string naming configs/dataset_configs/<id>.json "
+                          "(no slash or NUL)")
+    if not isinstance(stitch, int) or isinstance(stitch, bool) or not 0 < stitch <= INT32_MAX:
+        raise ConfigError(f"{where}: stitch must be an integer in [1, 2^31)")
+    if not isinstance(mode, str) or mode not in SAMPLING_MODES:
+        raise ConfigError(f"{where}: sampling mode {show(mode)} is not one of {', '.join(SAMPLING_MODES)}")
+    # a weight is used as a float: an integer beyond a float's range is refused like infinity
+    if (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < 1e300
+            or not math.isfinite(float(weight))):
+        raise ConfigError(f"{where}: weight must be a finite positive number")
+
 
 
 # --- the options table, applied -------------------------------------------------------------
@@ -622,6 +764,7 @@ def read_dataset_config(found: Path, entry: list) -> DatasetConfig:
         if key not in DATASET_KEYS:
             raise ConfigError(f"{found}: unknown key {key!r}; accepted: {', '.join(DATASET_KEYS)}")
         checked[key] = check_type(key, value, DATASET_KEYS[key].kind, str(found))
+        check_accepts(key, checked[key], DATASET_KEYS[key], checked, str(found))
     for key, spec in DATASET_KEYS.items():
         checked.setdefault(key, spec.default)
     if not checked["path"]:

@@ -35,7 +35,7 @@ import numpy as np
 
 import storage
 from configs import HF_ACTIVATIONS, Config, load_config, options_in_use, special_ids, validate
-from errors import ConfigError, ExportError, StorageError
+from errors import USER_ERRORS, ConfigError, ExportError, report_user_error
 
 log = logging.getLogger("neomesh")
 
@@ -447,9 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imported to {args.model_path}; train, fine-tune or predict with --model {args.config_out}")
         else:
             parser.error("use either --model M --to_hf OUT_DIR, or --from_hf HF_DIR --model_path DIR --config_out FILE")
-    except (ConfigError, StorageError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:  # as main.py: one `error:` line, exit code 2
+        return report_user_error(err)
     return 0
 
 

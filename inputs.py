@@ -38,7 +38,8 @@ from configs import DatasetConfig, resolve_datasets, special_ids
 from errors import ConfigError, DataError
 from tfrecord import ShardReader, ShardScan, scan_shard
 
-__all__ = ["DataError", "Sampler", "MaskedLM", "NOT_PREDICTED", "global_batch", "check_dataset"]
+__all__ = ["DataError", "Sampler", "MaskedLM", "NOT_PREDICTED", "global_batch", "check_dataset",
+           "check_shards_exist"]
 
 log = logging.getLogger("neomesh")
 
@@ -59,11 +60,17 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 def expand_shards(pattern: str, where: str) -> list[str]:
-    """The shard files a glob names, sorted (the order fixes every record's global number)."""
+    """The shard files a glob names, sorted (the order fixes every record's global number). A glob
+    that matches a folder is refused: a shard is a file, and the folder's name suggests the glob."""
     fs, _ = fsspec.core.url_to_fs(pattern)
-    matches = sorted(fs.glob(pattern))
-    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        matches = [fs.unstrip_protocol(path) for path in matches]
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    found = fs.glob(pattern, detail=True)  # one listing tells files from folders
+    folders = sorted(path if local else fs.unstrip_protocol(path)
+                     for path, info in found.items() if info.get("type") == "directory")
+    if folders:
+        raise ConfigError(f"{where}: {pattern!r} matches the folder {folders[0]}; a shard glob matches TFRecord "
+                          f"files, e.g. {folders[0].rstrip('/')}/*.tfrecords")
+    matches = sorted(found) if local else sorted(fs.unstrip_protocol(path) for path in found)
     matches = [path for path in matches if not path.endswith(".tmp") and ".tfrecords.tmp-" not in path]
     if not matches:
         raise ConfigError(f"{where}: no shard matches {pattern!r} (relative paths are relative to the working "
@@ -87,7 +94,7 @@ class ShardedDataset:
         self.mode, self.stitch, self.weight = dataset.mode, dataset.stitch, dataset.weight
         key = "path" if split == "train" else "eval_path"
         pattern = dataset.path if split == "train" else dataset.eval_path
-        self.paths = expand_shards(pattern, f"{dataset.file}: key {key!r}")
+        self.paths = expand_shards(pattern, f"dataset {dataset.id!r} ({dataset.file}): key {key!r}")
         self.readers = [ShardReader(path) for path in self.paths]
         self.scans: dict[int, ShardScan] = {}
         self._scan_and_check_ids()
@@ -96,6 +103,11 @@ class ShardedDataset:
         self.n_records = int(self.first_record[-1])
         if self.n_records == 0:
             raise DataError(f"dataset {dataset.id!r} ({dataset.file}): its shards ({pattern}) hold no records")
+        if len(self.scans) == len(self.paths) and not any(scan.token_counts.sum() for scan in self.scans.values()):
+            # every record is empty: each row would be padding alone, and training would learn nothing
+            shards = ", ".join(self.paths[:3]) + (f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else "")
+            raise DataError(f"dataset {dataset.id!r} ({dataset.file}): the {self.n_records} records of its shards "
+                            f"({shards}) hold no tokens; remake them with data/create_tfrecords.py")
         if self.mode == "chunks":
             self.examples_per_epoch = self.n_records
         else:
@@ -343,6 +355,9 @@ class Sampler:
             raise ConfigError(f"{dataset.file}: key 'n_vocab' = {dataset.n_vocab} exceeds the model's n_vocab = "
                               f"{config.n_vocab} ({config.source}); the model could not embed every token")
         eos_id, padding_id = special_ids(config, dataset=dataset)  # this dataset's ids, by the one rule
+        if eos_id is not None and eos_id >= config.n_vocab:  # the config's own eos_id is checked by validate()
+            raise ConfigError(f"{dataset.file}: key 'eos_id' = {eos_id} is >= the model's n_vocab = {config.n_vocab} "
+                              f"({config.source}); no embedding row holds it: accepted: an id in [0, {config.n_vocab})")
         if padding_id is None:  # neither an eos nor a padding id: rows are padded with 0
             padding_id = 0
         if dataset.mode in ("documents_random", "documents_fixed") and eos_id is None:
@@ -407,7 +422,22 @@ def global_batch(sampler: Sampler, step: int, layout, batch_size: int):
     return inputs, labels
 
 
-# --- --check_dataset ---------------------------------------------------------------------------
+# --- --dry_run and --check_dataset -------------------------------------------------------------
+
+
+def check_shards_exist(config) -> list[str]:
+    """For --dry_run: every dataset of `datasets` has a dataset config, and its `path` glob (and its
+    `eval_path` glob, when eval_steps > 0) matches shard files; nothing is read. One line per glob;
+    a ConfigError names the dataset, its config file and the glob."""
+    lines = []
+    for dataset in resolve_datasets(config):
+        globs = [("path", dataset.path)]
+        if config.eval_steps > 0 and dataset.eval_path:
+            globs.append(("eval_path", dataset.eval_path))
+        for key, pattern in globs:
+            paths = expand_shards(pattern, f"dataset {dataset.id!r} ({dataset.file}): key {key!r}")
+            lines.append(f"dataset {dataset.id!r}: {key} {pattern} matches {len(paths)} shard(s)")
+    return lines
 
 
 def check_dataset(config, samples: int = 2, characters: int = 400) -> str:

@@ -66,10 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="resume although seed, train_batch_size, n_ctx or datasets changed since the checkpoint "
                              "(the data order then differs from an uninterrupted run's)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="validate, compile the train step, print parameter count and per-device memory, exit")
+                        help="validate, check that the datasets' shards exist, compile the train step, print parameter "
+                             "count and per-device memory (refused beyond a device's memory), exit")
     parser.add_argument("--eval", action="store_true", help="evaluate the newest checkpoint on eval_path")
     parser.add_argument("--predict", action="store_true", help="sample from the newest checkpoint")
     parser.add_argument("--prompt", help="text file holding the prompt for --predict")
+    parser.add_argument("--entmax_sampling", action="store_true",
+                        help="--predict draws from entmax-1.3 of the logits instead of softmax, after repetition_penalty, "
+                             "temperature, top_k and top_p (top_p measured in entmax probabilities); greedy is unchanged")
     parser.add_argument("--sacred_id", default="nosacred", help="names the predictions file")
     parser.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
                         help="write the newest checkpoint as a Hugging Face GPTNeo folder (default <model_path>/hf)")
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
     if trains(args) and argv is None:  # the command line itself, not a caller's in-process use
         train.catch_stop_signals()  # a preemption while JAX starts and compiles is kept, not fatal
     from configs import load_config
-    from errors import ConfigError, DataError, StorageError
+    from errors import USER_ERRORS, report_user_error
     from metrics import setup_logging
 
     setup_logging()
@@ -125,9 +129,8 @@ def main(argv=None) -> int:
         config = load_config(args.model, overrides)
         select_devices(args)
         return run(args, config)
-    except (ConfigError, DataError, StorageError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report_user_error(err)
 
 
 def run(args, config) -> int:
@@ -151,7 +154,7 @@ def run(args, config) -> int:
     if args.predict:
         import sample
 
-        print(f"predictions written to {sample.run_predict(config, layout, args.prompt, args.sacred_id)}")
+        print(f"predictions written to {sample.run_predict(config, layout, args.prompt, args.sacred_id, args.entmax_sampling)}")
         return 0
     if args.export is not None:
         import export

@@ -49,6 +49,7 @@ _LETTER_DIMENSIONS = {letter: name for name, letter in DIMENSION_LETTERS.items()
 DATA_AXIS = "data"  # the axis an empty mesh_shape puts every local device on
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIZE = re.compile(r"[0-9]{1,18}")  # ASCII digits (isdigit() takes "²", which int() refuses), fitting int64
 
 
 def dimensions_of(letters: str) -> tuple[str, ...]:
@@ -60,19 +61,24 @@ def dimensions_of(letters: str) -> tuple[str, ...]:
     return tuple(_LETTER_DIMENSIONS[letter] for letter in letters)
 
 
+def _quoted(text: str) -> str:
+    """A mesh_shape or layout (or a part of one) as a message quotes it: shortened when long."""
+    return repr(text) if len(text) <= 100 else repr(text[:100]) + " ..."
+
+
 def parse_mesh_shape(text: str, where: str = "config") -> dict[str, int]:
     """'x:4,y:2' -> {'x': 4, 'y': 2} (ordered)."""
     axes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, size = part.partition(":")
         name = name.strip()
-        if not _NAME.match(name) or not size.strip().isdigit() or int(size) <= 0:
+        if not _NAME.match(name) or not _SIZE.fullmatch(size.strip()) or int(size) <= 0:
             raise ConfigError(
-                f"{where}: key 'mesh_shape' = {text!r}: {part!r} is not name:size with a positive size; "
+                f"{where}: key 'mesh_shape' = {_quoted(text)}: {_quoted(part)} is not name:size with a positive size; "
                 'expected e.g. "x:4,y:2"'
             )
         if name in axes:
-            raise ConfigError(f"{where}: key 'mesh_shape' = {text!r}: axis {name!r} appears twice")
+            raise ConfigError(f"{where}: key 'mesh_shape' = {_quoted(text)}: axis {_quoted(name)} appears twice")
         axes[name] = int(size)
     return axes
 
@@ -83,19 +89,19 @@ def parse_layout(text: str, mesh_axes: dict[str, int], where: str = "config") ->
     for part in filter(None, (p.strip() for p in text.split(","))):
         dim, _, axis = (s.strip() for s in part.partition(":"))
         if not dim or not axis:
-            raise ConfigError(f"{where}: key 'layout' = {text!r}: {part!r} is not dimension:axis, e.g. \"batch:x\"")
+            raise ConfigError(f"{where}: key 'layout' = {_quoted(text)}: {_quoted(part)} is not dimension:axis, e.g. \"batch:x\"")
         if dim not in DIMENSION_NAMES:
             raise ConfigError(
-                f"{where}: key 'layout' = {text!r}: unknown dimension {dim!r}; accepted: {', '.join(DIMENSION_NAMES)}"
+                f"{where}: key 'layout' = {_quoted(text)}: unknown dimension {_quoted(dim)}; accepted: {', '.join(DIMENSION_NAMES)}"
             )
         if axis not in mesh_axes:
             known = ", ".join(mesh_axes) or "none: mesh_shape is empty"
             raise ConfigError(
-                f"{where}: key 'layout' = {text!r}: dimension {dim!r} maps to mesh axis {axis!r}, "
+                f"{where}: key 'layout' = {_quoted(text)}: dimension {_quoted(dim)} maps to mesh axis {_quoted(axis)}, "
                 f"which mesh_shape does not define (axes: {known})"
             )
         if dim in layout:
-            raise ConfigError(f"{where}: key 'layout' = {text!r}: dimension {dim!r} appears twice")
+            raise ConfigError(f"{where}: key 'layout' = {_quoted(text)}: dimension {_quoted(dim)} appears twice")
         layout[dim] = axis
     return layout
 
@@ -205,6 +211,37 @@ def build_mesh_layout(config, devices: Sequence[jax.Device] | None = None) -> Me
     mesh_layout = MeshLayout(Mesh(device_grid, tuple(axes)), layout)
     mesh_layout.check_dimensions(config)
     return mesh_layout
+
+
+def device_memory_bytes(layout: MeshLayout) -> tuple[int, str]:
+    """(bytes, what they are) one device of the layout's mesh can hold: its bytes_limit, or on a CPU,
+    which reports none, the host's memory shared by the mesh's devices."""
+    import os
+
+    device = layout.mesh.devices.flat[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit is not None:
+        return int(limit), f"a {device.platform} device's memory"
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // layout.mesh.devices.size, "this host's memory per CPU device"
+
+
+def check_fits_in_memory(compiled, layout: MeshLayout, where: str) -> int:
+    """The per-device bytes of a compiled step (arguments, outputs and temporaries, less what is
+    donated); a ConfigError naming both figures when they exceed what a device holds, so that a
+    model too large for its mesh is refused before any of it is allocated."""
+    memory = compiled.memory_analysis()
+    if memory is None:  # a backend that does not say: nothing to check against
+        return 0
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+             - memory.alias_size_in_bytes)
+    limit, what = device_memory_bytes(layout)
+    if total > limit:
+        gib = 2**30
+        raise ConfigError(f"{where}: the train step needs {total / gib:.2f} GiB per device, beyond {what} "
+                          f"({limit / gib:.2f} GiB): shard it over more devices (mesh_shape, layout), use "
+                          "tokens_per_mb_per_replica or recompute_grad, or make the model smaller")
+    return total
 
 
 def auto_layout(config, device_count: int, device_memory_bytes: float, choose_mesh: bool) -> tuple[str, str]:

@@ -16,38 +16,47 @@ from inputs import NOT_PREDICTED
 from mesh import MeshLayout
 from models import gpt2
 from models.attention import KINDS
+from models.entmax import entmax_loss
 
 BATCH_DIMS = ("batch", "sequence")
 
 
 def cross_entropy(hidden, output, labels, config, layout=None):
-    """Mean float32 softmax cross-entropy and mean log(Z)^2 over all positions.
+    """(mean data loss, mean z-loss term) over all positions, in float32.
 
     hidden [batch, sequence, embd], output gpt2.output_weights(...), labels [batch, sequence].
+    The data loss is the softmax cross-entropy and the z-loss term log(Z)^2, Z softmax's
+    normaliser; with entmax_loss, the entmax-1.3 Fenchel-Young loss (models/entmax.py) and 0:
+    entmax has no Z, and GPT-Neo's entmax loss ignored z_loss too.
     """
     logits = gpt2.unembed(hidden, output, config, layout)
+    if config.entmax_loss:
+        return jnp.mean(entmax_loss(logits, labels)), jnp.zeros((), jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return jnp.mean(log_z - label_logits), jnp.mean(jnp.square(log_z))
 
 
 def masked_cross_entropy(hidden, output, labels, config, layout=None):
-    """mlm_training: (cross-entropy, log(Z)^2, accuracy), each the float32 mean over the masked
-    positions only: those whose label is the original token, not inputs.NOT_PREDICTED. z-loss
-    is taken on the same positions: the logits elsewhere are never read, so their log(Z) is
-    nothing to regularise. A batch with no masked position gives 0 (not 0 / 0)."""
+    """mlm_training: (data loss, z-loss term, accuracy), each the float32 mean over the masked
+    positions only: those whose label is the original token, not inputs.NOT_PREDICTED. The data
+    loss is the cross-entropy (with entmax_loss the entmax Fenchel-Young loss, and no z-loss term,
+    as in `cross_entropy`); z-loss is taken on the same positions: the logits elsewhere are never
+    read, so their log(Z) is nothing to regularise. No masked position gives 0 (not 0 / 0)."""
     logits = gpt2.unembed(hidden, output, config, layout)
     scored = labels != NOT_PREDICTED
     targets = jnp.where(scored, labels, 0)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     count = jnp.maximum(jnp.sum(scored), 1)
 
     def masked_mean(x):
         return jnp.sum(jnp.where(scored, x, 0.0)) / count
 
-    correct = jnp.argmax(logits, axis=-1) == targets
-    return masked_mean(log_z - label_logits), masked_mean(jnp.square(log_z)), masked_mean(correct.astype(jnp.float32))
+    accuracy = masked_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
+    if config.entmax_loss:
+        return masked_mean(entmax_loss(logits, targets)), jnp.zeros((), jnp.float32), accuracy
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return masked_mean(log_z - label_logits), masked_mean(jnp.square(log_z)), accuracy
 
 
 def masked_lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
@@ -58,7 +67,9 @@ def masked_lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
 
 
 def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
-    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, cross_entropy).
+    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, data loss).
+    The data loss (the `cross_entropy` metric, and --eval's loss) is the cross-entropy, or with
+    entmax_loss the entmax Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo).
     With mlm_training the masked-LM loss: labels hold the original tokens at the masked positions
     and inputs.NOT_PREDICTED elsewhere (inputs.MaskedLM)."""
     if config.mlm_training:

@@ -27,6 +27,7 @@ from configs import special_ids
 from errors import ConfigError
 from mesh import MeshLayout
 from models import gpt2
+from models.entmax import entmax
 
 log = logging.getLogger("neomesh")
 
@@ -59,14 +60,15 @@ def apply_top_k(logits, k: int):
     return jnp.where(logits >= kth_largest, logits, -jnp.inf)
 
 
-def apply_top_p(logits, p: float):
+def apply_top_p(logits, p: float, probabilities=jax.nn.softmax):
     """Nucleus filter: keep the most likely tokens whose probabilities first sum to at least p
     (the most likely token always stays), and any tied with the least likely kept one; the rest
-    become -inf. p = 1 keeps everything."""
+    become -inf. p = 1 keeps everything. `probabilities` maps logits to the distribution that is
+    sampled (softmax, or entmax with entmax sampling), whose mass p measures."""
     if p >= 1.0:
         return logits
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
-    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    sorted_probs = probabilities(sorted_logits)  # both map each logit's rank to its probability's
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the tokens ranked above
     kept_count = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # >= 1: the first has mass_before 0
     threshold = jnp.take_along_axis(sorted_logits, kept_count - 1, axis=-1)
@@ -81,6 +83,7 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    entmax: bool = False  # draw from entmax-1.3 of the filtered logits instead of softmax (--entmax_sampling)
 
     def check(self, where: str) -> None:
         if self.temperature < 0:
@@ -95,14 +98,21 @@ class SamplingSettings:
 
 def choose_tokens(logits, seen, rng, settings: SamplingSettings):
     """logits [batch, vocab] float32 -> token ids [batch]: penalty, temperature, top-k, top-p,
-    then a draw (or the argmax when temperature is 0), in Hugging Face's order."""
+    then a draw (or the argmax when temperature is 0), in Hugging Face's order.
+
+    With settings.entmax the draw is from entmax-1.3 of the logits the filters leave, where
+    softmax would be: temperature divides the logits first (below 1 also shrinks entmax's support,
+    above 1 widens it), top-p measures its mass p in entmax probabilities, and a token outside
+    entmax's support of the penalised, tempered logits is never drawn. Greedy is the same argmax."""
     if settings.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
     if settings.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = apply_temperature(logits, settings.temperature)
     logits = apply_top_k(logits, settings.top_k)
-    logits = apply_top_p(logits, settings.top_p)
+    logits = apply_top_p(logits, settings.top_p, entmax if settings.entmax else jax.nn.softmax)
+    if settings.entmax:
+        logits = jnp.log(entmax(logits))  # -inf outside the support: never drawn
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -289,10 +299,12 @@ def generate(
     repetition_penalty: float | None = None,
     seed: int | None = None,
     eos_id: int | None = None,
+    entmax_sampling: bool = False,
 ) -> Samples:
     """Continue each prompt row by up to max_new_tokens tokens (default: predict_max_steps),
     stopping a row at eos_id (default: configs.special_ids' rule; none: never) and every
-    row at n_ctx. Sampling settings default to the config's; temperature 0 is greedy. Rows of
+    row at n_ctx. Sampling settings default to the config's; temperature 0 is greedy;
+    entmax_sampling draws from entmax-1.3 instead of softmax (see choose_tokens). Rows of
     different lengths are fine. `params` is the float32 tree of gpt2.init_params, placed on any
     devices (they are resharded per the layout)."""
     refuse_masked_lm(config)
@@ -302,6 +314,7 @@ def generate(
         top_k=config.top_k if top_k is None else int(top_k),
         top_p=config.top_p if top_p is None else float(top_p),
         repetition_penalty=config.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
+        entmax=bool(entmax_sampling),
     )
     settings.check("generate")
     if eos_id is None:
@@ -380,9 +393,10 @@ def sample_header(i: int) -> str:
     return "=" * 40 + f" SAMPLE {i} " + "=" * 40
 
 
-def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: str = "nosacred") -> str:
+def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: str = "nosacred",
+                entmax_sampling: bool = False) -> str:
     """`main.py --predict`: sample predict_batch_size completions of the prompt from the newest
-    checkpoint in model_path, print them, and write them to
+    checkpoint in model_path (from entmax-1.3 with entmax_sampling), print them, and write them to
     model_path/predictions_<sacred_id>_<step>.txt (one `SAMPLE i` section per completion: the prompt,
     then the new text; only the new text with remove_partial_sequences)."""
     import storage
@@ -396,7 +410,8 @@ def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: 
     if not prompt:
         raise ConfigError(f"--prompt {prompt_file}: the prompt encodes to no tokens")
     params, step = restore_params(config, layout)
-    samples = generate(params, config, [prompt] * config.predict_batch_size, tokenizer=tokenizer, layout=layout)
+    samples = generate(params, config, [prompt] * config.predict_batch_size, tokenizer=tokenizer, layout=layout,
+                       entmax_sampling=entmax_sampling)
 
     prompt_text = tokenizer.decode(samples.prompt_tokens[0])
     shown_prompt = "" if config.remove_partial_sequences else prompt_text  # GPT-Neo's key: new tokens only

@@ -503,13 +503,18 @@ def masked_lm_totals(config, data, eval_step, params, layout) -> tuple[float, fl
 
 
 def dry_run(config, layout) -> dict:
-    """Validate, compile the train step for the real shapes, and report its memory; train nothing."""
+    """Validate, check that every dataset's shards exist, compile the train step for the real shapes,
+    and report its memory, refusing a step that cannot fit in a device's memory; train nothing."""
     import jax
 
+    import inputs
     import model_fns
+    from mesh import check_fits_in_memory
     from models import gpt2
     from optimizers import make_optimizer
 
+    for line in inputs.check_shards_exist(config):  # before the compile: a missing dataset fails fast
+        print(line)
     optimizer = make_optimizer(config)
     shardings = model_fns.state_shardings(config, layout, optimizer)
     state_shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
@@ -532,5 +537,7 @@ def dry_run(config, layout) -> dict:
               f"outputs {memory.output_size_in_bytes / gib:.2f}, temporaries {memory.temp_size_in_bytes / gib:.2f}, "
               f"donated {memory.alias_size_in_bytes / gib:.2f})")
         report["per_device_bytes"] = total
+        check_fits_in_memory(compiled, layout, config.source)
     print(f"train step compiled in {seconds:.1f} s")
     return report
+

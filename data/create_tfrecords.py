@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import storage  # noqa: E402
 from data.corpus import LM_DATAFORMAT_NAMES, LM_DATAFORMAT_SUFFIXES, find_files, read_documents  # noqa: E402
+from errors import ConfigError, DataError, run_command  # noqa: E402
 from tfrecord import write_shard  # noqa: E402
 
 DEFAULT_SUFFIXES = (*LM_DATAFORMAT_SUFFIXES, ".txt", ".xz")
@@ -231,7 +232,7 @@ def tokenizer_identity(encoder_path: str, is_pretrained: bool, tokenizer) -> str
 def parse_separator(text: str | None, tokenizer) -> int:
     if text is None:
         if tokenizer.eos_id is None:
-            raise SystemExit(f"--separator: the tokenizer {tokenizer.source} has no <|endoftext|> token; "
+            raise ConfigError(f"--separator: the tokenizer {tokenizer.source} has no <|endoftext|> token; "
                              "give the separator id explicitly, e.g. --separator 0")
         return tokenizer.eos_id
     try:
@@ -241,27 +242,28 @@ def parse_separator(text: str | None, tokenizer) -> int:
     if isinstance(value, list) and len(value) == 1:  # GPT-Neo wrote it as a one-element list
         value = value[0]
     if not isinstance(value, int) or value < 0:
-        raise SystemExit(f"--separator {text!r}: expected one non-negative token id, e.g. --separator 0")
+        raise ConfigError(f"--separator {text!r}: expected one non-negative token id, e.g. --separator 0")
     return value
 
 
 def main(argv: list[str] | None = None) -> list[Path | str]:
     args = parse_args(argv)
     from encoders import load_tokenizer
-    from errors import ConfigError
 
-    is_pretrained = not storage.exists(args.encoder_path)
+    # a name (gpt2) is a pretrained tokenizer; a path that does not exist is a mistake, not a name
+    names_a_path = "/" in args.encoder_path or os.sep in args.encoder_path or args.encoder_path.endswith(".json")
+    is_pretrained = not names_a_path and not storage.exists(args.encoder_path)
     try:
         tokenizer = load_tokenizer(args.encoder_path, is_pretrained)
     except ConfigError as err:
-        raise SystemExit(f"--encoder_path: {err}") from None
+        raise ConfigError(f"--encoder_path: {err}") from None
     separator = parse_separator(args.separator, tokenizer)
     try:
         files = input_files(args.input_dir, args.file_type)
     except FileNotFoundError as err:
-        raise SystemExit(f"--input_dir: {err}") from None
+        raise ConfigError(f"--input_dir: {err}") from None
     if not files:
-        raise SystemExit(f"--input_dir {args.input_dir}: no input files found (searched recursively"
+        raise ConfigError(f"--input_dir {args.input_dir}: no input files found (searched recursively"
                          + (f" for *.{args.file_type})" if args.file_type else
                             f" for {', '.join(DEFAULT_SUFFIXES)}); set --file_type for other extensions"))
 
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
         progress, pending, carry = saved
         if progress.settings != settings:
             changed = sorted(k for k in settings if progress.settings.get(k) != settings[k])
-            raise SystemExit(
+            raise ConfigError(
                 f"{output_dir} holds a run named {args.name!r} made with different inputs or flags "
                 f"({', '.join(changed)} differ). Rerun with the same ones to continue it, or choose another "
                 "--name or --output_dir."
@@ -357,6 +359,10 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
         if bar is not None:
             bar.close()
 
+    if progress.tokens == 0:  # nothing to train on: an error, not an empty success
+        raise DataError(f"--input_dir {args.input_dir}: no tokens to write: {len(files)} file(s), "
+                        f"{progress.skipped_documents} document(s), none with at least --minimum_size "
+                        f"{args.minimum_size} tokens; no shards written")
     if len(carry):  # the corpus's last tokens: a shorter record rather than lost text
         pending.append(carry)
         carry = carry[:0]
@@ -379,4 +385,4 @@ def _encode_batch_task(batch: list[tuple[int, int, str]]) -> tuple[list[tuple[in
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))  # a mistake or bad data: one `error:` line, exit code 2

@@ -88,4 +88,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from errors import run_command
+
+    sys.exit(run_command(main))  # a mistake or bad data: one `error:` line, exit code 2

@@ -22,11 +22,13 @@ from tokenizers import ByteLevelBPETokenizer  # noqa: E402
 
 import storage  # noqa: E402
 from data.corpus import find_files, read_documents  # noqa: E402
+from errors import ConfigError, DataError, run_command  # noqa: E402
 
 TOKENIZER_FILE = "byte-level-bpe.tokenizer.json"
 DATASET_CONFIG_FILE = "dataset_config.json"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]  # ids 0 and 1, in this order
 PLAIN_TEXT_TYPES = ("txt",)
+BYTE_ALPHABET = 256  # a byte-level BPE starts from every byte; merges add to it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,12 +51,37 @@ def confirm_overwrite(path: str, overwrite: bool) -> None:
         answer = input(f"{path} exists. Overwrite it? [y/N] ")
         if answer.strip().lower() in ("y", "yes"):
             return
-    raise SystemExit(f"{path} exists; not overwriting it. Pass --overwrite to replace it, or pick another --output_dir.")
+    raise ConfigError(f"{path} exists; not overwriting it. Pass --overwrite to replace it, or pick another --output_dir.")
 
 
-def documents(files: list[Path]) -> Iterator[str]:
+def documents(files: list[Path], characters: list[int]) -> Iterator[str]:
+    """Every document of the files, counting their characters into characters[0] as they stream."""
     for path in files:
-        yield from read_documents(path)
+        for document in read_documents(path):
+            characters[0] += len(document)
+            yield document
+
+
+def first_undecodable(files: list[Path]) -> tuple[Path, int, int] | None:
+    """(file, byte offset, byte value) of the first byte of the files that is not UTF-8, or None;
+    read in pieces, so a large corpus is never held whole."""
+    import codecs
+
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with open(path, "rb") as f:
+            while piece := f.read(1 << 20):
+                try:
+                    decoder.decode(piece)
+                except UnicodeDecodeError as err:
+                    return path, offset + err.start, err.object[err.start]
+                offset += len(piece)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as err:
+                return path, offset + err.start, err.object[err.start]
+    return None
 
 
 def is_plain_text(file_type: str) -> bool:
@@ -70,29 +97,44 @@ def train_tokenizer(files: list[Path], file_type: str, vocab_size: int, min_freq
     options = dict(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                    show_progress=sys.stderr.isatty())
     if is_plain_text(file_type):
-        tokenizer.train([str(p) for p in files], **options)
+        try:
+            tokenizer.train([str(p) for p in files], **options)
+        except Exception as err:  # the Rust trainer's only error type; find the file it could not read
+            undecodable = first_undecodable(files) if "UTF-8" in str(err) else None
+            if undecodable is None:
+                raise
+            path, offset, byte = undecodable
+            raise DataError(f"{path}: not UTF-8 text (byte {offset} is {byte:#04x}); plain-text input is read as "
+                            "UTF-8: convert the file (e.g. iconv -f latin1 -t utf-8) or leave it out") from None
     else:
-        tokenizer.train_from_iterator(documents(files), **options)
+        characters = [0]
+        tokenizer.train_from_iterator(documents(files, characters), **options)
+        if characters[0] == 0:
+            raise DataError(f"the {len(files)} input file(s) hold no text ({files[0]}, ...): "
+                            "no text to learn a vocabulary from")
     return tokenizer
 
 
 def main(argv: list[str] | None = None) -> Path | str:
     args = parse_args(argv)
     if args.vocab_size <= len(SPECIAL_TOKENS):
-        raise SystemExit(f"--vocab_size {args.vocab_size}: must exceed the {len(SPECIAL_TOKENS)} special tokens")
+        raise ConfigError(f"--vocab_size {args.vocab_size}: must exceed the {len(SPECIAL_TOKENS)} special tokens")
     try:
         files = find_files(args.base_dir, args.file_type)
     except FileNotFoundError as err:
-        raise SystemExit(f"--base_dir: {err}") from None
+        raise ConfigError(f"--base_dir: {err}") from None
     if not files:
-        raise SystemExit(f"--base_dir {args.base_dir}: no files ending in .{args.file_type.lstrip('.')} "
+        raise ConfigError(f"--base_dir {args.base_dir}: no files ending in .{args.file_type.lstrip('.')} "
                          "(searched recursively); set --file_type to the corpus's extension")
+    total_bytes = sum(p.stat().st_size for p in files)
+    if total_bytes == 0:
+        raise DataError(f"--base_dir {args.base_dir}: its {len(files)} file(s) ending in .{args.file_type.lstrip('.')} "
+                        f"are empty ({files[0]}, ...): no text to learn a vocabulary from")
     output_dir = args.output_dir  # a local folder or gs://...
     tokenizer_path = storage.join(output_dir, TOKENIZER_FILE)
     confirm_overwrite(tokenizer_path, args.overwrite)
     storage.makedirs(output_dir)
 
-    total_bytes = sum(p.stat().st_size for p in files)
     print(f"training a {args.vocab_size}-token byte-level BPE on {len(files)} files ({total_bytes / 1e6:.1f} MB)")
     tokenizer = train_tokenizer(files, args.file_type, args.vocab_size, args.min_frequency)
     storage.write_text(tokenizer_path, tokenizer.to_str(pretty=True))
@@ -100,6 +142,9 @@ def main(argv: list[str] | None = None) -> Path | str:
     eos_id = tokenizer.token_to_id(SPECIAL_TOKENS[0])
     padding_id = tokenizer.token_to_id(SPECIAL_TOKENS[1])
     vocab_size = tokenizer.get_vocab_size()
+    if vocab_size <= BYTE_ALPHABET + len(SPECIAL_TOKENS) < args.vocab_size:
+        print(f"warning: learned no merges (vocabulary {vocab_size}: the {BYTE_ALPHABET} bytes and the special "
+              f"tokens) from {total_bytes} bytes; give more text, or a lower --min_frequency", file=sys.stderr)
     dataset_config = {
         "n_vocab": vocab_size,
         "path": "REPLACE/WITH/YOUR/tfrecords/*.tfrecords",
@@ -117,4 +162,4 @@ def main(argv: list[str] | None = None) -> Path | str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))  # a mistake or bad data: one `error:` line, exit code 2

@@ -224,8 +224,8 @@ def test_benchmarks_build_their_configs_through_validation():
     from bench.train_throughput import config_for
 
     assert config_for(SMALL).n_layer == 2
-    with pytest.raises(ConfigError, match="'entmax_loss'"):
-        config_for({**SMALL, "entmax_loss": True})
+    with pytest.raises(ConfigError, match="'moe_layers'"):
+        config_for({**SMALL, "moe_layers": [1]})
 
 
 def test_readme_options_table_is_generated_from_the_options_table():
@@ -273,3 +273,81 @@ def test_special_ids_take_the_key_then_the_dataset_config_and_pad_with_eos_where
     path = tmp_path / "elsewhere.json"
     path.write_text(json.dumps({**SMALL, "datasets": [["nowhere", 1, "chunks", 1.0]], "eos_id": 3}))
     assert special_ids(load_config(str(path))) == (3, 3)  # a dataset config not here is training's error
+
+
+NAN, INF = float("nan"), float("inf")
+OUT_OF_RANGE = [  # (key, value, what the message must say is accepted)
+    ("lr", NAN, "finite"), ("lr", INF, "finite"), ("lr", -1e-3, "[0, inf)"),
+    ("gradient_clipping", NAN, "finite"), ("layer_norm_epsilon", NAN, "finite"), ("layer_norm_epsilon", 0, "(0, inf)"),
+    ("beta1", 1.0, "[0, 1)"), ("beta2", -3, "[0, 1)"), ("beta2", NAN, "finite"),
+    ("epsilon", 0, "(0, inf)"), ("epsilon", -1e-8, "(0, inf)"), ("ada_epsilon1", -1e-30, "(0, inf)"),
+    ("ada_epsilon2", -1e-3, "[0, inf)"), ("temperature", NAN, "finite"), ("z_loss", INF, "finite"),
+    ("weight_decay", NAN, "finite"), ("top_p", NAN, "finite"), ("top_p", 0, "(0, 1]"),
+    ("repetition_penalty", INF, "finite"), ("attn_dropout", NAN, "finite"), ("res_dropout", 1.0, "[0, 1)"),
+    ("mlm_mask_prob", 1.5, "[0, 1]"), ("z_loss", 10**400, "beyond the range of a float"),
+    ("lr_decay_end", -1, "[1, 2^31"), ("seed", 2**63, "2^63 = 9223372036854775808"), ("seed", -1, "[0, 2^63"),
+    ("sampling_seed", 2**64, "2^63"), ("n_vocab", 2**31, "2^31 = 2147483648"), ("n_ctx", 10**30, "2^31"),
+    ("train_steps", 10**30, "2^31"), ("warmup_steps", 2**31, "2^31"), ("local_attention_radius", 10**30, "2^31"),
+    ("intermediate_size", 2**31, "2^31"), ("n_layer", 2000, "[1, 1024]"), ("n_embd", 2**40, "2^31"),
+    ("eos_id", -1, "[0, n_vocab = 64)"), ("eos_id", 64, "[0, n_vocab = 64)"), ("padding_id", -1, "[0, 2^31"),
+    ("mlm_mask_ignore_ids", [1, 64], "n_vocab = 64"), ("precision", "fp16", "float32, bfloat16"),
+    ("model_path", 5, "takes a str"), ("model_path", ["runs"], "takes a str"), ("model_path", "a\x00b", "NUL"),
+    ("n_ctx", 10**5000, "about 5000 digits"), ("moe_params", {"a": [[[[[[[[[1]]]]]]]]]}, "nested"),
+    ("attention_types", [[["global"], 10**12]], "expands to 1000000000000 layers"),
+    ("attention_types", [[[["global"]], 2]], "unknown kind ['global']"),
+    ("attention_types", [[[{"kind": "global"}], 2]], "unknown kind {'kind': 'global'}"),
+    ("mesh_shape", "x:²", "is not name:size"),
+    ("datasets", [["mydata", 1, "chunks", NAN]], "finite positive"),
+    ("datasets", [["mydata", 1, "chunks", INF]], "finite positive"),
+    ("datasets", [["../mydata", 1, "chunks", 1.0]], "no slash"),
+    ("n_embd", 2**30, "dimension 'intermediate_expanded' would be 4294967296"),  # 4 * n_embd: beyond int32
+    ("n_ctx", 2**31 - 1, "dimension 'row'"),  # a training row holds n_ctx + 1 tokens
+]
+
+
+@pytest.mark.parametrize("key,value,accepted", OUT_OF_RANGE, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(OUT_OF_RANGE)])
+def test_out_of_range_non_finite_and_mistyped_values_are_refused_naming_the_key(key, value, accepted):
+    with pytest.raises(ConfigError) as err:
+        validate({**SMALL, key: value}, "test.json")
+    message = str(err.value)
+    assert message.startswith("test.json: ") and "\n" not in message and accepted in message
+    assert f"key {key!r}" in message or "dimension" in message
+
+
+def test_arrays_xla_cannot_address_are_refused_before_anything_compiles():
+    with pytest.raises(ConfigError, match=r"activations .* beyond the 2\^60"):  # batch * n_ctx * 4 n_embd
+        validate({**SMALL, "n_embd": 2**20, "n_head": 1, "n_ctx": 2**20, "train_batch_size": 2**20}, "test.json")
+    with pytest.raises(ConfigError, match=r"weight \S+ would hold .* beyond the 2\^60"):
+        validate({**SMALL, "n_vocab": 2**31 - 1, "n_embd": 2**31 - 1, "n_head": 1, "intermediate_size": 4,
+                  "gau_expanded_size": 4}, "test.json")
+
+
+def test_values_at_the_edges_of_their_ranges_are_accepted():
+    config = validate({**SMALL, "lr": 0.0, "beta1": 0.0, "seed": 2**63 - 1, "eos_id": 63, "padding_id": 64,
+                       "attn_dropout": 0.0, "top_p": 1.0, "n_vocab": 64, "gradient_clipping": 0}, "test.json")
+    assert special_ids(config) == (63, 63)  # padding_id >= n_vocab keeps its meaning: the eos_id
+    assert validate({**SMALL, "n_layer": 96}, "test.json").n_layer == 96  # GPT-3's depth
+
+
+def test_a_dataset_config_value_out_of_range_names_the_dataset_config(tmp_path):
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "mine.json").write_text(json.dumps({"path": "x/*.tfrecords", "eos_id": -1}))
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({**SMALL, "datasets": [["mine", 1, "chunks", 1.0]]}))
+    with pytest.raises(ConfigError, match=r"mine.json: key 'eos_id' = -1: accepted: an integer in \[0, 2\^31"):
+        resolve_datasets(load_config(str(path)))
+
+
+def test_config_files_that_are_not_utf8_too_deep_or_too_long_are_one_line_naming_the_file(tmp_path):
+    files = {
+        "latin1.json": ('{"model_path": "caf\u00e9"}'.encode("latin-1"), "not UTF-8 text (byte 19 is 0xe9)"),
+        "deep.json": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        "digits.json": (b'{"n_ctx": ' + b"7" * 5000 + b"}", "more than 4300 digits"),
+    }
+    for name, (content, says) in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ConfigError) as err:
+            load_config(str(tmp_path / name))
+        assert str(err.value).startswith(f"{tmp_path / name}: ") and says in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="more than 4300 digits"):
+        load_config("demo", ["n_ctx=" + "7" * 5000])

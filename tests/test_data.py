@@ -439,7 +439,7 @@ def test_create_tfrecords_killed_midway_resumes_to_the_uninterrupted_result(tmp_
 
 def test_create_tfrecords_refuses_to_mix_runs_with_different_flags(corpus, tokenizer_path, tmp_path):
     make_shards(corpus, tokenizer_path, tmp_path, "documents", files_per=3)
-    with pytest.raises(SystemExit, match="files_per"):
+    with pytest.raises(ConfigError, match="files_per"):
         make_shards(corpus, tokenizer_path, tmp_path, "documents", files_per=4)
 
 
@@ -453,7 +453,7 @@ def test_train_tokenizer_writes_special_ids_and_never_overwrites_silently(tokeni
     suggested = json.loads((tokenizer_path.parent / "dataset_config.json").read_text())
     assert suggested["eos_id"] == 0 and suggested["padding_id"] == 1 and suggested["n_vocab"] == 600
     before = tokenizer_path.read_bytes()
-    with pytest.raises(SystemExit, match="--overwrite"):
+    with pytest.raises(ConfigError, match="--overwrite"):
         train_tokenizer.main(["--base_dir", str(corpus), "--output_dir", str(tokenizer_path.parent),
                               "--file_type", "txt", "--vocab_size", "300"])
     assert tokenizer_path.read_bytes() == before
@@ -502,7 +502,7 @@ def test_ftfy_shortcut_changes_nothing_ftfy_would_not(tmp_path):
 
 def test_an_encoder_path_that_does_not_exist_is_one_clear_line(corpus, tmp_path):
     missing = tmp_path / "no_such" / "byte-level-bpe.tokenizer.json"
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(ConfigError) as stop:
         create_tfrecords.main(["--input_dir", str(corpus), "--name", "t", "--output_dir", str(tmp_path / "out"),
                                "--encoder_path", str(missing), "--quiet"])
     message = str(stop.value)
@@ -516,3 +516,76 @@ def test_a_prompt_file_that_is_not_text_is_a_config_error(tmp_path):
     binary.write_bytes(b"ok \xff\xfe\x00 binary")
     with pytest.raises(ConfigError, match=r"prompt\.bin: not UTF-8 text \(byte 3 is 0xff\)"):
         read_prompt(str(binary))
+
+
+# --- one-line errors for bad data and bad tool input -----------------------------------------------
+
+
+def test_a_shard_glob_naming_a_folder_is_a_config_error_suggesting_the_files(tmp_path):
+    (tmp_path / "shards").mkdir()
+    write_shard(str(tmp_path / "shards" / "s_0_1.tfrecords"), [np.arange(40)])
+    with pytest.raises(ConfigError) as err:
+        sampler_for(tmp_path / "cfg", tmp_path / "shards", "chunks")
+    message = str(err.value)
+    assert "dataset 'd'" in message and "matches the folder" in message
+    assert f"{tmp_path / 'shards'}/*.tfrecords" in message and "\n" not in message
+
+
+def test_shards_whose_records_are_all_empty_are_refused_naming_the_shards(tmp_path):
+    write_shard(str(tmp_path / "empty_0_3.tfrecords"), [[], [], []])
+    with pytest.raises(DataError, match=r"dataset 'd'.*the 3 records of its shards \(.*empty_0_3.tfrecords\) hold no tokens"):
+        sampler_for(tmp_path / "cfg", tmp_path / "empty_*.tfrecords", "documents_random")
+
+
+def test_dry_run_dataset_check_names_the_dataset_and_glob_and_checks_eval_path_only_when_evaluating(tmp_path):
+    from inputs import check_shards_exist
+
+    write_shard(str(tmp_path / "s_0_1.tfrecords"), [np.arange(40)])
+    dataset = {"n_vocab": 600, "path": str(tmp_path / "s_*.tfrecords"), "eval_path": str(tmp_path / "ev_*.tfrecords")}
+    config = load_config(str(write_configs(tmp_path / "cfg", {"d": dataset}, [["d", 1, "chunks", 1.0]])))
+    assert check_shards_exist(config) == [f"dataset 'd': path {tmp_path / 's_*.tfrecords'} matches 1 shard(s)"]
+    with pytest.raises(ConfigError, match=r"dataset 'd' \(.*d.json\): key 'eval_path': no shard matches .*ev_\*"):
+        check_shards_exist(config.replace(eval_steps=2))
+    with pytest.raises(ConfigError, match="'datasets' names 'elsewhere'"):
+        check_shards_exist(config.replace(datasets=[["elsewhere", 1, "chunks", 1.0]]))
+
+
+def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "data" / tool), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *names: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    assert result.stderr.count("\n") == 1 and all(name in result.stderr for name in names), result.stderr
+
+
+def test_train_tokenizer_refuses_a_file_that_is_not_utf8_and_an_empty_corpus(tmp_path):
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "a.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    result = run_tool("train_tokenizer.py", "--base_dir", str(tmp_path / "latin1"), "--output_dir", str(tmp_path / "t1"))
+    assert_one_error_line(result, str(tmp_path / "latin1" / "a.txt"), "not UTF-8", "byte 3 is 0xe9")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_bytes(b"")
+    result = run_tool("train_tokenizer.py", "--base_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "t2"))
+    assert_one_error_line(result, f"--base_dir {tmp_path / 'empty'}", "empty")
+
+
+def test_create_tfrecords_refuses_a_corpus_without_tokens_and_a_missing_encoder_path(tokenizer_path, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_bytes(b"")
+    result = run_tool("create_tfrecords.py", "--input_dir", str(tmp_path / "empty"), "--output_dir",
+                      str(tmp_path / "out"), "--encoder_path", str(tokenizer_path), "--processes", "1", "--quiet")
+    assert_one_error_line(result, f"--input_dir {tmp_path / 'empty'}", "no tokens", "no shards written")
+    assert not list((tmp_path / "out").glob("*.tfrecords"))
+    missing = tmp_path / "nowhere" / "tokenizer.json"
+    result = run_tool("create_tfrecords.py", "--input_dir", str(tmp_path / "empty"), "--output_dir",
+                      str(tmp_path / "out"), "--encoder_path", str(missing), "--processes", "1", "--quiet")
+    assert_one_error_line(result, "--encoder_path", str(missing), "no such file")
+
+
+def test_a_dataset_eos_id_beyond_the_model_vocabulary_is_refused_naming_the_dataset_config(tmp_path):
+    write_shard(str(tmp_path / "s_0_1.tfrecords"), [np.arange(40)])
+    with pytest.raises(ConfigError, match=r"d.json: key 'eos_id' = 600 is >= the model's n_vocab = 600"):
+        sampler_for(tmp_path / "cfg", tmp_path / "s_*.tfrecords", "chunks", eos_id=600)

@@ -290,7 +290,7 @@ def test_export_refuses_by_name_each_option_hf_gptneo_cannot_express(workdir, to
     name = "refused_" + row.replace(": ", "_")
     path = write_config_file(workdir, name, tokenizer_file, **setting)
     out = workdir / f"{name}-hf"
-    assert export.main(["--model", str(path), "--to_hf", str(out)]) == 1
+    assert export.main(["--model", str(path), "--to_hf", str(out)]) == 2  # as main.py: a user error exits 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and f"key {key!r}" in err
     assert not out.exists()

@@ -234,6 +234,19 @@ def test_mlm_loss_is_the_cross_entropy_at_masked_positions_only():
     assert float(masked_accuracy) == pytest.approx(accuracy)
 
 
+def test_mlm_with_entmax_loss_is_the_entmax_loss_at_masked_positions_only():
+    from models.entmax import entmax_loss
+
+    config = validate({**LOSS, "entmax_loss": True}, "test")
+    params = gpt2.init_params(config, jax.random.key(0))
+    inputs, labels = masked_batch(4)
+    logits = jax.jit(lambda p, t: gpt2.logits(p, t, config))(params, inputs)
+    per_position = np.asarray(entmax_loss(logits, jnp.asarray(np.maximum(labels, 0))))
+    expected = per_position[labels != NOT_PREDICTED].mean()  # and no z-loss, as with entmax_loss in a causal LM
+    loss, data_loss = jax.jit(lambda p: model_fns.lm_loss(p, inputs, labels, config, None))(params)
+    np.testing.assert_allclose([float(loss), float(data_loss)], [expected, expected], rtol=1e-5)
+
+
 def test_four_mlm_microbatches_give_the_mean_over_every_masked_position_of_the_batch():
     config = validate({**LOSS, "n_layer": 1, "attention_types": None, "n_embd": 16,
                        "tokens_per_mb_per_replica": 32}, "test")  # 8 rows x 16 tokens on one replica
@@ -256,16 +269,18 @@ def test_four_mlm_microbatches_give_the_mean_over_every_masked_position_of_the_b
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"mlm_mask_id": None}, r"key 'mlm_mask_id' = None: mlm_training needs the id of its mask token"),
-    ({"mlm_mask_id": 64}, r"key 'mlm_mask_id' = 64: must be a token id: 0 <= id < n_vocab = 64"),
-    ({"mlm_mask_id": -1}, r"key 'mlm_mask_id' = -1: must be a token id"),
-    ({"mlm_cls_token_id": 70}, r"key 'mlm_cls_token_id' = 70: must be a token id"),
+    ({"mlm_mask_id": None}, r"key 'mlm_mask_id' = .*: mlm_training needs the id of its mask token: an integer in "
+                            r"\[0, n_vocab = 64\)"),
+    ({"mlm_mask_id": 64}, r"key 'mlm_mask_id' = 64: accepted: an integer in \[0, n_vocab = 64\)"),
+    ({"mlm_mask_id": -1}, r"key 'mlm_mask_id' = -1: accepted: an integer in \[0, n_vocab = 64\)"),
+    ({"mlm_cls_token_id": 70}, r"key 'mlm_cls_token_id' = 70: accepted: an integer in \[0, n_vocab = 64\)"),
     ({"mlm_cls_token_id": MASK}, r"key 'mlm_cls_token_id' = 3: must differ from mlm_mask_id"),
-    ({"mlm_mask_prob": 1.5}, r"key 'mlm_mask_prob' = 1.5: a probability must be in \[0, 1\]"),
-    ({"mlm_same_token_prob": -0.1}, r"key 'mlm_same_token_prob' = -0.1: a probability"),
+    ({"mlm_mask_prob": 1.5}, r"key 'mlm_mask_prob' = 1.5: accepted: a number in \[0, 1\]"),
+    ({"mlm_same_token_prob": -0.1}, r"key 'mlm_same_token_prob' = -0.1: accepted: a number in \[0, 1\]"),
     ({"mlm_same_token_prob": 0.6, "mlm_random_token_prob": 0.5},
      r"key 'mlm_random_token_prob' = 0.5: plus mlm_same_token_prob = 0.6 exceeds 1"),
-    ({"mlm_mask_ignore_ids": ["a"]}, r"key 'mlm_mask_ignore_ids' = \['a'\]: must be a list of token ids"),
+    ({"mlm_mask_ignore_ids": [5, 70]}, r"key 'mlm_mask_ignore_ids' = \[5, 70\] \(element 70\): accepted: an integer "
+                                       r"in \[0, n_vocab = 64\)"),
 ], ids=lambda x: next(iter(x)) if isinstance(x, dict) else "")
 def test_bad_mlm_keys_are_refused_by_name(change, message):
     with pytest.raises(ConfigError, match=message):

@@ -410,6 +410,50 @@ def test_predict_without_a_prompt_uses_the_default_and_names_the_sacred_id(predi
     assert "SAMPLE 0" in Path(path).read_text()
 
 
+def test_main_predict_with_entmax_sampling_draws_only_tokens_inside_entmax_support(predict_setup, capsys):
+    """main.py --predict --entmax_sampling writes generate(..., entmax_sampling=True)'s samples, which
+    are not softmax's; replayed through the model without a cache, each new token had a non-zero
+    entmax-1.3 probability given the tokens before it (entmax written plainly here, in float64). The
+    checkpoint's logits are nearly uniform; temperature 0.1 spreads them so that entmax has zeros."""
+    import main
+
+    workdir, _, params = predict_setup
+    prompt_file = workdir / "entmax_prompt.txt"
+    prompt_file.write_text("a layout maps")
+    config_file = str(workdir / "configs" / "tiny_model.json")
+    assert main.main(["--model", config_file, "--predict", "--entmax_sampling", "--prompt", str(prompt_file),
+                      "--sacred_id", "entmax", "--set", "temperature=0.1"]) == 0
+    config = load_config(config_file, ["temperature=0.1"])  # main.py's: its compiled program is reused
+    written = (Path(config.model_path) / "predictions_entmax_7.txt").read_text()
+    tokenizer = load_dataset_tokenizer(config)
+    prompt = tokenizer.encode("a layout maps")
+    layout = build_mesh_layout(config)  # the layout main.py builds
+    entmax_samples = generate(params, config, [prompt] * 3, tokenizer=tokenizer, layout=layout, entmax_sampling=True)
+    softmax_samples = generate(params, config, [prompt] * 3, tokenizer=tokenizer, layout=layout)
+    for completion in entmax_samples.texts:
+        assert f"\n{tokenizer.decode(prompt)}{completion}\n" in written
+    assert entmax_samples.tokens != softmax_samples.tokens
+
+    def exact_entmax_support(z, alpha=1.3):  # tokens with (α-1) z_i above τ, τ by float64 bisection
+        s = (alpha - 1) * np.asarray(z, np.float64)
+        low, high = s.max() - 1.0, s.max()
+        for _ in range(200):
+            middle = (low + high) / 2
+            mass = np.sum(np.maximum(s - middle, 0) ** (1 / (alpha - 1)))
+            low, high = (middle, high) if mass >= 1 else (low, middle)
+        return s > high
+
+    all_logits = jax.jit(lambda tokens: gpt2.logits(params, tokens, config))
+    support_sizes = []
+    for row in entmax_samples.tokens:
+        logits = np.asarray(all_logits(jnp.asarray([prompt + row])))[0]
+        for t, token in enumerate(row):
+            support = exact_entmax_support(logits[len(prompt) - 1 + t] / config.temperature)
+            assert support[token]
+            support_sizes.append(support.sum())
+    assert max(support_sizes) < config.n_vocab  # entmax left some tokens out: the check has teeth
+
+
 def test_predict_refuses_an_empty_prompt_file_by_name(predict_setup):
     workdir, config, _ = predict_setup
     empty = workdir / "empty_prompt.txt"

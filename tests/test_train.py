@@ -372,9 +372,14 @@ def test_bad_override_on_the_command_line_is_one_clear_line(tmp_path):
     assert "n_embd" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_dry_run_on_gpt3_small_reports_about_125m_parameters():
-    result = main_py("--model", str(GPT_NEO_CONFIGS / "gpt3_small_256.json"), "--dry_run", "--set", "mesh_shape=x:2,y:1",
+def test_dry_run_on_gpt3_small_reports_about_125m_parameters(tmp_path):
+    # --dry_run checks that the datasets exist: GPT-Neo's config reads local shards made here
+    write_dataset(tmp_path, n_vocab=50257)
+    config = json.loads((GPT_NEO_CONFIGS / "gpt3_small_256.json").read_text())
+    (tmp_path / "gpt3_small.json").write_text(json.dumps({**config, "datasets": [["tiny", 2, "documents_random", 1.0]]}))
+    result = main_py("--model", str(tmp_path / "gpt3_small.json"), "--dry_run", "--set", "mesh_shape=x:2,y:1",
                      "--set", "train_batch_size=2", devices=2)
+    assert "dataset 'tiny': path" in result.stdout
     count = int(result.stdout.split("parameters: ")[1].split(" ")[0].replace(",", ""))
     assert 120e6 < count < 130e6
     assert "per-device memory:" in result.stdout
