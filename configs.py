@@ -191,7 +191,7 @@ OPTIONS: dict[str, Option] = {
     "no_weight_tie":           Option("an untied output projection",                           True,  False, "lm_head tied to wte"),
     "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", False, False, "no mixture of experts"),
     "entmax_loss":             Option("the entmax loss",                                       True,  False, "softmax outputs only"),
-    "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               False, False, "a causal LM only"),
+    "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               True,  False, "a causal LM only"),
     "activation_function":     Option("an activation outside Hugging Face's names",            True,  False,
                                       f"ACT2FN equivalents of {', '.join(HF_ACTIVATIONS)} only"),
 }
@@ -554,6 +554,8 @@ def validate(raw: dict[str, Any], source: str) -> Config:
             fail("axial_pos_emb", f"a1 * a2 = {show(axial[0] * axial[1])} but n_ctx = {values['n_ctx']}: they must be equal")
     for entry in values["datasets"]:
         check_dataset_entry(entry, source)
+    if values["mlm_training"]:
+        check_masked_lm(values, fail)
 
     from mesh import parse_layout, parse_mesh_shape
 
@@ -605,6 +607,19 @@ def check_sizes(config: Config) -> None:
 def keystr(path) -> str:
     """A parameter's path as neomesh names it elsewhere, e.g. blocks.0.attn.q."""
     return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def check_masked_lm(values: dict[str, Any], fail) -> None:
+    """What mlm_training needs of the mlm_* keys beyond each key's own range (KEYS' accepts)."""
+    if values["mlm_mask_id"] is None:
+        fail("mlm_mask_id", f"mlm_training needs the id of its mask token: an integer in [0, n_vocab = {values['n_vocab']})")
+    if values["mlm_cls_token_id"] == values["mlm_mask_id"]:
+        fail("mlm_cls_token_id", "must differ from mlm_mask_id")
+    if values["mlm_same_token_prob"] + values["mlm_random_token_prob"] > 1.0:
+        fail("mlm_random_token_prob", f"plus mlm_same_token_prob = {values['mlm_same_token_prob']} exceeds 1: they are "
+                                      "shares of the masked positions (the rest show mlm_mask_id)")
+    if values["mlm_cls_token_id"] is not None and values["n_ctx"] < 2:
+        fail("n_ctx", "must be at least 2 with mlm_cls_token_id: the CLS token takes the first position")
 
 
 def check_dataset_entry(entry: Any, source: str) -> None:

@@ -17,7 +17,10 @@ Read top to bottom, a batch is made like this:
    seeded permutation of all records of the dataset (a fresh one each epoch) picks the records:
    `chunks` takes one record as it is, the documents modes join `stitch` records with
    end-of-text and take a random window (`documents_random`) or the start (`documents_fixed`).
-5. `global_batch` asks for only the rows this process's devices hold and assembles the global
+5. `Sampler.inputs_and_labels` makes a row a training pair: for a causal LM, the row and the row
+   shifted by one; with mlm_training, `MaskedLM` hides some of its tokens (a pure function of
+   (seed, split, g) as well) and the labels are the hidden originals.
+6. `global_batch` asks for only the rows this process's devices hold and assembles the global
    jax.Array with the batch's sharding.
 """
 
@@ -35,7 +38,8 @@ from configs import DatasetConfig, resolve_datasets, special_ids
 from errors import ConfigError, DataError
 from tfrecord import ShardReader, ShardScan, scan_shard
 
-__all__ = ["DataError", "Sampler", "global_batch", "check_dataset", "check_shards_exist"]
+__all__ = ["DataError", "Sampler", "MaskedLM", "NOT_PREDICTED", "global_batch", "check_dataset",
+           "check_shards_exist"]
 
 log = logging.getLogger("neomesh")
 
@@ -43,6 +47,8 @@ SPLITS = {"train": 0, "eval": 1}
 MIXTURE_BLOCK = 10_000  # weights are exact within every block of this many samples
 SCAN_BUDGET_BYTES = 2 << 30  # shards beyond this total are checked record by record as they are read
 SHARD_COUNT_IN_NAME = re.compile(r"_(\d+)_(\d+)\.tfrecords$")  # {name}_{i}_{count}.tfrecords
+MLM_STREAM = 2 << 20  # the masking's random stream, apart from the datasets' (small indices) and the mixture's
+NOT_PREDICTED = -1  # an MLM label at a position the loss does not score (model_fns.lm_loss)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -263,6 +269,64 @@ class Mixture:
         return dataset, number * int(self.quotas[dataset]) + int(ranks[slot])
 
 
+# --- masked-LM rows ------------------------------------------------------------------------------
+
+
+class MaskedLM:
+    """mlm_training: one row of tokens -> (inputs, labels), each n_ctx tokens.
+
+    The text is the row's first n_ctx tokens, or with mlm_cls_token_id that token followed by the
+    first n_ctx - 1. Each position is chosen with probability mlm_mask_prob, except padding (the
+    row's dataset's padding id, as configs.special_ids resolves it), the cls token and the ids of
+    mlm_mask_ignore_ids, which never are. Of the chosen positions a mlm_random_token_prob share
+    shows a random id, a mlm_same_token_prob share shows its own token, and the rest show
+    mlm_mask_id (BERT's 80/10/10 is same 0.1, random 0.1). The labels hold the original token at
+    every chosen position and NOT_PREDICTED elsewhere: the loss scores the chosen positions only.
+
+    A random id is drawn uniformly from the ids the row's dataset can hold (its dataset config's
+    n_vocab, else the model's) that are not special here: not the mask, cls or padding id nor an
+    ignored id, so a random replacement never looks like a token the model is told to skip.
+
+    Every choice is a pure function of (seed, split, g), g = step * batch_size + row: resuming, or
+    sampling only some rows on each host, masks each row as an uninterrupted run does.
+    """
+
+    def __init__(self, config, split: str, datasets: Sequence[ShardedDataset]):
+        self.seed, self.split, self.n_ctx = config.seed, split, config.n_ctx
+        self.mask_id, self.cls_id = config.mlm_mask_id, config.mlm_cls_token_id
+        self.mask_prob = config.mlm_mask_prob
+        self.same_prob, self.random_prob = config.mlm_same_token_prob, config.mlm_random_token_prob
+        ignored = [int(i) for i in config.mlm_mask_ignore_ids or []]
+        cls = [] if self.cls_id is None else [self.cls_id]
+        self.never_masked = [np.asarray(sorted({*ignored, *cls, d.pad_id}), np.int64) for d in datasets]
+        self.random_ids = []
+        for dataset, never in zip(datasets, self.never_masked):
+            vocab = dataset.dataset.n_vocab or config.n_vocab
+            self.random_ids.append(np.setdiff1d(np.arange(vocab), [*never, self.mask_id]).astype(np.int32))
+
+    def text(self, tokens: np.ndarray) -> np.ndarray:
+        """The n_ctx tokens the model reads: the row's first, after the cls token if there is one."""
+        if self.cls_id is None:
+            return tokens[:self.n_ctx].astype(np.int32)
+        return np.concatenate([[self.cls_id], tokens[:self.n_ctx - 1]]).astype(np.int32)
+
+    def mask(self, tokens: np.ndarray, g: int, dataset: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels) int32 [n_ctx] of global sample g, whose tokens come from `dataset`."""
+        text = self.text(tokens)
+        rng = _rng(self.seed, SPLITS[self.split], MLM_STREAM, g)
+        # the same three draws for every row, used or not: no row's numbers depend on another's
+        choose, share = rng.random(self.n_ctx), rng.random(self.n_ctx)
+        random_pick = rng.integers(0, max(len(self.random_ids[dataset]), 1), self.n_ctx)
+        chosen = (choose < self.mask_prob) & ~np.isin(text, self.never_masked[dataset])
+        random = chosen & (share < self.random_prob)
+        masked = chosen & (share >= self.random_prob + self.same_prob)
+        inputs = np.where(masked, self.mask_id, text).astype(np.int32)
+        if len(self.random_ids[dataset]):
+            inputs[random] = self.random_ids[dataset][random_pick[random]]
+        labels = np.where(chosen, text, NOT_PREDICTED).astype(np.int32)
+        return inputs, labels
+
+
 # --- the sampler -------------------------------------------------------------------------------
 
 
@@ -283,6 +347,7 @@ class Sampler:
             dataset_configs = with_eval
         self.datasets = [self._open(d, i) for i, d in enumerate(dataset_configs)]
         self.mixture = Mixture([d.weight for d in dataset_configs], config.seed, split)
+        self.masking = MaskedLM(config, split, self.datasets) if config.mlm_training else None
 
     def _open(self, dataset: DatasetConfig, index: int) -> ShardedDataset:
         config = self.config
@@ -305,15 +370,34 @@ class Sampler:
         """int32 [len(row_indices), n_ctx + 1]: rows `row_indices` of the global batch at `step`."""
         out = np.empty((len(row_indices), self.n_ctx + 1), dtype=np.int32)
         for i, row in enumerate(row_indices):
-            if not 0 <= row < batch_size:
-                raise ValueError(f"row {row} is outside a batch of {batch_size}")
-            dataset, draw = self.mixture.draw(step * batch_size + int(row))
-            out[i] = self.datasets[dataset].example(draw)
+            _, _, out[i] = self._sample(step, row, batch_size)
         return out
+
+    def _sample(self, step: int, row: int, batch_size: int) -> tuple[int, int, np.ndarray]:
+        """(g, dataset, n_ctx + 1 tokens) of one row of the batch at `step`."""
+        if not 0 <= row < batch_size:
+            raise ValueError(f"row {row} is outside a batch of {batch_size}")
+        g = step * batch_size + int(row)
+        dataset, draw = self.mixture.draw(g)
+        return g, dataset, self.datasets[dataset].example(draw)
+
+    def inputs_and_labels(self, step: int, row_indices: Sequence[int], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels), int32 [len(row_indices), n_ctx]: of a causal LM, the rows and the rows shifted
+        by one; with mlm_training, the masked rows and their original tokens where masked (`MaskedLM`)."""
+        if self.masking is None:
+            rows = self.rows(step, row_indices, batch_size)
+            return rows[:, :-1], rows[:, 1:]
+        inputs = np.empty((len(row_indices), self.n_ctx), dtype=np.int32)
+        labels = np.empty_like(inputs)
+        for i, row in enumerate(row_indices):
+            g, dataset, tokens = self._sample(step, row, batch_size)
+            inputs[i], labels[i] = self.masking.mask(tokens, g, dataset)
+        return inputs, labels
 
 
 def global_batch(sampler: Sampler, step: int, layout, batch_size: int):
-    """(inputs, labels) of `step`, each int32 [batch, sequence], sharded as ("batch", "sequence").
+    """(inputs, labels) of `step` (Sampler.inputs_and_labels), each int32 [batch, sequence], sharded as
+    ("batch", "sequence").
 
     Each process samples only the rows its own devices hold.
     """
@@ -323,18 +407,18 @@ def global_batch(sampler: Sampler, step: int, layout, batch_size: int):
     sharding = layout.sharding(("batch", "sequence"), shape, name="batch")
     index_map = sharding.addressable_devices_indices_map(shape)
     local_rows = sorted({row for index in index_map.values() for row in range(batch_size)[index[0]]})
-    rows = sampler.rows(step, local_rows, batch_size)
+    local_inputs, local_labels = sampler.inputs_and_labels(step, local_rows, batch_size)
     position = {row: i for i, row in enumerate(local_rows)}
 
-    def piece(shifted: np.ndarray):
+    def piece(local: np.ndarray):
         def callback(index):
             wanted = [position[row] for row in range(batch_size)[index[0]]]
-            return shifted[wanted][:, index[1]]
+            return local[wanted][:, index[1]]
 
         return callback
 
-    inputs = jax.make_array_from_callback(shape, sharding, piece(rows[:, :-1]))
-    labels = jax.make_array_from_callback(shape, sharding, piece(rows[:, 1:]))
+    inputs = jax.make_array_from_callback(shape, sharding, piece(local_inputs))
+    labels = jax.make_array_from_callback(shape, sharding, piece(local_labels))
     return inputs, labels
 
 

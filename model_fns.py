@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from errors import ConfigError
+from inputs import NOT_PREDICTED
 from mesh import MeshLayout
 from models import gpt2
 from models.attention import KINDS
@@ -36,10 +37,43 @@ def cross_entropy(hidden, output, labels, config, layout=None):
     return jnp.mean(log_z - label_logits), jnp.mean(jnp.square(log_z))
 
 
+def masked_cross_entropy(hidden, output, labels, config, layout=None):
+    """mlm_training: (data loss, z-loss term, accuracy), each the float32 mean over the masked
+    positions only: those whose label is the original token, not inputs.NOT_PREDICTED. The data
+    loss is the cross-entropy (with entmax_loss the entmax Fenchel-Young loss, and no z-loss term,
+    as in `cross_entropy`); z-loss is taken on the same positions: the logits elsewhere are never
+    read, so their log(Z) is nothing to regularise. No masked position gives 0 (not 0 / 0)."""
+    logits = gpt2.unembed(hidden, output, config, layout)
+    scored = labels != NOT_PREDICTED
+    targets = jnp.where(scored, labels, 0)
+    count = jnp.maximum(jnp.sum(scored), 1)
+
+    def masked_mean(x):
+        return jnp.sum(jnp.where(scored, x, 0.0)) / count
+
+    accuracy = masked_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
+    if config.entmax_loss:
+        return masked_mean(entmax_loss(logits, targets)), jnp.zeros((), jnp.float32), accuracy
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return masked_mean(log_z - label_logits), masked_mean(jnp.square(log_z)), accuracy
+
+
+def masked_lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
+    """mlm_training: (loss, cross_entropy, accuracy) over the masked positions (masked_cross_entropy)."""
+    hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
+    ce, z, accuracy = masked_cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
+    return ce + config.z_loss * z + sum(aux.values()), ce, accuracy
+
+
 def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
     """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, data loss).
     The data loss (the `cross_entropy` metric, and --eval's loss) is the cross-entropy, or with
-    entmax_loss the entmax Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo)."""
+    entmax_loss the entmax Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo).
+    With mlm_training the masked-LM loss: labels hold the original tokens at the masked positions
+    and inputs.NOT_PREDICTED elsewhere (inputs.MaskedLM)."""
+    if config.mlm_training:
+        return masked_lm_loss(params, inputs, labels, config, layout, dropout_rng)[:2]
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
     ce, z = cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
     return ce + config.z_loss * z + sum(aux.values()), ce
@@ -117,10 +151,17 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
                 x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
                 return layout.constrain(x, (None, *BATCH_DIMS))
 
+            # MLM: each microbatch's mean over its masked positions, weighted by its share of them,
+            # so that the step's loss is the mean over every masked position of the batch
+            scored = jnp.maximum(jnp.sum(labels != NOT_PREDICTED), 1) / microbatches
+
             def accumulate(carry, micro):
                 index, mb_inputs, mb_labels = micro
                 mb_rng = jax.random.fold_in(rng, index) if rng is not None else None
                 loss, ce, grads = grads_of(params, mb_inputs, mb_labels, mb_rng)
+                if config.mlm_training:
+                    weight = jnp.sum(mb_labels != NOT_PREDICTED) / scored
+                    loss, ce, grads = jax.tree.map(lambda x: x * weight, (loss, ce, grads))
                 return jax.tree.map(jnp.add, carry, (loss, ce, grads)), None
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
@@ -156,10 +197,13 @@ def parameter_name(path) -> str:
 
 
 def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):
-    """(params, inputs, labels) -> (loss, cross_entropy), no dropout."""
+    """(params, inputs, labels) -> (loss, cross_entropy), no dropout; with mlm_training (loss,
+    cross_entropy, accuracy, masked positions), the means over the masked positions."""
     batch_sharding = layout.sharding(BATCH_DIMS, (batch_size, config.n_ctx), name="eval batch")
 
     def eval_fn(params, inputs, labels):
+        if config.mlm_training:
+            return (*masked_lm_loss(params, inputs, labels, config, layout), jnp.sum(labels != NOT_PREDICTED))
         return lm_loss(params, inputs, labels, config, layout)
 
     return jax.jit(eval_fn, in_shardings=(shardings["params"], batch_sharding, batch_sharding))

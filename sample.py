@@ -307,6 +307,7 @@ def generate(
     entmax_sampling draws from entmax-1.3 instead of softmax (see choose_tokens). Rows of
     different lengths are fine. `params` is the float32 tree of gpt2.init_params, placed on any
     devices (they are resharded per the layout)."""
+    refuse_masked_lm(config)
     rows = check_prompts(as_token_rows(prompt, tokenizer), config)
     settings = SamplingSettings(
         temperature=config.temperature if temperature is None else float(temperature),
@@ -358,6 +359,14 @@ def generate(
     return Samples(rows, completions, texts)
 
 
+def refuse_masked_lm(config) -> None:
+    """Sampling continues a prompt, which a masked-LM model (attending both ways) was not trained to do."""
+    if config.mlm_training:
+        raise ConfigError(f"{config.source}: key 'mlm_training' = True: an MLM model fills masks (mlm_mask_id) in a "
+                          "text, it does not continue a prompt, and neomesh does not build mask filling yet; "
+                          "--predict and generate take a causal LM (mlm_training: false)")
+
+
 # --- main.py --predict -----------------------------------------------------------------------
 
 
@@ -394,6 +403,7 @@ def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: 
     from checkpoints import restore_params
     from encoders import load_dataset_tokenizer
 
+    refuse_masked_lm(config)
     text = read_prompt(prompt_file)  # before the slow parts: a bad prompt file fails at once
     tokenizer = load_dataset_tokenizer(config)
     prompt = tokenizer.encode(text)

@@ -429,8 +429,12 @@ def has_eval_data(config) -> bool:
 
 
 def run_eval(config, layout, eval_step, params, eval_data) -> float:
+    """The evaluation loss while training: the mean cross-entropy (of an MLM model, over the masked
+    positions of every batch)."""
     import inputs
 
+    if config.mlm_training:
+        return masked_lm_totals(config, eval_data, eval_step, params, layout)[0]
     losses = []
     for i in range(max(config.eval_steps, 1)):
         batch_inputs, batch_labels = inputs.global_batch(eval_data, i, layout, config.eval_batch_size)
@@ -455,6 +459,8 @@ def evaluate(config, layout) -> dict:
     data = inputs.Sampler(config, split)
     eval_step = model_fns.make_eval_step(config, layout, {"params": model_fns.param_shardings(config, layout)},
                                          config.eval_batch_size)
+    if config.mlm_training:
+        return evaluate_masked_lm(config, data, split, eval_step, params, step, layout)
     tokenizer = encoders.load_dataset_tokenizer(config)
     losses, byte_count, token_count = [], 0, 0
     for i in range(max(config.eval_steps, 1)):
@@ -469,6 +475,31 @@ def evaluate(config, layout) -> dict:
     if jax.process_index() == 0:
         print(f"step {step} | {split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits per byte {bits_per_byte:.4f}")
     return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte}
+
+
+def evaluate_masked_lm(config, data, split: str, eval_step, params, step: int, layout) -> dict:
+    """--eval of an MLM model: cross-entropy and accuracy of the original token at the masked
+    positions, over every masked position of eval_steps batches (masked as training masks them)."""
+    import jax
+
+    loss, accuracy, masked = masked_lm_totals(config, data, eval_step, params, layout)
+    if jax.process_index() == 0:
+        print(f"step {step} | {split} masked-token loss {loss:.4f} | masked-token accuracy {accuracy:.4f} | "
+              f"{masked} masked tokens")
+    return {"step": step, "split": split, "loss": loss, "accuracy": accuracy, "masked_tokens": masked}
+
+
+def masked_lm_totals(config, data, eval_step, params, layout) -> tuple[float, float, int]:
+    """(cross-entropy, accuracy, count) over every masked position of eval_steps batches: each
+    batch's means weighted by its count of masked positions."""
+    import inputs
+
+    loss_sum, correct_sum, count = 0.0, 0.0, 0
+    for i in range(max(config.eval_steps, 1)):
+        batch_inputs, batch_labels = inputs.global_batch(data, i, layout, config.eval_batch_size)
+        _, ce, accuracy, masked = (float(x) for x in eval_step(params, batch_inputs, batch_labels))
+        loss_sum, correct_sum, count = loss_sum + ce * masked, correct_sum + accuracy * masked, count + int(masked)
+    return loss_sum / max(count, 1), correct_sum / max(count, 1), count
 
 
 def dry_run(config, layout) -> dict:

@@ -9,6 +9,15 @@
     gau     a gated attention unit (models/gau.py)
     none    no attention at all: the layer is an MLP block
 
+With mlm_training every kind sees both ways (a masked-LM reads the whole text): global every
+position; local key j when |i - j| < radius: the query, radius - 1 keys before it and radius - 1
+after, 2 * radius - 1 in all. That is the causal window's rule (i - j < radius) mirrored, so that
+local_attention_radius means the same reach in both objectives; GPT-Neo's "±radius" gives no exact
+bound, and this reading never lets a query see farther than a causal one does. linear takes its
+non-causal form; gau every position; none nothing. Softmax attention then runs on the plain kernel
+(the others are causal), and there is no decoding: a masked-LM fills masks, it does not continue
+a text.
+
 Softmax attention is GPT-Neo's: scores q.k are not divided by sqrt(kv) (the init of q holds that
 scale, see `softmax_weights`), and the softmax runs in float32 whatever the compute dtype. With
 rotary_emb, q and k are rotated by their positions (models/positions.py) right after their
@@ -129,6 +138,8 @@ def softmax_attention(kind: str):
         q, k, v = query_key_value(p, x, slots, positions, config, layout)
         reach = window(kind, config)
         memory = (p["mem_k"], p["mem_v"]) if "mem_k" in p and kind == "global" else None
+        if layer_cache is not None and config.mlm_training:
+            raise ValueError("a masked-LM model (mlm_training) sees both ways: it has no decoding cache")
         if layer_cache is None:
             attended = self_attention(q, k, v, reach, memory, config, layout, rng)
         else:
@@ -158,8 +169,8 @@ def with_memory(keys, values, mask, memory, key_letters: str):
 
 
 def self_attention(q, k, v, reach, memory, config, layout, rng):
-    """Causal attention of a whole sequence over itself (and the memory), by the kernel
-    `attention_kernel` chooses."""
+    """Attention of a whole sequence over itself (and the memory), by the kernel `attention_kernel`
+    chooses: causal, or with mlm_training both ways (the plain kernel)."""
     attention_dropout = rng is not None and config.attn_dropout > 0
     kernel = kernels.choose_attention_kernel(config, q, layout, attention_dropout, memory is not None)
     if kernel == "cudnn":
@@ -168,7 +179,7 @@ def self_attention(q, k, v, reach, memory, config, layout, rng):
     batch, heads = q.shape[0], q.shape[2]
     if kernel == "plain":
         slots = jnp.arange(length)
-        mask = jnp.broadcast_to(visible(slots, slots, reach), (batch, length, length))
+        mask = jnp.broadcast_to(visible(slots, slots, reach, causal=not config.mlm_training), (batch, length, length))
         if memory is not None:
             k, v, mask = with_memory(k, v, mask, memory, "bmhk")
         keep = None
@@ -197,10 +208,12 @@ def softmax_flops(kind: str):
         """q.k and probs.v (2 * embd each) over the keys a query sees, averaged over the positions
         of an n_ctx sequence, forward and backward (x3)."""
         n = config.n_ctx
+        radius = min(config.local_attention_radius, n)
         if kind == "global":
-            keys = (n + 1) / 2 + config.num_mem_kv
+            keys = (n if config.mlm_training else (n + 1) / 2) + config.num_mem_kv
+        elif config.mlm_training:  # |i - j| < radius: 2 * radius - 1 keys, fewer within radius of either end
+            keys = 2 * radius - 1 - radius * (radius - 1) / n
         else:
-            radius = min(config.local_attention_radius, n)
             keys = radius - radius * (radius - 1) / (2 * n)
         return 12 * config.n_embd * keys
 

@@ -8,7 +8,7 @@ and e = gau_expanded_size, for the queries t of a sequence x [sequence, embd]:
     out = ((A v) W * u) Wo + bo                            W [s, e], Wo [e, embd]
 
 n(t) is the number of keys t sees (t + 1 in a sequence from position 0: causal, as global
-attention). With rotary_emb, q and k are rotated by their positions after the ReLU. No biases but
+attention; with mlm_training every position, so n(t) is the sequence length). With rotary_emb, q and k are rotated by their positions after the ReLU. No biases but
 the output's; no attention dropout (attn_dropout is global attention's). Decoding keeps k and v
 per slot, as global attention does (models/kv_cache.py), with one head.
 """
@@ -53,7 +53,8 @@ def gau_apply(p, x, slots, first_slot, layer_cache, config, layout, rng, positio
         q, k = (rotate(t[:, :, None, :], positions)[:, :, 0, :] for t in (q, k))
     if layer_cache is None:
         keys, values = k, v
-        mask = jnp.broadcast_to(kv_cache.visible(slots, slots, None), (x.shape[0], len(slots), len(slots)))
+        mask = jnp.broadcast_to(kv_cache.visible(slots, slots, None, causal=not config.mlm_training),
+                                (x.shape[0], len(slots), len(slots)))
     else:
         keys, values, mask, layer_cache = kv_cache.store_and_view(
             k[:, :, None, :], v[:, :, None, :], slots, first_slot, layer_cache, None, layout, CACHE_DIMENSIONS)
@@ -72,5 +73,6 @@ def gau_cache(config, batch: int, cache_slots: int, dtype, layout):
 
 def gau_flops(config) -> float:
     """Training FLOPs per token beyond the projections: q.k and A.v over (n_ctx + 1) / 2 keys on
-    average, each 2 * s, forward and backward (x3)."""
-    return 12 * config.gau_key_size * (config.n_ctx + 1) / 2
+    average (n_ctx with mlm_training), each 2 * s, forward and backward (x3)."""
+    keys = config.n_ctx if config.mlm_training else (config.n_ctx + 1) / 2
+    return 12 * config.gau_key_size * keys

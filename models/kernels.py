@@ -120,8 +120,14 @@ _materialise_gradient.defvjp(_materialise_forward, _materialise_backward)
 
 def choose_attention_kernel(config, q, layout, attention_dropout: bool, memory: bool = False) -> str:
     """plain | blocked | cudnn for causal self-attention over q [batch, sequence, heads, kv];
-    `memory`: the keys begin with num_mem_kv memory entries, which only plain attention takes."""
+    `memory`: the keys begin with num_mem_kv memory entries, which only plain attention takes.
+    With mlm_training (attention both ways) only plain."""
     chosen = config.attention_kernel
+    if config.mlm_training:  # blocked and cudnn attention are causal; a masked-LM sees both ways
+        if chosen not in ("auto", "plain"):
+            raise ConfigError(f"{config.source}: key 'attention_kernel' = {chosen!r} is causal attention only, and "
+                              "mlm_training attends both ways; use auto or plain")
+        return "plain"
     if memory:
         if chosen not in ("auto", "plain"):
             raise ConfigError(f"{config.source}: key 'attention_kernel' = {chosen!r} does not take the memory "

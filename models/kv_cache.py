@@ -21,10 +21,14 @@ CACHE_LETTERS = "bhmk"
 CACHE_DIMENSIONS = ("batch", "heads", "memory_length", "kv")
 
 
-def visible(query_slots, key_slots, window: int | None):
+def visible(query_slots, key_slots, window: int | None, causal: bool = True):
     """[..., sequence, memory_length] booleans: key j is visible to query i when j <= i and, with
-    a window, i - j < window. Broadcasts over leading batch dimensions."""
+    a window, i - j < window. Broadcasts over leading batch dimensions. Not causal (the masked-LM
+    objective): every key, or with a window those with |i - j| < window, the causal window
+    mirrored (the query, window - 1 keys before it and window - 1 after)."""
     distance = query_slots[..., :, None] - key_slots[..., None, :]
+    if not causal:
+        distance = jnp.abs(distance)
     allowed = distance >= 0
     if window is not None:
         allowed &= distance < window
