@@ -190,7 +190,8 @@ def test_resume_with_another_gradient_clipping_names_the_key_and_both_values(rot
 
 
 def test_sigterm_stops_at_the_next_step_saves_and_exits_within_seconds(tmp_path):
-    """A model whose step takes a few tenths of a second: from SIGTERM to exit, saving included."""
+    """A model whose step takes a few tenths of a second: from SIGTERM to exit, saving included; the
+    next run resumes from the step the signal stopped at."""
     model_config = write_dataset(tmp_path, TINY["n_vocab"])
     model_path = tmp_path / "run"
     process = main_py("--model", str(model_config), "--set", f"model_path={model_path}", "--set", "n_layer=4",
@@ -212,6 +213,11 @@ def test_sigterm_stops_at_the_next_step_saves_and_exits_within_seconds(tmp_path)
     reached = strict_rows(model_path)[-1]["step"]
     assert saved == [reached] and f"stopped by a signal at step {reached}" in output
     assert delay < 10, f"{delay:.1f} s from SIGTERM to exit at {seconds_per_step:.2f} s per step"
+    resumed = main_py("--model", str(model_config), "--set", f"model_path={model_path}", "--set", "n_layer=4",
+                      "--set", "n_embd=128", "--set", "n_ctx=128", "--set", "train_batch_size=16",
+                      "--set", "attention_types=[[[\"global\"], 4]]", "--set", "eval_steps=0",
+                      "--set", f"train_steps={reached + 1}")
+    assert f"at step {reached}" in resumed.stdout and strict_rows(model_path)[-1]["step"] == reached + 1
 
 
 def test_sigterm_while_main_py_starts_loses_nothing_and_exits_cleanly(rotated_run, tmp_path):

@@ -315,24 +315,6 @@ def test_resume_in_a_new_process_is_exact(tmp_path):
     assert (straight / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
-    model_config = write_dataset(tmp_path, TINY["n_vocab"])
-    model_path = tmp_path / "run"
-    overrides = ["--set", f"model_path={model_path}", "--set", "steps_per_checkpoint=1000", "--set", "eval_steps=0"]
-    process = main_py("--model", str(model_config), *overrides, "--set", "train_steps=100000", background=True)
-    deadline = time.time() + 240
-    metrics = model_path / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 0, output
-    saved = sorted(int(p.name) for p in (model_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and saved[-1] >= 2, output
-    result = main_py("--model", str(model_config), *overrides, "--set", f"train_steps={saved[-1] + 2}")
-    assert f"at step {saved[-1]}" in result.stdout
-
-
 def test_new_refuses_without_a_terminal_unless_yes(tmp_path):
     model_config = write_dataset(tmp_path, TINY["n_vocab"])
     model_path = tmp_path / "run"
