@@ -464,7 +464,7 @@ def test_predict_refuses_an_empty_prompt_file_by_name(predict_setup):
         run_predict(config, build_mesh_layout(config, jax.devices()[:1]), str(workdir / "missing.txt"))
 
 
-@pytest.mark.parametrize("chunks", [[40], [5, 11, 24], [1] * 12 + [28]])
+@pytest.mark.parametrize("chunks", [[5, 11, 24], [1] * 12 + [28]])  # one chunk of 40 is the prefill every decoding test runs
 def test_the_forward_over_a_cache_in_chunks_equals_one_pass_without_it(chunks):
     """The one forward, fed a sequence piece by piece through its cache (prefill of any length,
     then more of any length: rings that wrap inside a piece), gives the hidden states of one
