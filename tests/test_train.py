@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -268,8 +269,18 @@ def write_dataset(folder: Path, n_vocab: int, documents: int = 60, max_id: int |
     return path
 
 
+# main.py runs of one test session share compiled programs: most tests start main.py several times
+# on one model (train, resume, predict), and compiling is most of a tiny run's time
+SHARED_COMPILATION = {
+    "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) /
+                                     f"neomesh-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+}
+
+
 def main_py(*args, check=True, devices=1, background=False):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           **SHARED_COMPILATION}
     command = [sys.executable, str(REPO / "main.py"), *args]
     if background:
         return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
