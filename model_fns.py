@@ -21,28 +21,33 @@ from models.entmax import entmax_loss
 BATCH_DIMS = ("batch", "sequence")
 
 
-def cross_entropy(hidden, output, labels, config, layout=None):
-    """(mean data loss, mean z-loss term) over all positions, in float32.
-
-    hidden [batch, sequence, embd], output gpt2.output_weights(...), labels [batch, sequence].
-    The data loss is the softmax cross-entropy and the z-loss term log(Z)^2, Z softmax's
-    normaliser; with entmax_loss, the entmax-1.3 Fenchel-Young loss (models/entmax.py) and 0:
-    entmax has no Z, and GPT-Neo's entmax loss ignored z_loss too.
-    """
-    logits = gpt2.unembed(hidden, output, config, layout)
+def position_losses(logits, labels, config):
+    """float32 logits [batch, sequence, vocab], labels [batch, sequence] -> (data loss, z-loss term)
+    at every position: the softmax cross-entropy and log(Z)^2, Z softmax's normaliser; with
+    entmax_loss, the entmax-1.3 Fenchel-Young loss (models/entmax.py) and 0: entmax has no Z, and
+    GPT-Neo's entmax loss ignored z_loss too."""
     if config.entmax_loss:
-        return jnp.mean(entmax_loss(logits, labels)), jnp.zeros((), jnp.float32)
+        return entmax_loss(logits, labels), jnp.zeros((), jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return jnp.mean(log_z - label_logits), jnp.mean(jnp.square(log_z))
+    return log_z - label_logits, jnp.square(log_z)
+
+
+def cross_entropy(hidden, output, labels, config, layout=None):
+    """(mean data loss, mean z-loss term) over all positions (position_losses), in float32.
+
+    hidden [batch, sequence, embd], output gpt2.output_weights(...), labels [batch, sequence].
+    """
+    data, z = position_losses(gpt2.unembed(hidden, output, config, layout), labels, config)
+    return jnp.mean(data), jnp.mean(z)
 
 
 def masked_cross_entropy(hidden, output, labels, config, layout=None):
     """mlm_training: (data loss, z-loss term, accuracy), each the float32 mean over the masked
-    positions only: those whose label is the original token, not inputs.NOT_PREDICTED. The data
-    loss is the cross-entropy (with entmax_loss the entmax Fenchel-Young loss, and no z-loss term,
-    as in `cross_entropy`); z-loss is taken on the same positions: the logits elsewhere are never
-    read, so their log(Z) is nothing to regularise. No masked position gives 0 (not 0 / 0)."""
+    positions only: those whose label is the original token, not inputs.NOT_PREDICTED
+    (position_losses gives the first two at every position); z-loss is taken on the same
+    positions: the logits elsewhere are never read, so their log(Z) is nothing to regularise. No
+    masked position gives 0 (not 0 / 0)."""
     logits = gpt2.unembed(hidden, output, config, layout)
     scored = labels != NOT_PREDICTED
     targets = jnp.where(scored, labels, 0)
@@ -51,12 +56,9 @@ def masked_cross_entropy(hidden, output, labels, config, layout=None):
     def masked_mean(x):
         return jnp.sum(jnp.where(scored, x, 0.0)) / count
 
+    data, z = position_losses(logits, targets, config)
     accuracy = masked_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
-    if config.entmax_loss:
-        return masked_mean(entmax_loss(logits, targets)), jnp.zeros((), jnp.float32), accuracy
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return masked_mean(log_z - label_logits), masked_mean(jnp.square(log_z)), accuracy
+    return masked_mean(data), masked_mean(z), accuracy
 
 
 def masked_lm_loss(params, inputs, labels, config, layout, dropout_rng=None):

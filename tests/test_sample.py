@@ -294,19 +294,13 @@ def test_sharded_decoding_on_8_devices_gives_the_tokens_of_one_device():
 def predict_setup(tmp_path_factory):
     """A real tokenizer trained here, dataset and model configs pointing at it, and a checkpoint
     at step 7 of random parameters saved with Checkpoints."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from test_train import train_tiny_tokenizer
 
     workdir = tmp_path_factory.mktemp("predict")
     corpus = ["the named mesh shards every tensor by its dimension names", "a layout maps heads to a mesh axis",
               "sampling keeps a cache of keys and values for every layer"] * 20
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer_file = workdir / "tokenizer.json"
-    tokenizer.save(str(tokenizer_file))
+    train_tiny_tokenizer(corpus, tokenizer_file, ["<|endoftext|>", "<|padding|>"])
 
     (workdir / "configs" / "dataset_configs").mkdir(parents=True)
     (workdir / "configs" / "dataset_configs" / "tiny.json").write_text(json.dumps(

@@ -246,6 +246,19 @@ def test_schedule_warms_up_then_decays_to_a_tenth(decay):
 # --- main.py end to end -------------------------------------------------------------------------
 
 
+def train_tiny_tokenizer(corpus: list[str], path: Path, special_tokens: list[str]):
+    """A real byte-level BPE tokenizer of 300 ids trained on `corpus`, saved at `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(path))
+    return tokenizer
+
+
 def write_dataset(folder: Path, n_vocab: int, documents: int = 60, max_id: int | None = None, seed: int = 0) -> Path:
     """Shards of random documents, and a model config beside a dataset config naming them."""
     rng = np.random.default_rng(seed)
@@ -667,16 +680,9 @@ def test_gpt_neo_test_models_combination_trains_and_samples_through_main_py(tmp_
     """The options GPT-Neo's own test_models.py combines (2 layers global/local, rotary, 16 memory
     key/values, an untied head, shared parameters, ReZero, res_dropout 0.1), with a tokenizer
     trained here: main.py trains it and samples from its checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     corpus = ["memory keys are seen by every query", "rotary turns each pair of dimensions",
               "a shared block serves every layer of the model"] * 30
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = train_tiny_tokenizer(corpus, tmp_path / "tokenizer.json", ["<|endoftext|>"])
     (tmp_path / "shards").mkdir()
     documents = [tokenizer.encode(text).ids + [0] for text in corpus]
     write_shard(str(tmp_path / "shards" / f"neo_0_{len(documents)}.tfrecords"), documents)
