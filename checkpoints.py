@@ -55,6 +55,9 @@ class CheckpointMeta:
     config: dict
     params_only: bool = False  # no optimizer state: an import; training starts a fresh optimizer from it
     imported_from: str | None = None
+    # fine-tuning (models/lora.py): params holds the adapters only, trained on this frozen base (a
+    # checkpoint folder, or "random init (seed S)"); None: a whole model
+    base_checkpoint: str | None = None
     schema: int = SCHEMA
 
     @classmethod
@@ -81,13 +84,16 @@ class CheckpointMeta:
         return cls(**{k: v for k, v in saved.items() if k in known}, schema=cls.SCHEMA)
 
 
-def checkpoints_directory(model_path: str) -> str:
+ADAPTERS_FOLDER = "adapters"  # model_path/adapters: fine-tuning's checkpoints, apart from the base's
+
+
+def checkpoints_directory(model_path: str, folder: str = "checkpoints") -> str:
     if not model_path:
         raise FileNotFoundError("model_path is empty: set it in the config or with --set model_path=DIR")
     if storage.protocol(model_path) not in ("file", "gs"):
         raise StorageError(f"model_path {model_path}: orbax checkpoints need a local folder or gs://bucket/...; "
                            f"{storage.protocol(model_path)}:// cannot hold them")
-    return storage.join(storage.absolute(model_path), "checkpoints")
+    return storage.join(storage.absolute(model_path), folder)
 
 
 def tree_names(tree) -> dict[str, Any]:
@@ -124,8 +130,9 @@ class Checkpoints:
     thread, raises a StorageError naming the checkpoint and the newest complete one, at the latest
     from `wait()` / `close()`, which the training loop calls before it exits."""
 
-    def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
-        self.directory = checkpoints_directory(model_path)
+    def __init__(self, model_path: str, keep: int = 3, asynchronous: bool = True, read_only: bool = False,
+                 folder: str = "checkpoints"):
+        self.directory = checkpoints_directory(model_path, folder)
         self.keep = keep
         self.read_only = read_only
         self.in_flight: int | None = None  # the step of the save orbax may still be writing
@@ -349,10 +356,13 @@ def abstract_tree(shardings, shapes):
 
 
 def restore_params(config, layout, step: int | None = None) -> tuple[dict, int]:
-    """The parameters of the newest (or a given) checkpoint in config.model_path, sharded by the layout."""
+    """The parameters of the newest (or a given) checkpoint in config.model_path, sharded by the
+    layout. A fine-tuning config's are its base's with the adapters of model_path/adapters."""
     from model_fns import param_shardings
-    from models import gpt2
+    from models import gpt2, lora
 
+    if lora.active(config):
+        return restore_adapted_params(config, layout, step)
     directory = checkpoints_directory(config.model_path)
     missing = f"no checkpoint in {directory}: train first, or import one with export.py --from_hf"
     if not storage.isdir(directory):
@@ -370,3 +380,118 @@ def restore_params(config, layout, step: int | None = None) -> tuple[dict, int]:
     finally:
         checkpoints.close()
     return state["params"], step
+
+
+# --- fine-tuning: a frozen base and the adapters trained on it ----------------------------------------
+
+
+def random_base(config) -> str:
+    return f"random init (seed {config.seed})"
+
+
+def resolve_base(config) -> tuple[str, int] | None:
+    """The frozen base of a fine-tuning config: (model_path holding it, step), from lora_base (a
+    model_path folder: its newest checkpoint; or a checkpoint folder .../checkpoints/STEP), else the
+    newest checkpoint in model_path; None: there is none (a random init)."""
+    where = config.source
+    if config.lora_base:
+        named = storage.absolute(config.lora_base.rstrip("/"))
+        name, parent = storage.name(named), storage.parent(named)
+        if name.isdigit() and storage.name(parent) == "checkpoints":
+            if not storage.isdir(named):
+                raise ConfigError(f"{where}: key 'lora_base' = {config.lora_base!r}: no checkpoint folder there")
+            return storage.parent(parent), int(name)
+        step = newest_step(named)
+        if step is None:
+            raise ConfigError(f"{where}: key 'lora_base' = {config.lora_base!r}: holds no checkpoint; accepted: a "
+                              "model_path folder with checkpoints/, or a checkpoint folder .../checkpoints/STEP")
+        return named, step
+    step = newest_step(config.model_path)
+    return None if step is None else (storage.absolute(config.model_path), step)
+
+
+def newest_step(model_path: str) -> int | None:
+    directory = checkpoints_directory(model_path)
+    if not storage.isdir(directory):
+        return None
+    steps = [int(name) for name in storage.listdir(directory) if name.isdigit()]
+    return max(steps) if steps else None
+
+
+def base_name(base: tuple[str, int] | None, config) -> str:
+    """How an adapter checkpoint's meta names its base."""
+    return random_base(config) if base is None else storage.join(checkpoints_directory(base[0]), str(base[1]))
+
+
+def restore_base(config, layout, base: tuple[str, int]) -> dict:
+    """The frozen part of the model (lora.split's base) from checkpoint `base`, sharded by the
+    layout; a checkpoint of another shape is refused by name."""
+    from model_fns import param_shardings
+    from models import gpt2, lora
+
+    template = gpt2.weights(config)
+    shardings = lora.split(param_shardings(config, layout), template)[0]
+    shapes = lora.split(gpt2.param_shapes(config), template)[0]
+    model_path, step = base
+    checkpoints = Checkpoints(model_path, read_only=True)
+    where = checkpoints.where(step)
+    try:
+        saved = checkpoints.saved_shapes(step)["params"] or {}
+        expected = {name: tuple(s.shape) for name, s in tree_names(shapes).items()}
+        differ = [f"{n} {saved.get(n)} in the base, {shape} in this model" for n, shape in expected.items()
+                  if tuple(saved.get(n, ())) != shape]
+        differ += [f"{n} only in the base" for n in saved if n not in expected]
+        if differ:
+            raise ConfigError(f"{config.source}: the fine-tuning base {where} does not fit this config's model "
+                              f"({'; '.join(differ[:4])}); point lora_base at the model these keys describe")
+        state, _ = checkpoints.restore(step, {"params": abstract_tree(shardings, shapes)})
+    finally:
+        checkpoints.close()
+    return state["params"]
+
+
+def check_base(meta: CheckpointMeta, expected: str, where: str) -> None:
+    """Refuse adapters trained on another base than the one the config names."""
+    if meta.base_checkpoint is None:
+        raise ConfigError(f"{where} holds a whole model, not fine-tuning adapters; use another model_path")
+    if meta.base_checkpoint != expected:
+        raise ConfigError(f"{where}: these adapters were trained on the base {meta.base_checkpoint}, but this config's "
+                          f"base is {expected}; set lora_base to {meta.base_checkpoint}, or use another model_path")
+
+
+def restore_adapted_params(config, layout, step: int | None = None) -> tuple[dict, int]:
+    """A fine-tuning config's whole parameter tree: the adapters of the newest (or a given) adapter
+    checkpoint joined with the base it names (refused when the config names another)."""
+    import jax
+
+    from model_fns import param_shardings
+    from models import gpt2, lora
+
+    template = gpt2.weights(config)
+    directory = checkpoints_directory(config.model_path, ADAPTERS_FOLDER)
+    missing = f"no adapter checkpoint in {directory}: fine-tune first"
+    if not storage.isdir(directory):
+        raise FileNotFoundError(missing)
+    shardings = lora.split(param_shardings(config, layout), template)[1]
+    shapes = lora.split(gpt2.param_shapes(config), template)[1]
+    checkpoints = Checkpoints(config.model_path, read_only=True, folder=ADAPTERS_FOLDER)
+    abstract = {"params": abstract_tree(shardings, shapes)}
+    try:
+        if step is not None:
+            state, meta = checkpoints.restore(step, abstract)
+        else:
+            found = checkpoints.restore_newest_intact(abstract)
+            if found is None:
+                raise FileNotFoundError(missing)
+            state, meta, step = found
+    finally:
+        checkpoints.close()
+    base = resolve_base(config)
+    check_base(meta, base_name(base, config), storage.join(directory, str(step)))
+    if base is None:
+        whole = jax.jit(lambda: gpt2.init_params(config, jax.random.key(config.seed)),
+                        out_shardings=param_shardings(config, layout))()
+        frozen = lora.split(whole, template)[0]
+    else:
+        frozen = restore_base(config, layout, base)
+    return lora.join(frozen, state["params"], template), step

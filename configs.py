@@ -79,6 +79,15 @@ KEYS: dict[str, Key] = {
     "mlm_same_token_prob": Key(0.10, "float", "MLM: fraction of masked positions left as they were", "[0, 1]"),
     "mlm_random_token_prob": Key(0.0, "float", "MLM: fraction of masked positions replaced by a random token", "[0, 1]"),
     "mlm_mask_ignore_ids": Key(None, "list?", "MLM: token ids never masked", "[0, n_vocab)"),
+    # --- parameter-efficient fine-tuning (models/lora.py): with any of these on, only the adapters train
+    "lora_rank": Key(0, "int", "LoRA: rank r of the low-rank factors A [in, lora_rank] and B [lora_rank, out] added to each projection of lora_targets (dimension `lora_rank`); 0: no LoRA", "[0, 2^31)"),
+    "lora_alpha": Key(16.0, "float", "LoRA: the low-rank term is scaled by lora_alpha / lora_rank", "(0, inf)"),
+    "lora_dropout": Key(0.0, "float", "LoRA: dropout on a projection's input before its factor A, while training", "[0, 1)"),
+    "lora_targets": Key(["q", "v"], "list", "LoRA: the projections that get factors, by weight name: attention's q, k, v, out; the MLP's fc, fc_gate, proj", "q | k | v | out | fc | fc_gate | proj"),
+    "lora_base": Key("", "str", "fine-tuning: the frozen base model, a model_path folder (its newest checkpoint) or one checkpoint folder (.../checkpoints/STEP); empty: the newest checkpoint in model_path, else a random init (with a warning)"),
+    "prompt_tuning_tokens": Key(0, "int", "prompt tuning: learned virtual token embeddings (dimension `virtual_tokens`) placed before every text; they take no position; 0: none", "[0, 2^31)"),
+    "prefix_tuning": Key(False, "bool", "prefix tuning: train only the num_mem_kv memory key/values of the global layers (the base frozen)"),
+    "prefix_mlp_width": Key(0, "int", "prefix tuning: above 0, each layer's memory comes from a learned seed through an MLP this wide (dimension `prefix_hidden`, the prefix-tuning paper's reparametrisation); 0: the memory is trained directly", "[0, 2^31)"),
     # --- regularisation and loss -------------------------------------------------------------
     "embed_dropout": Key(0.0, "float", "dropout after the input embedding", "[0, 1)"),
     "attn_dropout": Key(0.0, "float", "dropout on attention probabilities", "[0, 1)"),
@@ -256,6 +265,9 @@ class Config:
             "gau_key": self.gau_key_size,
             "gau_expanded": self.gau_expanded,
             "batch": self.train_batch_size,
+            "lora_rank": self.lora_rank,
+            "virtual_tokens": self.prompt_tuning_tokens,
+            "prefix_hidden": self.prefix_mlp_width,
         }
 
     def replace(self, **changes: Any) -> Config:
@@ -556,6 +568,7 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         check_dataset_entry(entry, source)
     if values["mlm_training"]:
         check_masked_lm(values, fail)
+    check_fine_tuning(values, kinds, fail)
 
     from mesh import parse_layout, parse_mesh_shape
 
@@ -620,6 +633,24 @@ def check_masked_lm(values: dict[str, Any], fail) -> None:
                                       "shares of the masked positions (the rest show mlm_mask_id)")
     if values["mlm_cls_token_id"] is not None and values["n_ctx"] < 2:
         fail("n_ctx", "must be at least 2 with mlm_cls_token_id: the CLS token takes the first position")
+
+
+def check_fine_tuning(values: dict[str, Any], kinds: list[str], fail) -> None:
+    """What LoRA, prompt and prefix tuning need beyond each key's own range."""
+    if values["lora_rank"] and not values["lora_targets"]:
+        fail("lora_targets", "is empty but lora_rank is set: name the projections to adapt, e.g. [\"q\", \"v\"]")
+    if len(set(values["lora_targets"])) != len(values["lora_targets"]):
+        fail("lora_targets", "names a projection twice")
+    if values["lora_rank"] and "fc_gate" in values["lora_targets"] and not values["mlp_glu"]:
+        fail("lora_targets", "names fc_gate, which only a gated MLP (mlp_glu) has")
+    if values["prefix_tuning"] and not values["num_mem_kv"]:
+        fail("prefix_tuning", "needs num_mem_kv > 0: the prefix is the memory key/values of the global layers")
+    if values["prefix_tuning"] and "global" not in kinds:
+        fail("prefix_tuning", "needs a global layer: memory key/values live in global attention")
+    if values["prefix_mlp_width"] and not values["prefix_tuning"]:
+        fail("prefix_mlp_width", "is set but prefix_tuning is off")
+    if values["lora_base"] and not (values["lora_rank"] or values["prompt_tuning_tokens"] or values["prefix_tuning"]):
+        fail("lora_base", "names a base model, but no fine-tuning adapter is on (lora_rank, prompt_tuning_tokens, prefix_tuning)")
 
 
 def check_dataset_entry(entry: Any, source: str) -> None:

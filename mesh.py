@@ -42,6 +42,9 @@ DIMENSION_LETTERS = {
     "mem_kv": "n",  # num_mem_kv's memory key/values
     "gau_key": "g",  # gau's q, k and v
     "gau_expanded": "u",  # gau's gate
+    "lora_rank": "l",  # LoRA's factors (models/lora.py)
+    "virtual_tokens": "t",  # prompt tuning's learned embeddings
+    "prefix_hidden": "j",  # prefix tuning's reparametrisation MLP
 }
 DIMENSION_NAMES = tuple(DIMENSION_LETTERS)
 POSITION_DIMENSIONS = ("sequence", "memory_length")  # a decoding step holds fewer positions than n_ctx

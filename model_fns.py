@@ -2,7 +2,9 @@
 
 The training state is a dict {"step", "params", "opt_state"}. Parameters are sharded by their
 dimension names; optimizer-state leaves shaped like a parameter are sharded like it, the rest
-(step counts, Adafactor's factored moments) are replicated.
+(step counts, Adafactor's factored moments) are replicated. When fine-tuning adapters
+(models/lora.py), "params" and the optimizer state hold the adapters only, and "base" the frozen
+rest of the model, which the step differentiates nothing for and passes through unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import optax
 from errors import ConfigError
 from inputs import NOT_PREDICTED
 from mesh import MeshLayout
-from models import gpt2
+from models import gpt2, lora
 from models.attention import KINDS
 from models.entmax import entmax_loss
 
@@ -105,10 +107,23 @@ def param_shardings(config, layout: MeshLayout):
     return jax.tree_util.tree_map_with_path(place, gpt2.weights(config), is_leaf=gpt2.is_weight)
 
 
+def trained_part(tree, config):
+    """The part of a whole-model tree (gpt2.weights' shape) that trains: all of it, or when
+    fine-tuning the adapters alone."""
+    return lora.split(tree, gpt2.weights(config))[1] if lora.active(config) else tree
+
+
+def whole_params(state, config):
+    """The whole model's parameters of a training state (the adapters joined to their base)."""
+    if "base" not in state:
+        return state["params"]
+    return lora.join(state["base"], state["params"], gpt2.weights(config))
+
+
 def state_shardings(config, layout: MeshLayout, optimizer):
-    params = param_shardings(config, layout)
+    params = trained_part(param_shardings(config, layout), config)
     by_path = {path: s for path, s in jax.tree_util.tree_flatten_with_path(params)[0]}
-    shapes = gpt2.param_shapes(config)
+    shapes = trained_part(gpt2.param_shapes(config), config)
     shape_by_path = {path: s.shape for path, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
 
@@ -120,15 +135,24 @@ def state_shardings(config, layout: MeshLayout, optimizer):
         return layout.replicated()
 
     opt = jax.tree_util.tree_map_with_path(place, opt_shapes)
-    return {"step": layout.replicated(), "params": params, "opt_state": opt}
+    shardings = {"step": layout.replicated(), "params": params, "opt_state": opt}
+    if lora.active(config):
+        shardings["base"] = lora.split(param_shardings(config, layout), gpt2.weights(config))[0]
+    return shardings
 
 
 def init_state(config, layout: MeshLayout, optimizer, shardings):
-    """A fresh state, each device creating only its own shards; the same values on every mesh."""
-    params = gpt2.init_params(config, jax.random.key(config.seed), shardings["params"])
+    """A fresh state, each device creating only its own shards; the same values on every mesh.
+    When fine-tuning, the base too is the config's random init (train.py replaces it by the base
+    checkpoint's)."""
+    whole = param_shardings(config, layout) if lora.active(config) else shardings["params"]
+    params = gpt2.init_params(config, jax.random.key(config.seed), whole)
+    state = {}
+    if lora.active(config):
+        state["base"], params = lora.split(params, gpt2.weights(config))
     opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    return {"step": step, "params": params, "opt_state": opt_state}
+    return {"step": step, "params": params, "opt_state": opt_state, **state}
 
 
 def make_train_step(config, layout: MeshLayout, optimizer, shardings):
@@ -138,15 +162,22 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
     batch_sharding = layout.sharding(BATCH_DIMS, (config.train_batch_size, config.n_ctx), name="batch")
     dropout_on = max(config.embed_dropout, config.attn_dropout, config.res_dropout) > 0
 
-    def grads_of(params, inputs, labels, rng):
-        (loss, ce), grads = jax.value_and_grad(lm_loss, has_aux=True)(params, inputs, labels, config, layout, rng)
+    template = gpt2.weights(config)
+
+    def grads_of(params, base, inputs, labels, rng):
+        def loss_of(trained):  # fine-tuning: the gradient of the adapters alone, the base a constant
+            whole = trained if base is None else lora.join(base, trained, template)
+            return lm_loss(whole, inputs, labels, config, layout, rng)
+
+        (loss, ce), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return loss, ce, grads
 
     def step_fn(state, inputs, labels):
         rng = jax.random.fold_in(jax.random.key(config.seed), state["step"]) if dropout_on else None
         params = state["params"]
+        base = state.get("base")
         if microbatches == 1:
-            loss, ce, grads = grads_of(params, inputs, labels, rng)
+            loss, ce, grads = grads_of(params, base, inputs, labels, rng)
         else:
             # microbatch i takes rows i, i + m, i + 2m, ...: every device keeps its own rows
             def split(x):
@@ -160,7 +191,7 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
             def accumulate(carry, micro):
                 index, mb_inputs, mb_labels = micro
                 mb_rng = jax.random.fold_in(rng, index) if rng is not None else None
-                loss, ce, grads = grads_of(params, mb_inputs, mb_labels, mb_rng)
+                loss, ce, grads = grads_of(params, base, mb_inputs, mb_labels, mb_rng)
                 if config.mlm_training:
                     weight = jnp.sum(mb_labels != NOT_PREDICTED) / scored
                     loss, ce, grads = jax.tree.map(lambda x: x * weight, (loss, ce, grads))
@@ -179,6 +210,8 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
             new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                                  (new_params, opt_state), (params, state["opt_state"]))
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        if base is not None:
+            new_state["base"] = base
         metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": grad_norm, "finite": finite}
         if config.log_grads:  # GPT-Neo's per-variable gradient norms, by the parameter's path
             metrics |= {f"grad_norm/{parameter_name(path)}": jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
@@ -200,7 +233,8 @@ def parameter_name(path) -> str:
 
 def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):
     """(params, inputs, labels) -> (loss, cross_entropy), no dropout; with mlm_training (loss,
-    cross_entropy, accuracy, masked positions), the means over the masked positions."""
+    cross_entropy, accuracy, masked positions), the means over the masked positions. params: the
+    whole model's (when fine-tuning, `whole_params` of the state)."""
     batch_sharding = layout.sharding(BATCH_DIMS, (batch_size, config.n_ctx), name="eval batch")
 
     def eval_fn(params, inputs, labels):
@@ -208,7 +242,8 @@ def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):
             return (*masked_lm_loss(params, inputs, labels, config, layout), jnp.sum(labels != NOT_PREDICTED))
         return lm_loss(params, inputs, labels, config, layout)
 
-    return jax.jit(eval_fn, in_shardings=(shardings["params"], batch_sharding, batch_sharding))
+    whole = param_shardings(config, layout) if lora.active(config) else shardings["params"]
+    return jax.jit(eval_fn, in_shardings=(whole, batch_sharding, batch_sharding))
 
 
 def flops_per_token(config) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from models import gpt2
+from models import gpt2, lora
 from models.params import decay_mask
 
 
@@ -33,9 +33,14 @@ def learning_rate(config):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """Weight decay applies where the model's Weight says so (norms and biases are not decayed)."""
+    """Weight decay applies where the model's Weight says so (norms and biases are not decayed).
+    When fine-tuning, the optimizer sees the adapters alone (models/lora.py), so that its state
+    holds nothing for the frozen base."""
     schedule = learning_rate(config)
-    weight_decay_mask = decay_mask(gpt2.weights(config))
+    weights = gpt2.weights(config)
+    if lora.active(config):
+        weights = lora.split(weights, weights)[1]
+    weight_decay_mask = decay_mask(weights)
     if config.opt_name == "adam":
         update = optax.adamw(
             schedule, b1=config.beta1, b2=config.beta2, eps=config.epsilon,

@@ -164,7 +164,7 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
         seen = seen.at[batch_rows[:, None], prompt].max(not_padding)
 
     cache = gpt2.init_cache(config, shape.batch, shape.cache_slots, first_slot=pad, layout=layout)
-    hidden, cache, _ = gpt2.forward(params, prompt, config, layout, cache=cache)
+    hidden, cache, _ = gpt2.forward(params, prompt, config, layout, cache=cache, begins_text=True)
     logits = last_logits(hidden[:, -1], output, shape, config, layout)
     first = choose_tokens(logits, seen, jax.random.fold_in(rng, 0), settings)
     generated = jnp.full((shape.batch, capacity), jnp.maximum(eos_id, 0), jnp.int32)
@@ -183,7 +183,8 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
 
     def one_token(carry):
         step, cache, generated, seen, finished = carry
-        hidden, cache, _ = gpt2.forward(params, generated[:, step - 1, None], config, layout, cache=cache)
+        hidden, cache, _ = gpt2.forward(params, generated[:, step - 1, None], config, layout, cache=cache,
+                                        begins_text=False)
         logits = last_logits(hidden[:, 0], output, shape, config, layout)
         token = choose_tokens(logits, seen, jax.random.fold_in(rng, step), settings)
         generated, seen, finished = emit(step, token, generated, seen, finished)

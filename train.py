@@ -139,10 +139,18 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
     train_data = inputs.Sampler(config, "train")  # refuses ids >= n_vocab before anything is compiled
     eval_data = inputs.Sampler(config, "eval") if config.eval_steps > 0 and has_eval_data(config) else None
 
+    from checkpoints import ADAPTERS_FOLDER, base_name, resolve_base
+    from models import lora
+
     optimizer = make_optimizer(config)
     shardings = model_fns.state_shardings(config, layout, optimizer)
-    checkpoints = Checkpoints(config.model_path, config.keep_checkpoints)
-    state, start = restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change)
+    fine_tuning = lora.active(config)
+    # fine-tuning saves the adapters alone into model_path/adapters, each naming the base they fit
+    checkpoints = Checkpoints(config.model_path, config.keep_checkpoints,
+                              folder=ADAPTERS_FOLDER if fine_tuning else "checkpoints")
+    base = resolve_base(config) if fine_tuning else None
+    meta_extra = {"base_checkpoint": base_name(base, config)} if fine_tuning else {}
+    state, start = restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change, base)
     train_step = model_fns.make_train_step(config, layout, optimizer, shardings)
     eval_step = model_fns.make_eval_step(config, layout, shardings, config.eval_batch_size) if eval_data else None
 
@@ -228,9 +236,9 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
             if step % config.steps_per_checkpoint == 0 or last or stopped:
                 check_finite()
                 saving_started = time.perf_counter()
-                checkpoints.save(step, state, CheckpointMeta.for_config(config, step))
+                checkpoints.save(step, state, CheckpointMeta.for_config(config, step, **meta_extra))
                 if eval_step is not None and not stopped:
-                    eval_loss = run_eval(config, layout, eval_step, state["params"], eval_data)
+                    eval_loss = run_eval(config, layout, eval_step, model_fns.whole_params(state, config), eval_data)
                     if main_process:
                         print(f"step {step} | eval loss {eval_loss:.4f}", flush=True)
                     emit(step, {"eval_loss": eval_loss})
@@ -338,23 +346,45 @@ def confirm_new(model_path: str, assume_yes: bool) -> None:
     log.info("--new: deleted %s", model_path)
 
 
-def restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change: bool = False):
-    """(state, first step): the newest checkpoint if there is one, else a fresh initialisation."""
+def restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change: bool = False,
+                    base=None):
+    """(state, first step): the newest checkpoint if there is one, else a fresh initialisation.
+    Fine-tuning (models/lora.py): the newest adapter checkpoint, refused unless it names `base`
+    (checkpoints.resolve_base), and the frozen base restored from `base`: a checkpoint, or the
+    config's random init when there is none."""
     import jax
 
     import model_fns
-    from checkpoints import abstract_tree
+    from checkpoints import abstract_tree, base_name, check_base, restore_base
+    from models import lora
 
     shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
+    fine_tuning = lora.active(config)
 
     def check(step, meta):
+        if fine_tuning:
+            check_base(meta, base_name(base, config), checkpoints.where(step))
         check_resumable(config, meta, checkpoints.saved_shapes(step), shapes, checkpoints.where(step),
                         allow_data_change)
 
     found = checkpoints.restore_newest_intact(abstract_tree(shardings, shapes), check)
+    frozen = None
+    if fine_tuning:
+        if base is None:
+            log.warning("fine-tuning without a base: no checkpoint in model_path and no lora_base, so the adapters "
+                        "train on the config's random init (seed %d)", config.seed)
+        else:
+            frozen = restore_base(config, layout, base)
+            log.info("fine-tuning base: %s", base_name(base, config))
     if found is None:
-        return model_fns.init_state(config, layout, optimizer, shardings), 0
+        state = model_fns.init_state(config, layout, optimizer, shardings)
+        if frozen is not None:
+            state["base"] = frozen
+        return state, 0
     state, _, step = found
+    if fine_tuning:
+        state["base"] = frozen if frozen is not None else model_fns.init_state(config, layout, optimizer,
+                                                                               shardings)["base"]
     if state["opt_state"] is None:  # imported weights: a fresh optimizer from them
         log.info("checkpoint %d holds parameters only: starting a fresh optimizer state", step)
         state["opt_state"] = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(state["params"])

@@ -39,10 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from mesh import einsum
-from models import kernels, kv_cache
+from models import kernels, kv_cache, lora
 from models.dropout import dropout
 from models.gau import gau_apply, gau_cache, gau_flops, gau_weights
-from models.kernels import project
 from models.kv_cache import CACHE_LETTERS, visible
 from models.linear_attention import causal_linear_attention, constrained_state, empty_state, noncausal_linear_attention
 from models.params import Weight, bias
@@ -120,9 +119,9 @@ def global_weights(config) -> dict[str, Weight]:
 def query_key_value(p, x, slots, positions, config, layout):
     """x [batch, sequence, embd] -> q [batch, sequence, heads, kv], k and v [batch, memory_length,
     heads, kv], rotated by their positions with rotary_emb."""
-    q = project("bse,ehk->bshk", x, p["q"], config, layout)
-    k = project("bme,ehk->bmhk", x, p["k"], config, layout)
-    v = project("bme,ehk->bmhk", x, p["v"], config, layout)
+    q = lora.project("bse,ehk->bshk", x, p, "q", config, layout)
+    k = lora.project("bme,ehk->bmhk", x, p, "k", config, layout)
+    v = lora.project("bme,ehk->bmhk", x, p, "v", config, layout)
     if config.rotary_emb:  # before the cache: a cached key keeps the rotation of its own position
         if positions is None:
             positions = jnp.broadcast_to(slots, x.shape[:2])
@@ -147,7 +146,7 @@ def softmax_attention(kind: str):
             if memory is not None:
                 keys, values, mask = with_memory(keys, values, mask, memory, "bhmk")
             attended = attend(q, keys, values, mask[:, None], layout, key_letters=CACHE_LETTERS)
-        return project("bshk,hke->bse", attended, p["out"], config, layout) + p["out_bias"], layer_cache
+        return lora.project("bshk,hke->bse", attended, p, "out", config, layout) + p["out_bias"], layer_cache
 
     return apply
 
@@ -237,7 +236,7 @@ def linear_apply(p, x, slots, first_slot, layer_cache, config, layout, rng, posi
         layer_cache = constrained_state(layer_cache, layout)
     if layout is not None:
         attended = layout.constrain_letters(attended, "bshk")
-    return project("bshk,hke->bse", attended, p["out"], config, layout) + p["out_bias"], layer_cache
+    return lora.project("bshk,hke->bse", attended, p, "out", config, layout) + p["out_bias"], layer_cache
 
 
 def linear_flops(config) -> float:

@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models import kernels, params
+from models import kernels, lora, params
 from models.attention import KINDS
 from models.dropout import dropout
 from models.kernels import project
@@ -28,22 +28,23 @@ from models.positions import POSITION_TABLE_DIMENSIONS, embed_positions, positio
 
 __all__ = ["Weight", "is_weight", "shape_of"]
 
-NOT_PROJECTIONS = (*POSITION_TABLE_DIMENSIONS, "mem_kv")  # leading dimensions of weights no token multiplies by
+# leading dimensions of weights no token multiplies by
+NOT_PROJECTIONS = (*POSITION_TABLE_DIMENSIONS, "mem_kv", "virtual_tokens", "prefix_hidden")
 
 
 # --- weights ----------------------------------------------------------------------------------
 
 
 def weights(config) -> dict:
-    """The parameter tree, each leaf a `Weight`."""
-    return {
+    """The parameter tree, each leaf a `Weight`; with fine-tuning, the adapters too (models/lora.py)."""
+    return lora.with_adapters({
         "wte": Weight(("vocab", "embd"), 0.02),
         **position_weights(config),
         "blocks": [block_weights(config.layer_kinds, config)] if config.share_parameters else
                   [block_weights([kind], config) for kind in config.layer_kinds],
         "ln_f": layer_norm_weights(config),
         **output_projection_weights(config),
-    }
+    }, config)
 
 
 def output_projection_weights(config) -> dict:
@@ -89,13 +90,14 @@ def parameter_count(config, matmul_only: bool = False) -> int:
     output projection (an untied one is a lookup)."""
     tree = weights(config)
     if matmul_only:
-        tree["blocks"] = [block_weights([kind], config) for kind in config.layer_kinds]
+        tree["blocks"] = lora.with_adapters({"blocks": [block_weights([kind], config) for kind in config.layer_kinds]},
+                                            config)["blocks"]
         if config.no_weight_tie:
             tree = {name: w for name, w in tree.items() if name != "wte"}
     return sum(
         math.prod(shape_of(w, config))
         for w in jax.tree.leaves(tree, is_leaf=is_weight)
-        if not matmul_only or (len(w.dims) >= 2 and w.dims[0] not in NOT_PROJECTIONS)
+        if not matmul_only or (len(w.dims) >= 2 and not set(w.dims[:1] + w.dims[-1:]) & set(NOT_PROJECTIONS))
     )
 
 
@@ -125,6 +127,7 @@ def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, la
     x += mlp_macaron(x) / 2, without norm or gain, in every layer; the last MLP is halved too.
     Returns (x, layer_cache)."""
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
+    p = lora.with_dropout_key(p, dropout_rng, config)
     if config.macaron:
         m = mlp(p["mlp_macaron"], x, config, layout)
         if dropout_rng is not None and config.res_dropout > 0:  # fold_in: the other branches keep their keys
@@ -148,7 +151,7 @@ def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, la
     return x, layer_cache
 
 
-def forward(params, tokens, config, layout=None, *, positions=None, cache=None, dropout_rng=None):
+def forward(params, tokens, config, layout=None, *, positions=None, cache=None, dropout_rng=None, begins_text=None):
     """tokens [batch, sequence] -> (hidden [batch, sequence, embd] after ln_f, cache, aux).
 
     Without a cache the tokens are a whole sequence from position 0 (training, evaluation).
@@ -156,16 +159,33 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
     prefill, or one new token; the returned cache holds them too. `positions` default to each
     row's slot minus its first slot. dropout_rng None means no dropout. `aux` maps the name of
     each auxiliary loss to its value, already weighted (none yet: an empty dict).
+
+    With prompt_tuning_tokens, `begins_text` says whether these tokens start their texts, so that
+    the virtual tokens go first (always so without a cache; with one the caller must say: True
+    for the prefill, False for the tokens after it). They sit right after each row's padding and
+    their outputs are left out of `hidden`.
     """
-    p = jax.tree.map(lambda w: w.astype(compute_dtype(config)), params)
+    virtual = config.prompt_tuning_tokens
+    if virtual and cache is not None and begins_text is None:
+        raise ValueError("forward: a prompt-tuned model decoding from a cache needs begins_text=True for the "
+                         "prefill and False after it")
+    prepend = bool(virtual) and (cache is None or begins_text)
+    p = jax.tree.map(lambda w: w.astype(compute_dtype(config)), lora.with_prefix_memory(params))
     length = tokens.shape[1]
     next_slot = 0 if cache is None else cache["next_slot"]
-    slots = next_slot + jnp.arange(length)
     first_slot = None if cache is None else cache["first_slot"]
+    # the slots the tokens would have without the virtual tokens, which take the first `virtual`
+    # slots of a text (after its padding): positions count the text's own tokens only
+    token_slots = next_slot - (virtual if virtual and not prepend else 0) + jnp.arange(length)
     if positions is None:
-        positions = jnp.broadcast_to(slots, tokens.shape) if cache is None else \
-            jnp.maximum(slots[None, :] - first_slot[:, None], 0)  # padding slots reuse position 0
+        positions = jnp.broadcast_to(token_slots, tokens.shape) if cache is None else \
+            jnp.maximum(token_slots[None, :] - first_slot[:, None], 0)  # padding slots reuse position 0
     x = embed(p, tokens, positions, config, layout, dropout_rng)
+    padding = jnp.zeros((tokens.shape[0],), jnp.int32) if first_slot is None else first_slot
+    if prepend:
+        x, positions, kept = with_virtual_tokens(x, positions, p["prompt"], padding, layout)
+        length += virtual
+    slots = next_slot + jnp.arange(length)
     layer_caches = [None] * config.n_layer if cache is None else cache["layers"]
     new_caches = []
     for layer, (kind, layer_cache) in enumerate(zip(config.layer_kinds, layer_caches)):
@@ -177,16 +197,42 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
         x, layer_cache = layer_fn(block_params, x, slots, first_slot, positions, layer_cache, dropout_rng=layer_rng)
         x = kernels.residual_gradient_boundary(x, config)
         new_caches.append(layer_cache)
+    if prepend:
+        x = jnp.take_along_axis(x, kept[:, :, None], axis=1)
+        if layout is not None:
+            x = layout.constrain_letters(x, "bse")
     hidden = layer_norm(p["ln_f"], x, config)
     if cache is not None:
         cache = {"next_slot": next_slot + length, "first_slot": first_slot, "layers": new_caches}
     return hidden, cache, {}
 
 
+def with_virtual_tokens(x, positions, prompt, padding, layout):
+    """Prompt tuning: x [batch, sequence, embd] of the tokens, each row left-padded by padding[b]
+    slots -> (x [batch, virtual + sequence, embd] with the virtual tokens `prompt` [virtual, embd]
+    right after each row's padding, their positions (0 for the virtual tokens: they take none), and
+    kept [batch, sequence]: where each input slot's output now is)."""
+    virtual, length = prompt.shape[0], x.shape[1]
+    slot = jnp.arange(virtual + length)[None, :]
+    into_prompt = slot - padding[:, None]  # >= 0 from the row's first text slot
+    is_virtual = (into_prompt >= 0) & (into_prompt < virtual)
+    source = jnp.where(slot < padding[:, None], slot, jnp.clip(slot - virtual, 0, length - 1))
+    gathered = jnp.take_along_axis(x, source[:, :, None], axis=1)
+    prompt_rows = prompt[jnp.clip(into_prompt, 0, virtual - 1)]
+    x = jnp.where(is_virtual[:, :, None], prompt_rows.astype(x.dtype), gathered)
+    positions = jnp.where(is_virtual, 0, jnp.take_along_axis(positions, source, axis=1))
+    position = jnp.arange(length)[None, :]
+    kept = jnp.where(position < padding[:, None], position, position + virtual)
+    if layout is not None:
+        x = layout.constrain_letters(x, "bse")
+    return x, positions, kept
+
+
 def init_cache(config, batch: int, cache_slots: int, first_slot=None, layout=None) -> dict:
     """An empty decoding cache of `cache_slots` slots per row; row b's text starts at slot
     first_slot[b] (its left padding; default 0)."""
     dtype = compute_dtype(config)
+    cache_slots += config.prompt_tuning_tokens  # the virtual tokens take slots too
     layers = [KINDS[kind].init_cache(config, batch, cache_slots, dtype, layout) for kind in config.layer_kinds]
     first_slot = jnp.zeros((batch,), jnp.int32) if first_slot is None else jnp.asarray(first_slot, jnp.int32)
     return {"next_slot": jnp.zeros((), jnp.int32), "first_slot": first_slot, "layers": layers}

@@ -10,7 +10,7 @@ splits intermediate_expanded splits both alike.
 from __future__ import annotations
 
 from models.activations import ACTIVATIONS
-from models.kernels import project
+from models.lora import project
 from models.params import Weight, bias, projection_std
 
 
@@ -30,9 +30,9 @@ def mlp_weights(config) -> dict[str, Weight]:
 def mlp(p, x, config, layout):
     """x [batch, sequence, embd] -> [batch, sequence, embd]."""
     activation = ACTIVATIONS[config.activation_function]
-    h = project("bse,ei->bsi", x, p["fc"], config, layout) + p["fc_bias"]
+    h = project("bse,ei->bsi", x, p, "fc", config, layout) + p["fc_bias"]
     if config.mlp_glu:
-        h = h * activation(project("bse,ei->bsi", x, p["fc_gate"], config, layout) + p["fc_gate_bias"])
+        h = h * activation(project("bse,ei->bsi", x, p, "fc_gate", config, layout) + p["fc_gate_bias"])
     else:
         h = activation(h)
-    return project("bsi,ie->bse", h, p["proj"], config, layout) + p["proj_bias"]
+    return project("bsi,ie->bse", h, p, "proj", config, layout) + p["proj_bias"]

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 
 @dataclass(frozen=True)
 class Weight:
-    """A parameter: its dimension names, how to initialise it, and whether weight decay applies."""
+    """A parameter: its dimension names, how to initialise it, whether weight decay applies, and
+    whether it is a fine-tuning adapter (models/lora.py: then only adapters train)."""
 
     dims: tuple[str, ...]
     init: str | float  # "zeros", "ones", or the standard deviation of a normal
     decay: bool = True
+    adapter: bool = False
 
 
 def bias(dims: tuple[str, ...]) -> Weight:
