@@ -2,6 +2,8 @@
 
     python export.py --model M --to_hf OUT_DIR [--step N] [--set key=value ...]
     python export.py --from_hf HF_DIR --model_path OUT_DIR --config_out configs/NAME.json
+    python export.py --model M --to_hf OUT_DIR --merge_lora     # a LoRA fine-tune, merged
+    python export.py --model M --to_peft OUT_DIR                # its adapters, for the peft library
 
 Export writes `config.json`, `model.safetensors` and the tokenizer (`tokenizer.json`,
 `tokenizer_config.json`) that `GPTNeoForCausalLM.from_pretrained` and
@@ -20,6 +22,13 @@ width as ours. The tokenizer never produces the extra ids; HF's tokenizer and `g
 vocab_size above the tokenizer's length (tests/test_export.py runs both on such a model).
 
 Only safetensors are read or written: a `pytorch_model.bin` (a pickle) is refused.
+
+LoRA fine-tunes (models/lora.py) export two ways: `--merge_lora` folds each A.B into its weight
+and writes a plain GPTNeo folder; `--to_peft` writes the adapters alone as peft's LoRA folder
+(`adapter_config.json`, `adapter_model.safetensors`), to load with
+`PeftModel.from_pretrained(GPTNeoForCausalLM.from_pretrained(BASE), OUT_DIR)` onto the base
+exported by `--to_hf` of the base (the same config with `--set lora_rank=0`). Prompt and prefix
+tuning have no GPTNeo form and are refused.
 """
 
 from __future__ import annotations
@@ -130,17 +139,42 @@ def check_exportable(config) -> None:
 # --- export ----------------------------------------------------------------------------------------
 
 
-def export_to_hf(config, out_dir, step: int | None = None) -> Path:
-    """The newest (or a given) checkpoint in config.model_path -> an HF GPTNeoForCausalLM folder."""
+def check_adapters_exportable(config, merge_lora: bool) -> None:
+    """A fine-tuned model exports as HF GPTNeo only as LoRA merged into its weights."""
+    for key in ("prompt_tuning_tokens", "prefix_tuning"):
+        if getattr(config, key):
+            raise ExportError(f"{config.source}: key {key!r} = {getattr(config, key)!r}: Hugging Face GPTNeo has no "
+                              "place for prompt or prefix tuning's weights; this model cannot be exported")
+    if config.lora_rank and not merge_lora:
+        raise ExportError(f"{config.source}: key 'lora_rank' = {config.lora_rank}: a LoRA fine-tune exports with "
+                          "--merge_lora (merged weights) or as adapters with --to_peft OUT_DIR")
+    if merge_lora and not config.lora_rank:
+        raise ExportError(f"{config.source}: --merge_lora: key 'lora_rank' = 0, there is no LoRA to merge")
+
+
+def restore_single_device(config, step: int | None):
+    """(params, step) of the newest (or a given) checkpoint, gathered on one device."""
     import jax
-    from safetensors.numpy import save
 
     from checkpoints import restore_params
     from mesh import build_mesh_layout
 
+    single = config.replace(mesh_shape="", layout="")
+    return restore_params(single, build_mesh_layout(single, jax.devices()[:1]), step)
+
+
+def export_to_hf(config, out_dir, step: int | None = None, merge_lora: bool = False) -> Path:
+    """The newest (or a given) checkpoint in config.model_path -> an HF GPTNeoForCausalLM folder;
+    with merge_lora, a LoRA fine-tune's adapters folded into the weights (models/lora.py `merged`)."""
+    from safetensors.numpy import save
+
+    from models import lora
+
+    check_adapters_exportable(config, merge_lora)
     check_exportable(config)
-    single = config.replace(mesh_shape="", layout="")  # export gathers everything on one device
-    params, step = restore_params(single, build_mesh_layout(single, jax.devices()[:1]), step)
+    params, step = restore_single_device(config, step)
+    if merge_lora:
+        params = lora.merged(params, config)
     out = str(out_dir)  # a local folder or gs://...: every file goes through storage
     storage.makedirs(out)
 
@@ -213,6 +247,70 @@ def export_tokenizer(config, out: str) -> tuple[int | None, int | None]:
         settings["pad_token"] = token(padding_id)
     storage.write_text(storage.join(out, "tokenizer_config.json"), json.dumps(settings, indent=2) + "\n")
     return eos_id, padding_id
+
+
+# --- LoRA adapters as a peft folder ----------------------------------------------------------------
+
+# our target -> (the HF module it adapts, how many leading dimensions of A are its input)
+PEFT_MODULES = {
+    "q": ("attn.attention.q_proj", 1),
+    "k": ("attn.attention.k_proj", 1),
+    "v": ("attn.attention.v_proj", 1),
+    "out": ("attn.attention.out_proj", 2),
+    "fc": ("mlp.c_fc", 1),
+    "proj": ("mlp.c_proj", 1),
+}
+PEFT_PREFIX = "base_model.model.transformer.h"  # how peft names a GPTNeoForCausalLM's layers
+
+
+def export_peft(config, out_dir, step: int | None = None) -> Path:
+    """A LoRA fine-tune's adapters -> peft's LoRA folder for HF GPTNeo. peft computes
+    x.lora_A^T.lora_B^T * lora_alpha / r beside a Linear's x.W^T; ours x.A.B with the same scale, so
+    lora_A = A^T [r, in] and lora_B = B^T [out, r], flattened where our factors keep (heads, kv)."""
+    from safetensors.numpy import save
+
+    check_exportable(config)
+    if not config.lora_rank or config.prompt_tuning_tokens or config.prefix_tuning:
+        raise ExportError(f"{config.source}: --to_peft writes LoRA adapters only: this config needs lora_rank > 0 "
+                          "and neither prompt_tuning_tokens nor prefix_tuning")
+    unsupported = [t for t in config.lora_targets if t not in PEFT_MODULES]
+    if unsupported:
+        raise ExportError(f"{config.source}: key 'lora_targets': {', '.join(unsupported)} has no GPTNeo module; "
+                          f"exportable: {', '.join(PEFT_MODULES)}")
+    params, step = restore_single_device(config, step)
+    tensors = {}
+    for i, block in enumerate(params["blocks"]):
+        for target in config.lora_targets:
+            module, inputs = PEFT_MODULES[target]
+            part = block["attn" if module.startswith("attn") else "mlp"]
+            a = np.asarray(part[f"{target}_lora_a"], np.float32)
+            b = np.asarray(part[f"{target}_lora_b"], np.float32)
+            name = f"{PEFT_PREFIX}.{i}.{module}"
+            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, config.lora_rank).T)
+            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(config.lora_rank, -1).T)
+    from checkpoints import base_name, resolve_base
+
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.lora_rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": sorted(PEFT_MODULES[t][0].rsplit(".", 1)[1] for t in config.lora_targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": base_name(resolve_base(config), config),
+    }
+    out = str(out_dir)
+    storage.makedirs(out)
+    storage.write_bytes(storage.join(out, "adapter_model.safetensors"), save(tensors, metadata={"format": "pt"}))
+    storage.write_text(storage.join(out, "adapter_config.json"), json.dumps(adapter_config, indent=2) + "\n")
+    log.info("exported the LoRA adapters of step %d of %s to %s", step, config.model_path, out)
+    return Path(out) if not storage.is_remote(out) else out
 
 
 # --- import ----------------------------------------------------------------------------------------
@@ -430,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="config name (configs/NAME.json) or a .json path, for --to_hf")
     parser.add_argument("--to_hf", metavar="OUT_DIR", help="export the newest checkpoint of --model to this folder")
     parser.add_argument("--step", type=int, help="export this step instead of the newest")
+    parser.add_argument("--merge_lora", action="store_true",
+                        help="with --to_hf: fold a LoRA fine-tune's adapters into the exported weights")
+    parser.add_argument("--to_peft", metavar="OUT_DIR",
+                        help="write the LoRA adapters of --model as a peft folder (adapter_config.json, "
+                             "adapter_model.safetensors)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--from_hf", metavar="HF_DIR", help="import an HF GPTNeo folder (safetensors)")
     parser.add_argument("--model_path", help="for --from_hf: where the imported checkpoint goes")
@@ -439,14 +542,18 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     try:
-        if args.to_hf and args.model and not args.from_hf:
-            out = export_to_hf(load_config(args.model, args.set), args.to_hf, args.step)
+        if args.to_hf and args.model and not args.from_hf and not args.to_peft:
+            out = export_to_hf(load_config(args.model, args.set), args.to_hf, args.step, args.merge_lora)
             print(f"exported to {out}")
+        elif args.to_peft and args.model and not args.from_hf and not args.to_hf:
+            out = export_peft(load_config(args.model, args.set), args.to_peft, args.step)
+            print(f"exported the LoRA adapters to {out}")
         elif args.from_hf and args.model_path and args.config_out and not args.to_hf:
             import_from_hf(args.from_hf, args.model_path, args.config_out)
             print(f"imported to {args.model_path}; train, fine-tune or predict with --model {args.config_out}")
         else:
-            parser.error("use either --model M --to_hf OUT_DIR, or --from_hf HF_DIR --model_path DIR --config_out FILE")
+            parser.error("use one of --model M --to_hf OUT_DIR [--merge_lora], --model M --to_peft OUT_DIR, or "
+                         "--from_hf HF_DIR --model_path DIR --config_out FILE")
     except USER_ERRORS as err:  # as main.py: one `error:` line, exit code 2
         return report_user_error(err)
     return 0
