@@ -19,20 +19,23 @@ from configs import load_config, validate
 from errors import ConfigError
 from mesh import build_mesh_layout
 from models import gpt2, lora
+from models.params import initialise
 
 TARGETS = ["q", "v", "out", "fc", "proj"]
 
 
-def perturbed(params, seed: int):
-    """Every leaf moved by noise, so that biases and norms are not zeros and ones."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+def random_params(config, seed: int):
+    """A model with every weight random, made in numpy (no program to compile): biases and norms
+    not zeros and ones, LoRA's B not zero."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda w: jnp.asarray(rng.normal(0, 0.05, gpt2.shape_of(w, config)).astype(np.float32)
+                                              + (1.0 if w.init == "ones" else 0.0)),
+                        gpt2.weights(config), is_leaf=gpt2.is_weight)
 
 
 def save_base(config, seed: int, step: int):
     """A whole-model checkpoint (as an import or a pretraining run leaves one) in config.model_path."""
-    params = perturbed(gpt2.init_params(config, jax.random.key(seed)), seed + 1)
+    params = random_params(config, seed)
     checkpoints = Checkpoints(config.model_path, asynchronous=False)
     checkpoints.save(step, {"params": params, "opt_state": None},
                      CheckpointMeta.for_config(config, step, params_only=True))
@@ -59,8 +62,9 @@ def finetuned(tmp_path_factory):
 def test_lora_at_init_gives_the_base_models_logits():
     base_config = validate({**TINY, "mesh_shape": "", "layout": ""}, "test")
     config = base_config.replace(lora_rank=4, lora_targets=TARGETS)
-    base = perturbed(gpt2.init_params(base_config, jax.random.key(0)), 1)
-    adapters = lora.split(gpt2.init_params(config, jax.random.key(2)), gpt2.weights(config))[1]
+    base = random_params(base_config, 1)
+    adapter_weights = lora.split(gpt2.weights(config), gpt2.weights(config))[1]
+    adapters = initialise(adapter_weights, config, jax.random.key(2))  # LoRA's own init
     assert any(np.abs(np.asarray(a)).max() > 0 for a in jax.tree.leaves(adapters))  # A is random
     tokens = jnp.asarray(random_batches(base_config, 1)[0, :2, :-1])
     whole = lora.join(base, adapters, gpt2.weights(config))
