@@ -532,6 +532,34 @@ def masked_lm_totals(config, data, eval_step, params, layout) -> tuple[float, fl
     return loss_sum / max(count, 1), correct_sum / max(count, 1), count
 
 
+def optimizer_state_report(config, state_shapes) -> dict:
+    """Print and return what trains and what its optimizer state holds; when fine-tuning, beside
+    what training the whole model would hold (from shapes alone: nothing is allocated)."""
+    import math
+
+    import jax
+
+    from models import gpt2, lora
+    from optimizers import make_optimizer
+
+    def total_bytes(tree):
+        return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+    trained = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state_shapes["params"]))
+    optimizer_bytes = total_bytes(state_shapes["opt_state"])
+    report = {"trained_parameters": trained, "optimizer_state_bytes": optimizer_bytes}
+    line = f"trained parameters: {trained:,}; optimizer state: {optimizer_bytes / 2**20:.2f} MiB"
+    if lora.active(config):
+        whole = config.replace(lora_rank=0, prompt_tuning_tokens=0, prefix_tuning=False, prefix_mlp_width=0,
+                               lora_base="")
+        full_bytes = total_bytes(jax.eval_shape(make_optimizer(whole).init, gpt2.param_shapes(whole)))
+        report["full_training_optimizer_state_bytes"] = full_bytes
+        line += (f" (fine-tuning adapters only; training every weight: {full_bytes / 2**20:.2f} MiB, "
+                 f"{full_bytes / max(optimizer_bytes, 1):.0f}x as much); the frozen base is not trained")
+    print(line)
+    return report
+
+
 def dry_run(config, layout) -> dict:
     """Validate, check that every dataset's shards exist, compile the train step for the real shapes,
     and report its memory, refusing a step that cannot fit in a device's memory; train nothing."""
@@ -555,10 +583,10 @@ def dry_run(config, layout) -> dict:
     seconds = time.perf_counter() - start
     count = gpt2.parameter_count(config)
     print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
+    report = {"parameters": count, "compile_seconds": seconds} | optimizer_state_report(config, state_shapes)
     print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}; "
           f"microbatches per step: {model_fns.microbatch_count(config, layout)}")
     memory = compiled.memory_analysis()
-    report = {"parameters": count, "compile_seconds": seconds}
     if memory is not None:
         gib = 2**30
         total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes

@@ -22,6 +22,7 @@ from models import gpt2, lora
 from models.params import initialise
 
 TARGETS = ["q", "v", "out", "fc", "proj"]
+SMALLER = {"n_ctx": 16, "n_embd": 32, "train_batch_size": 4}  # than test_train's TINY (suite time)
 
 
 def random_params(config, seed: int):
@@ -49,7 +50,7 @@ def finetuned(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora")
     model_config = write_dataset(folder, TINY["n_vocab"])
     model_path = folder / "run"
-    overrides = [f"model_path={model_path}", "eval_steps=0"]
+    overrides = [f"model_path={model_path}", "eval_steps=0", *(f"{k}={v}" for k, v in SMALLER.items())]
     base_config = load_config(str(model_config), overrides)
     base = save_base(base_config, seed=3, step=5)
     config = load_config(str(model_config), overrides + ["train_steps=2", "lora_rank=4", "lora_alpha=8",
@@ -141,7 +142,7 @@ def test_merged_export_and_the_peft_folder_give_hf_the_adapted_logits(finetuned,
 
 
 def test_sharded_lora_training_equals_single_device():
-    options = {**TINY, "lora_rank": 4, "lora_targets": ["q", "v", "fc"]}
+    options = {**TINY, **SMALLER, "lora_rank": 4, "lora_targets": ["q", "v", "fc"]}
     single = validate({**options, "mesh_shape": "", "layout": ""}, "test")
     batches = random_batches(single, 2)
     expected_losses, expected_adapters = run_steps(single, jax.devices()[:1], batches)
