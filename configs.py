@@ -80,14 +80,14 @@ KEYS: dict[str, Key] = {
     "mlm_random_token_prob": Key(0.0, "float", "MLM: fraction of masked positions replaced by a random token", "[0, 1]"),
     "mlm_mask_ignore_ids": Key(None, "list?", "MLM: token ids never masked", "[0, n_vocab)"),
     # --- parameter-efficient fine-tuning (models/lora.py): with any of these on, only the adapters train
-    "lora_rank": Key(0, "int", "LoRA: rank r of the low-rank factors A [in, lora_rank] and B [lora_rank, out] added to each projection of lora_targets (dimension `lora_rank`); 0: no LoRA", "[0, 2^31)"),
+    "lora_rank": Key(0, "int", "LoRA: rank r of the low-rank factors A [in, lora_rank] and B [lora_rank, out] added to each projection of lora_targets (dimension `lora_rank`); 0: no LoRA; at most n_embd (a higher rank adds nothing a full update lacks)", "[0, n_embd]"),
     "lora_alpha": Key(16.0, "float", "LoRA: the low-rank term is scaled by lora_alpha / lora_rank", "(0, inf)"),
     "lora_dropout": Key(0.0, "float", "LoRA: dropout on a projection's input before its factor A, while training", "[0, 1)"),
     "lora_targets": Key(["q", "v"], "list", "LoRA: the projections that get factors, by weight name: attention's q, k, v, out; the MLP's fc, fc_gate, proj", "q | k | v | out | fc | fc_gate | proj"),
     "lora_base": Key("", "str", "fine-tuning: the frozen base model, a model_path folder (its newest checkpoint) or one checkpoint folder (.../checkpoints/STEP); empty: the newest checkpoint in model_path, else a random init (with a warning)"),
-    "prompt_tuning_tokens": Key(0, "int", "prompt tuning: learned virtual token embeddings (dimension `virtual_tokens`) placed before every text; they take no position; 0: none", "[0, 2^31)"),
+    "prompt_tuning_tokens": Key(0, "int", "prompt tuning: learned virtual token embeddings (dimension `virtual_tokens`) placed before every text; they take no position; 0: none; at most n_ctx", "[0, n_ctx]"),
     "prefix_tuning": Key(False, "bool", "prefix tuning: train only the num_mem_kv memory key/values of the global layers (the base frozen)"),
-    "prefix_mlp_width": Key(0, "int", "prefix tuning: above 0, each layer's memory comes from a learned seed through an MLP this wide (dimension `prefix_hidden`, the prefix-tuning paper's reparametrisation); 0: the memory is trained directly", "[0, 2^31)"),
+    "prefix_mlp_width": Key(0, "int", "prefix tuning: above 0, each layer's memory comes from a learned seed through an MLP this wide (dimension `prefix_hidden`, the prefix-tuning paper's reparametrisation); 0: the memory is trained directly", "[0, 2^16]"),
     # --- regularisation and loss -------------------------------------------------------------
     "embed_dropout": Key(0.0, "float", "dropout after the input embedding", "[0, 1)"),
     "attn_dropout": Key(0.0, "float", "dropout on attention probabilities", "[0, 1)"),
