@@ -167,3 +167,30 @@ def test_fine_tuning_keys_refuse_bad_values_by_name(change, named):
     with pytest.raises(ConfigError, match=named) as refused:
         validate({**TINY, **change}, "test.json")
     assert str(refused.value).startswith("test.json: key ") and "\n" not in str(refused.value)
+
+
+def test_dry_run_reports_the_optimizer_state_of_the_adapters_beside_full_trainings():
+    """From shapes alone (nothing compiled): Adam keeps two float32 moments per trained weight."""
+    config = validate({**TINY, **SMALLER, "lora_rank": 4, "mesh_shape": "", "layout": ""}, "test")
+    layout = build_mesh_layout(config, jax.devices()[:1])
+    optimizer = __import__("optimizers").make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
+    report = train.optimizer_state_report(config, shapes)
+    n_embd, heads, kv, rank = config.n_embd, config.n_head, config.head_dim, 4
+    adapters = config.n_layer * 2 * (n_embd * rank + rank * heads * kv)  # q and v, A and B
+    assert report["trained_parameters"] == adapters
+    assert 8 * adapters <= report["optimizer_state_bytes"] <= 8 * adapters + 64  # + Adam's step counts
+    whole = gpt2.parameter_count(config.replace(lora_rank=0))
+    assert 8 * whole <= report["full_training_optimizer_state_bytes"] <= 8 * whole + 64
+
+
+@pytest.mark.parametrize("change,named", [({"prompt_tuning_tokens": 2}, "prompt_tuning_tokens"),
+                                          ({"num_mem_kv": 2, "prefix_tuning": True}, "prefix_tuning")])
+def test_prompt_and_prefix_tuning_are_refused_by_hf_export_by_name(change, named, tmp_path):
+    import export
+
+    config = validate({**TINY, **change, "model_path": str(tmp_path / "none")}, "test.json")
+    with pytest.raises(export.ExportError, match=f"key '{named}'.*no place"):
+        export.export_to_hf(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
