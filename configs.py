@@ -643,6 +643,11 @@ def check_fine_tuning(values: dict[str, Any], kinds: list[str], fail) -> None:
         fail("lora_targets", "names a projection twice")
     if values["lora_rank"] and "fc_gate" in values["lora_targets"] and not values["mlp_glu"]:
         fail("lora_targets", "names fc_gate, which only a gated MLP (mlp_glu) has")
+    attention_targets = set(values["lora_targets"]) & {"q", "k", "v", "out"}
+    if values["lora_rank"] and attention_targets == set(values["lora_targets"]) and \
+            not {"global", "local", "linear"} & set(kinds):
+        fail("lora_targets", "names only attention projections (q, k, v, out), which no layer of this model has "
+                             "(gau and none layers have none); name MLP projections (fc, proj)")
     if values["prefix_tuning"] and not values["num_mem_kv"]:
         fail("prefix_tuning", "needs num_mem_kv > 0: the prefix is the memory key/values of the global layers")
     if values["prefix_tuning"] and "global" not in kinds:

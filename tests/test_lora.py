@@ -161,6 +161,7 @@ def test_sharded_lora_training_equals_single_device():
     ({"lora_rank": 4, "lora_targets": []}, "lora_targets"),
     ({"lora_rank": 4, "lora_targets": ["fc_gate"]}, "fc_gate"),
     ({"prefix_tuning": True}, "num_mem_kv"),
+    ({"lora_rank": 4, "attention_types": [[["gau", "none"], 1]]}, "no layer of this model has"),
     ({"lora_base": "somewhere"}, "lora_base"),
 ])
 def test_fine_tuning_keys_refuse_bad_values_by_name(change, named):
@@ -194,3 +195,16 @@ def test_prompt_and_prefix_tuning_are_refused_by_hf_export_by_name(change, named
     with pytest.raises(export.ExportError, match=f"key '{named}'.*no place"):
         export.export_to_hf(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_main_py_dry_run_of_a_lora_config_shows_the_optimizer_memory_saved(finetuned):
+    from test_train import main_py
+
+    folder, model_config, _, _, _, _ = finetuned
+    sets = [f"model_path={folder / 'run'}", *(f"{k}={v}" for k, v in SMALLER.items()), "lora_rank=4",
+            f"lora_targets={json.dumps(TARGETS)}"]
+    result = main_py("--model", str(model_config), *(a for s in sets for a in ("--set", s)), "--dry_run")
+    line = next(row for row in result.stdout.splitlines() if row.startswith("trained parameters:"))
+    assert "fine-tuning adapters only; training every weight:" in line
+    assert float(line.split("(")[1].split(", ")[1].split("x")[0]) > 5  # full training's state, several times as much
