@@ -525,10 +525,16 @@ def dry_run(config, layout) -> dict:
     seconds = time.perf_counter() - start
     count = gpt2.parameter_count(config)
     print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
+    if config.moe_layers:
+        experts = gpt2.parameter_count(config, experts=True)
+        active = gpt2.parameter_count(config, matmul_only=True)
+        print(f"  dense {count - experts:,}, experts {experts:,} ({len(config.moe_layers)} MoE layers x "
+              f"{config.moe.num_experts} experts); a token's matmuls meet {active:,} (MFU counts these)")
     print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}; "
           f"microbatches per step: {model_fns.microbatch_count(config, layout)}")
     memory = compiled.memory_analysis()
-    report = {"parameters": count, "compile_seconds": seconds}
+    report = {"parameters": count, "compile_seconds": seconds,
+              "expert_parameters": gpt2.parameter_count(config, experts=True)}
     if memory is not None:
         gib = 2**30
         total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
