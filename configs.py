@@ -627,6 +627,14 @@ def check_sizes(config: Config) -> None:
     arrays.append(("the attention scores [batch, heads, sequence, memory_length]",
                    tokens * config.n_head * (config.n_ctx + config.num_mem_kv)))
     arrays.append(("the MLP activations [batch, sequence, intermediate_expanded]", tokens * config.mlp_width))
+    if config.moe_layers:
+        from models.moe import expert_capacity, group_tokens
+
+        moe = config.moe
+        capacity = expert_capacity(group_tokens(config.n_ctx, moe.group_size), moe.num_experts,
+                                   max(moe.capacity_factor_train, moe.capacity_factor_eval), moe.min_expert_capacity)
+        arrays.append(("the MoE dispatch [batch, groups, group_tokens, experts, expert_capacity]",
+                       tokens * moe.num_experts * capacity))
     parameters = sum(count for name, count in arrays if name.startswith("weight "))
     arrays.append(("all parameters together", parameters))
     for name, elements in arrays:
