@@ -139,7 +139,9 @@ def reference_moe(p, x, config, capacity):
     router = np.asarray(p["router"], np.float64)
     wi = [np.asarray(w, np.float64) for w in p["wi"]]
     wo = np.asarray(p["wo"], np.float64)
-    acts = [moe.EXPERT_ACTIVATIONS[name] for name in moe.expert_activations(config)]
+    plain = {"relu": lambda h: np.maximum(h, 0.0), "linear": lambda h: h,
+             "gelu": lambda h: 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))}
+    acts = [plain[name] for name in moe.expert_activations(config)]
     y = np.zeros_like(x)
     for b in range(batch):
         for start in range(0, sequence, tokens):
@@ -151,7 +153,7 @@ def reference_moe(p, x, config, capacity):
             for (t, e), (_, gate) in slots.items():
                 hidden = np.ones(wo.shape[1])
                 for act, w in zip(acts, wi):
-                    hidden = hidden * np.asarray(act(jnp.asarray(group[t] @ w[e])), np.float64)
+                    hidden = hidden * act(group[t] @ w[e])
                 y[b, start + t] += gate * (hidden @ wo[e])
     return y
 
@@ -162,12 +164,12 @@ def test_moe_layer_equals_the_per_token_reference_with_dropped_tokens(activation
     params = gpt2.init_params(config, jax.random.key(0))["blocks"][1]["moe"]
     x = jax.random.normal(jax.random.key(1), (2, 16, 32))
     capacity = moe.expert_capacity(8, 4, config.moe.capacity_factor_eval, 1)
-    y, _, stats = moe.moe(params, x, config, None, training=False)
+    y, _, stats = jax.jit(lambda p, x: moe.moe(p, x, config, None, training=False))(params, x)
     np.testing.assert_allclose(np.asarray(y), reference_moe(params, x, config, capacity), rtol=2e-4, atol=2e-5)
     # eval capacity factor 2.0 on 8-token groups: 4 slots per expert
     assert capacity == 4
     tight = config_with(moe_activation=activation, moe_params={**MOE, "moe_capacity_factor_eval": 0.5})
-    y_tight, _, tight_stats = moe.moe(params, x, tight, None, training=False)
+    y_tight, _, tight_stats = jax.jit(lambda p, x: moe.moe(p, x, tight, None, training=False))(params, x)
     np.testing.assert_allclose(np.asarray(y_tight), reference_moe(params, x, tight, 1), rtol=2e-4, atol=2e-5)
     assert float(tight_stats["dropped"]) > 0
 
@@ -322,6 +324,16 @@ def test_decoding_with_the_cache_equals_the_full_forward_without_capacity_limits
         pieces.append(hidden)
     logits = gpt2.unembed(jnp.concatenate(pieces, axis=1), gpt2.output_weights(params, config), config)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-4, atol=1e-4)
+
+    # --predict's compiled decode loop, greedy, against a loop of full forwards
+    from sample import generate
+
+    sampled = generate(params, config, [3, 4, 5], max_new_tokens=4, temperature=0.0).tokens[0]
+    logits_of = jax.jit(lambda p, t: gpt2.logits(p, t, config))
+    sequence = [3, 4, 5]
+    for _ in range(4):
+        sequence.append(int(jnp.argmax(logits_of(params, jnp.asarray([sequence]))[0, -1])))
+    assert list(sampled) == sequence[3:]
 
 
 def test_eval_is_deterministic_and_adds_the_aux_loss_once_per_moe_layer():
