@@ -201,11 +201,13 @@ def attach_artifacts(run, model_path: str, sacred_id: str) -> list[str]:
 
 
 class TrainingFailed(Exception):
-    """The training process ended with an error (its `error:` line, when it printed one)."""
+    """The training process ended with an error, or kept falling silent. `reported`: its `error:`
+    line was printed already (the training process's own)."""
 
-    def __init__(self, message: str, returncode: int):
+    def __init__(self, message: str, returncode: int, reported: bool = False):
         super().__init__(message)
         self.returncode = returncode
+        self.reported = reported
 
 
 @dataclasses.dataclass
@@ -300,7 +302,7 @@ def stop(child: subprocess.Popen, grace: float) -> None:
     try:
         child.wait(grace)
     except subprocess.TimeoutExpired:
-        log.warning("training process %d did not exit within %.0f s of SIGTERM: SIGKILL", child.pid, grace)
+        log.warning("training process %d did not exit within %g s of SIGTERM: SIGKILL", child.pid, grace)
         child.kill()
         child.wait()
 
@@ -339,8 +341,9 @@ def supervise(passed: list[str], sacred_id: str, sink, own, heartbeat: bool) -> 
             if outcome == "silent":
                 relay.join(5)
                 if restarts >= own.max_restarts:
-                    raise TrainingFailed(f"no metric row for {limit:g} s, and the {own.max_restarts} restart(s) "
-                                         "--max_restarts allows are spent", 1)
+                    raise TrainingFailed(f"training process {child.pid} sent no metric row for {limit:g} s, and the "
+                                         f"{own.max_restarts} restart(s) --max_restarts allows are spent; "
+                                         "its checkpoints are in model_path", 1)
                 restarts += 1
                 log.warning("run_experiment: no new metric for %g s: stopped training process %d; restarting from "
                             "the last checkpoint (restart %d of %d)", limit, child.pid, restarts, own.max_restarts)
@@ -349,8 +352,8 @@ def supervise(passed: list[str], sacred_id: str, sink, own, heartbeat: bool) -> 
             if outcome == "interrupted":
                 raise KeyboardInterrupt(f"signal {interrupted['signal']}")
             if child.returncode != 0:
-                raise TrainingFailed(relay.error_line or f"main.py exited with code {child.returncode}",
-                                     child.returncode)
+                raise TrainingFailed(relay.error_line or f"the training process exited with code {child.returncode}",
+                                     child.returncode, reported=bool(relay.error_line))
             return {"restarts": restarts}
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -400,9 +403,11 @@ def run(argv: list[str] | None = None) -> int:
     a mistake, when FAILED)."""
     args, own, passed = parse_args(sys.argv[1:] if argv is None else argv)
     from configs import load_config
-    from metrics import setup_logging
 
-    setup_logging()
+    # neomesh's lines on stdout as main.py prints them (metrics.setup_logging would import JAX, which
+    # this process never needs: the training process has the devices)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    log.setLevel(logging.INFO)
     try:
         neomesh = logging.getLogger("neomesh")
         level = neomesh.level
@@ -436,7 +441,9 @@ def run(argv: list[str] | None = None) -> int:
     try:
         finished = experiment.run()
     except TrainingFailed as err:
-        log.info("run_experiment: sacred run FAILED (%s): %s", sacred_dir, err)
+        if not err.reported:
+            print(f"error: {err}", file=sys.stderr)
+        log.info("run_experiment: sacred run FAILED, recorded in %s", sacred_dir)
         return err.returncode if err.returncode > 0 else USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         log.info("run_experiment: sacred run INTERRUPTED (%s)", sacred_dir)

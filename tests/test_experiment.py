@@ -201,6 +201,25 @@ def test_a_config_error_in_the_training_process_fails_the_sacred_run_with_its_on
     assert "sacred run FAILED" in result.stdout
 
 
+@pytest.mark.slow
+def test_a_training_process_that_never_reports_is_killed_and_restarted_at_most_max_restarts_times(tracked, tmp_path):
+    model_path = tmp_path / "run"
+    command = [sys.executable, str(REPO / "run_experiment.py"), "--model", str(tracked["model"]), "--set",
+               f"model_path={model_path}", "--experiment_name", "mute", "--initial_heartbeat_timeout", "0.5",
+               "--max_restarts", "1", "--stop_grace", "0.2"]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    started = re.findall(r"training process (\d+) started", result.stdout)
+    killed = re.findall(r"training process (\d+) did not exit within 0.2 s of SIGTERM: SIGKILL", result.stdout)
+    assert len(started) == 2 and killed == started, result.stdout  # neither could save in 0.2 s: both killed
+    assert result.stdout.count("no new metric for 0.5 s") == 1 and "restart 1 of 1" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"training process {started[1]} sent no metric row for 0.5 s" in errors[0]
+    assert "--max_restarts" in errors[0]
+    assert json.loads((model_path / "sacred" / "1" / "run.json").read_text())["status"] == "FAILED"
+
+
 def test_wrapper_flags_and_heartbeat_values_are_refused_on_the_command_line(capsys):
     for argv, message in [(["--sacred_id", "7"], "--sacred_id is set by run_experiment.py"),
                           (["--heartbeat_timeout", "0"], "--heartbeat_timeout 0.0: must be a positive number"),
