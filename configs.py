@@ -128,7 +128,8 @@ KEYS: dict[str, Key] = {
     # --- evaluation ----------------------------------------------------------------------------
     "eval_batch_size": Key(8, "int", "sequences per evaluation batch", "[1, 2^31)"),
     "eval_steps": Key(0, "int", "evaluation batches every checkpoint (0: no evaluation while training)", "[0, 2^31)"),
-    "eval_tasks": Key([], "list", "task evaluations (GPT-Neo: lambada); neomesh implements none yet, so a non-empty list is refused"),
+    "eval_tasks": Key([], "list", "task evaluations at every checkpoint and on --eval (eval_tasks.py): lambada (last-word accuracy lambada_acc, lambada_log_ppl, lambada_ppl)"),
+    "lambada_path": Key("", "str", "eval_tasks lambada: the LAMBADA jsonl, one {\"text\": passage} per line (OpenAI's lambada_test.jsonl), local or gs://; never downloaded"),
     # --- sampling ------------------------------------------------------------------------------
     "predict_batch_size": Key(1, "int", "completions sampled per prompt", "[1, 2^31)"),
     "predict_steps": Key(0, "int", "GPT-Neo: above 0, sample from the prompt at every checkpoint while training; neomesh does not (run main.py --predict), so above 0 is logged once", "[0, 2^31)"),
@@ -161,7 +162,7 @@ MOE_PARAMS: dict[str, Key] = {
 
 ATTENTION_KINDS = ("global", "local", "linear", "gau", "none")
 INPUT_FNS = ("sequential_input", "generic_text")  # GPT-Neo's readers; neomesh has one sampler for both
-EVAL_TASKS = {"lambada": False}  # GPT-Neo's task evaluations: name -> implemented in neomesh
+EVAL_TASKS = {"lambada": True}  # GPT-Neo's task evaluations: name -> implemented in neomesh (eval_tasks.py)
 
 
 # --- GPT-Neo's architecture options: what neomesh builds, what Hugging Face GPTNeo can hold ------
@@ -571,6 +572,11 @@ def validate(raw: dict[str, Any], source: str) -> Config:
             fail("eval_tasks", f"unknown task {show(task)}; GPT-Neo's tasks: {', '.join(EVAL_TASKS)}")
         if not EVAL_TASKS[task]:
             fail("eval_tasks", f"task evaluation ({task!r}) is not implemented in neomesh yet; accepted: []")
+    if "lambada" in values["eval_tasks"] and not values["lambada_path"]:
+        fail("lambada_path", "is empty but eval_tasks has 'lambada'; set it to the LAMBADA test set as jsonl, "
+                             "one {\"text\": ...} per line (OpenAI's lambada_test.jsonl; neomesh downloads nothing)")
+    if values["eval_tasks"] and values["mlm_training"]:
+        fail("eval_tasks", "task evaluations score a causal model's next words; a masked-LM model (mlm_training) has none")
     kinds = expand_attention_types(values["attention_types"], values["n_layer"])
     if values["rotary_emb"] and "gau" in kinds and values["gau_key_size"] % 2:
         fail("gau_key_size", "must be even with rotary_emb: rotary embeddings turn pairs of dimensions")

@@ -46,7 +46,7 @@ MAY_CHANGE_ON_RESUME = RUN_KEYS + (
     "lr", "lr_decay", "lr_decay_end", "warmup_steps", "beta1", "beta2", "epsilon", "ada_epsilon1", "ada_epsilon2",
     "z_loss", "embed_dropout", "attn_dropout", "res_dropout", "recompute_grad", "tokens_per_mb_per_replica",
     "attention_kernel", "cpu_backward", "mesh_shape", "layout", "log_grads", "skip_nonfinite_steps", "temperature",
-    "top_k", "top_p", "repetition_penalty", "sampling_seed", "predict_steps", "eval_tasks", "model")
+    "top_k", "top_p", "repetition_penalty", "sampling_seed", "predict_steps", "eval_tasks", "lambada_path", "model")
 
 
 @dataclasses.dataclass
@@ -145,6 +145,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
     state, start = restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change)
     train_step = model_fns.make_train_step(config, layout, optimizer, shardings)
     eval_step = model_fns.make_eval_step(config, layout, shardings, config.eval_batch_size) if eval_data else None
+    task_eval = task_evaluator(config, layout)  # a missing task file is refused before any step
 
     run_log = RunLog(config.model_path, main_process, start)
     every_sink = [run_log.log, *sinks] if main_process else []
@@ -235,6 +236,12 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
                         print(f"step {step} | eval loss {eval_loss:.4f}", flush=True)
                     emit(step, {"eval_loss": eval_loss})
                     values = {**values, "eval_loss": eval_loss}
+                if task_eval is not None and not stopped:
+                    scores = task_eval(state["params"])
+                    if main_process:
+                        print(task_eval.line(step, scores), flush=True)
+                    emit(step, scores)
+                    values = {**values, **scores}
                 # saving and evaluating are not training time; the loss window runs on to the next line
                 window_start += time.perf_counter() - saving_started
             if stopped:
@@ -428,6 +435,15 @@ def has_eval_data(config) -> bool:
     return any(dataset.eval_path for dataset in resolve_datasets(config))
 
 
+def task_evaluator(config, layout):
+    """eval_tasks.TaskEvaluator for the config's eval_tasks (read and tokenized now), or None."""
+    if not config.eval_tasks:
+        return None
+    from eval_tasks import TaskEvaluator
+
+    return TaskEvaluator(config, layout)
+
+
 def run_eval(config, layout, eval_step, params, eval_data) -> float:
     """The evaluation loss while training: the mean cross-entropy (of an MLM model, over the masked
     positions of every batch)."""
@@ -444,7 +460,8 @@ def run_eval(config, layout, eval_step, params, eval_data) -> float:
 
 def evaluate(config, layout) -> dict:
     """--eval: cross-entropy, perplexity and bits per byte of the newest checkpoint on eval_path
-    (the train split when there is none); printed on process 0, and returned."""
+    (the train split when there is none), and the scores of eval_tasks; printed on process 0, and
+    returned."""
     import math
 
     import jax
@@ -455,6 +472,10 @@ def evaluate(config, layout) -> dict:
     from checkpoints import restore_params
 
     params, step = restore_params(config, layout)
+    task_eval = task_evaluator(config, layout)
+    tasks = task_eval(params) if task_eval is not None else {}
+    if tasks and jax.process_index() == 0:
+        print(task_eval.line(step, tasks))
     split = "eval" if has_eval_data(config) else "train"
     data = inputs.Sampler(config, split)
     eval_step = model_fns.make_eval_step(config, layout, {"params": model_fns.param_shardings(config, layout)},
@@ -474,7 +495,8 @@ def evaluate(config, layout) -> dict:
     bits_per_byte = loss * token_count / max(byte_count, 1) / math.log(2)
     if jax.process_index() == 0:
         print(f"step {step} | {split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits per byte {bits_per_byte:.4f}")
-    return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte}
+    return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte,
+            **tasks}
 
 
 def evaluate_masked_lm(config, data, split: str, eval_step, params, step: int, layout) -> dict:
