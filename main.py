@@ -14,6 +14,7 @@ wrapper); this file parses the command line, chooses devices and dispatches.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="resume although seed, train_batch_size, n_ctx or datasets changed since the checkpoint "
                              "(the data order then differs from an uninterrupted run's)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="validate, check that the datasets' shards exist, compile the train step, print parameter "
+                        help="validate, check that the datasets' shards exist, compile the train and eval steps, print parameter "
                              "count and per-device memory (refused beyond a device's memory), exit")
     parser.add_argument("--eval", action="store_true", help="evaluate the newest checkpoint on eval_path")
     parser.add_argument("--predict", action="store_true", help="sample from the newest checkpoint")
@@ -90,18 +91,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def gpu_index(text: str) -> int:
+    """A --gpu_ids entry -> the GPU's index: "1", or GPT-Neo's "device:GPU:1" spelling."""
+    from errors import ConfigError
+
+    index = text.rsplit(":", 1)[-1].strip()
+    if not index.isascii() or not index.isdigit():
+        raise ConfigError(f"--gpu_ids: {text!r} is not a GPU index; expected integers, e.g. --gpu_ids 0 1 2")
+    return int(index)
+
+
 def select_devices(args) -> None:
-    """Choose devices and join the other hosts; must run before JAX touches a backend."""
-    if args.gpu_ids:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(i.split(":")[-1] for i in args.gpu_ids)
+    """Choose devices and join the other hosts; must run before JAX touches a backend. Devices the
+    command line asks for that this machine does not have are one clear error, never a silent CPU run."""
+    from errors import ConfigError
+
+    if args.gpu_ids and args.tpu:
+        raise ConfigError("--gpu_ids and --tpu both given: choose one")
+    gpu_ids = [gpu_index(text) for text in args.gpu_ids or []]
+    if len(set(gpu_ids)) != len(gpu_ids):
+        raise ConfigError(f"--gpu_ids {' '.join(args.gpu_ids)}: a GPU is named twice")
+    if gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+    pod_slice = args.tpu and args.tpu != "colab" and not args.coordinator_address
+    if pod_slice and importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--tpu {args.tpu}: this machine has no TPU runtime (the libtpu package is not "
+                          "installed); run the command on every host of the TPU VM or pod slice, or leave out --tpu")
     import jax
 
     if args.coordinator_address:
         # CPU processes need a collectives backend; accelerators ignore this setting
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif args.tpu and args.tpu != "colab":
-        jax.distributed.initialize()  # a TPU pod slice finds its hosts by itself
+    elif pod_slice:
+        try:
+            jax.distributed.initialize()  # a TPU pod slice finds its hosts by itself
+        except (ValueError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"--tpu {args.tpu}: could not find the TPU slice's hosts ({reason}); run on a TPU VM "
+                              "of the slice, or give --coordinator_address, --num_processes and --process_id") from None
+    if gpu_ids:
+        gpus = accelerators("gpu")
+        if not gpus:
+            raise ConfigError(f"--gpu_ids {' '.join(args.gpu_ids)}: JAX finds no GPU with those indices on this machine "
+                              f"(it would run on {jax.default_backend()}); leave out --gpu_ids to run there")
+        if len(gpus) != len(gpu_ids):
+            raise ConfigError(f"--gpu_ids {' '.join(args.gpu_ids)}: asks for {len(gpu_ids)} GPUs, JAX finds "
+                              f"{len(gpus)} of them on this machine")
+    if args.tpu and not accelerators("tpu"):
+        where = "a Colab TPU runtime" if args.tpu == "colab" else "a TPU"
+        raise ConfigError(f"--tpu {args.tpu}: JAX finds no TPU here (it would run on {jax.default_backend()}); run in "
+                          f"{where}, or leave out --tpu")
+
+
+def accelerators(platform: str) -> list:
+    """This process's devices of `platform` ("gpu", "tpu"), [] where JAX has none (or may not use
+    it: JAX_PLATFORMS), and only when that is also the backend JAX computes on."""
+    import jax
+
+    try:
+        devices = jax.local_devices(backend=platform)
+    except RuntimeError:  # no such backend, or it failed to start
+        return []
+    return devices if jax.default_backend() == platform else []
 
 
 def trains(args) -> bool:
