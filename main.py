@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="host:port of process 0, for multi-host GPU or CPU runs")
     parser.add_argument("--num_processes", type=int, default=int(os.environ.get("NEOMESH_NUM_PROCESSES", "1")))
     parser.add_argument("--process_id", type=int, default=int(os.environ.get("NEOMESH_PROCESS_ID", "0")))
+    parser.add_argument("--peer_timeout", type=float, default=float(os.environ.get("NEOMESH_PEER_TIMEOUT", "60")),
+                        help="multi-host: seconds without a sign of life from another process after which every "
+                             "process stops with a message (instead of waiting in a collective for ever)")
     return parser.parse_args(argv)
 
 
@@ -130,6 +133,10 @@ def select_devices(args) -> None:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"--tpu {args.tpu}: could not find the TPU slice's hosts ({reason}); run on a TPU VM "
                               "of the slice, or give --coordinator_address, --num_processes and --process_id") from None
+    if jax.process_count() > 1:
+        if not args.peer_timeout > 0:
+            raise ConfigError(f"--peer_timeout {args.peer_timeout}: expected a positive number of seconds")
+        PeerWatchdog(args.peer_timeout).start()
     if gpu_ids:
         gpus = accelerators("gpu")
         if not gpus:
@@ -156,6 +163,96 @@ def accelerators(platform: str) -> list:
     return devices if jax.default_backend() == platform else []
 
 
+class PeerWatchdog:
+    """Multi-host: stop this process, with a message, when another process of the run is gone.
+
+    A process that dies mid-step leaves the others waiting in a collective that never completes
+    (until the coordination service aborts them, a minute or more later, with SIGABRT). Each process
+    posts a heartbeat to the coordinator's key-value store from a thread of its own; a peer whose
+    heartbeat stops for `timeout` seconds, or a coordinator that no longer answers, ends this
+    process with one line and exit code 3. A process that ends posts whether it finished or failed,
+    so that the others do not wait out the timeout for it. Orbax commits a checkpoint only once it
+    is complete, so a later start of every process resumes from the newest complete one."""
+
+    PREFIX = "neomesh/peers/"
+    EXIT_CODE = 3
+
+    def __init__(self, timeout: float):
+        import jax
+        from jax._src import distributed
+
+        self.client = distributed.global_state.client
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self.timeout = timeout
+        self.interval = max(min(timeout / 5, 5.0), 0.2)
+        self.beats = 0
+
+    def start(self) -> None:
+        import atexit
+        import threading
+
+        if self.client is None:
+            return
+        self.post("alive", 0)
+        atexit.register(self.post_end)
+        threading.Thread(target=self.watch, name="neomesh-peer-watchdog", daemon=True).start()
+
+    def post(self, state: str, beat: int) -> None:
+        self.client.key_value_set(f"{self.PREFIX}{self.me}", f"{state} {beat}", allow_overwrite=True)
+
+    def post_end(self) -> None:
+        try:
+            self.post("failed" if ENDED["failed"] else "finished", self.beats)
+        except Exception:  # noqa: BLE001 - the coordinator may be gone already; nothing to tell
+            pass
+
+    def watch(self) -> None:
+        import time
+
+        last_seen = {peer: (None, time.monotonic()) for peer in range(self.count) if peer != self.me}
+        while True:
+            time.sleep(self.interval)
+            self.beats += 1
+            now = time.monotonic()
+            try:
+                self.post("alive", self.beats)
+                for peer, (seen, since) in list(last_seen.items()):
+                    value = self.peer_state(peer)
+                    if value is None:  # not started yet: its time runs from ours
+                        pass
+                    elif value.startswith("finished"):
+                        del last_seen[peer]
+                    elif value.startswith("failed"):
+                        self.stop(f"process {peer} of {self.count} failed (its own output says why)")
+                    elif value != seen:
+                        last_seen[peer] = (value, now)
+                    elif now - since > self.timeout:
+                        self.stop(f"process {peer} of {self.count} has given no sign of life for {now - since:.0f} s "
+                                  "(--peer_timeout)")
+            except Exception as err:  # noqa: BLE001 - the coordinator (process 0) is gone: any error says so
+                if ENDED["ending"]:
+                    return
+                self.stop(f"the coordinator (process 0) no longer answers ({str(err).strip().splitlines()[0][:200]})")
+
+    def peer_state(self, peer: int) -> str | None:
+        try:
+            return self.client.key_value_try_get(f"{self.PREFIX}{peer}")
+        except Exception as err:  # noqa: BLE001 - jaxlib raises a plain error; NOT_FOUND: nothing posted yet
+            if "NOT_FOUND" in str(err) or "not found" in str(err).lower():
+                return None
+            raise
+
+    def stop(self, why: str) -> None:
+        if ENDED["ending"]:  # this process is ending on its own, with its own message
+            return
+        print(f"error: {why}; process {self.me} stops too. Start every process again to resume from the newest "
+              "complete checkpoint in model_path", file=sys.stderr, flush=True)
+        os._exit(self.EXIT_CODE)
+
+
+ENDED = {"failed": False, "ending": False}  # how main() ended, for PeerWatchdog.post_end
+
+
 def trains(args) -> bool:
     return not (args.predict or args.eval or args.export is not None or args.dry_run or args.check_dataset
                 or args.auto_layout or args.auto_layout_and_mesh_shape)
@@ -163,6 +260,7 @@ def trains(args) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    ENDED.update(failed=False, ending=False)
     import storage  # noqa: F401  (first: translates STORAGE_EMULATOR_HOST before any storage library starts)
     import train
 
@@ -180,9 +278,17 @@ def main(argv=None) -> int:
             overrides.append(f"steps_per_checkpoint={args.steps_per_checkpoint}")
         config = load_config(args.model, overrides)
         select_devices(args)
-        return run(args, config)
+        code = run(args, config)
+        ENDED["failed"] = code != 0
+        return code
     except USER_ERRORS as err:
+        ENDED["failed"] = True
         return report_user_error(err)
+    except BaseException:
+        ENDED["failed"] = True
+        raise
+    finally:
+        ENDED["ending"] = True
 
 
 def run(args, config) -> int:

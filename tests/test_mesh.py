@@ -130,3 +130,20 @@ def test_auto_layout_and_mesh_shape_fits_the_devices_and_validates():
             assert layout.mesh.shape["y"] > 1 and "heads:y" in layout_text
         else:
             assert layout.mesh.shape["x"] == 8 and layout_text == "batch:x"
+
+
+def test_dry_run_compiles_the_eval_step_too_unsplit_when_its_batch_does_not_divide(tmp_path, capsys):
+    from test_train import write_dataset
+
+    import train
+    from configs import load_config
+
+    model_config = write_dataset(tmp_path, 64)
+    cfg = load_config(str(model_config), [f"model_path={tmp_path / 'run'}", "n_vocab=64", "n_layer=1", "n_embd=32",
+                                          "n_ctx=16", "attention_types=[[[\"global\"], 1]]", "eval_batch_size=3"])
+    layout = build_mesh_layout(cfg)
+    assert layout.mesh.size == jax.device_count() and layout.layout == {"batch": DATA_AXIS}
+    report = train.dry_run(cfg, layout)
+    printed = capsys.readouterr().out
+    assert "eval step (eval_batch_size 3, unsplit" in printed and report["eval_compile_seconds"] > 0
+    assert report["expert_parameters"] == 0 and "expert" not in printed.split("parameters: ")[1].splitlines()[0]
