@@ -55,10 +55,11 @@ def peak_flops_per_device(precision: str) -> tuple[float, str]:
         if kind in device.device_kind:
             return (bf16 if precision == "bfloat16" else f32), f"{device.device_kind} datasheet"
     if device.platform == "cpu":
-        # every simulated CPU device shares the same cores: measure the whole machine once. 1024 is
-        # within a few percent of 2048's rate (bench/ measures at 2048) at an eighth of the time,
-        # which every run would otherwise spend before its first step
-        return matmul_roofline(1024, repeats=4) / jax.device_count(), "measured matmul roofline"
+        # this host's simulated CPU devices share its cores: measure the host once and share it among
+        # its own devices (each host of a multi-host run measures its own). 1024 is within a few
+        # percent of 2048's rate (bench/ measures at 2048) at an eighth of the time, which every run
+        # would otherwise spend before its first step
+        return matmul_roofline(1024, repeats=4) / jax.local_device_count(), "measured matmul roofline"
     return float("nan"), f"unknown peak for {device.device_kind}"
 
 

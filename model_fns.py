@@ -149,35 +149,64 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
         (loss, extras), grads = jax.value_and_grad(lm_loss, has_aux=True)(params, inputs, labels, config, layout, rng)
         return loss, extras, grads
 
+    batch_axis = layout.layout.get("batch")
+    replicas = layout.batch_axis_size
+    # Data parallel, each batch replica computes its gradient as one row of a vmap mapped onto the
+    # batch axis: it stays the replica's own (the tied embedding's lookup and output projection
+    # contributions already summed) until one reduction after the microbatch loop. Left to the
+    # partitioner, each contribution of each microbatch would be all-reduced on its own.
+    # A step with random draws (dropout, the MoE router) keeps to one forward over the whole batch:
+    # its draws are of the global batch's shape, so they, and the losses, are the same on every mesh.
+    per_replica = replicas > 1 and list(layout.layout.values()).count(batch_axis) == 1 and not random
+    replica_layout = MeshLayout(layout.mesh, {dim: axis for dim, axis in layout.layout.items() if dim != "batch"})
+    parts = replicas if per_replica else 1
+
+    def accumulated_grads(params, inputs, labels, rng):
+        """(loss, extras, gradients) of the batch: per replica, accumulated over its microbatches."""
+        # microbatch i takes rows i, i + m, i + 2m, ... of each replica's rows: every device keeps
+        # its own rows, and each microbatch holds the same rows in the same order on every mesh
+        def split(x):  # [batch, sequence] -> [microbatch, replica, row, sequence]
+            x = x.reshape(parts, x.shape[0] // (parts * microbatches), microbatches, *x.shape[1:])
+            dims = (None, "batch", None, "sequence") if per_replica else (None, None, "batch", "sequence")
+            return layout.constrain(jnp.moveaxis(x, 2, 0), dims)
+
+        # MLM: each (microbatch, replica) mean over its masked positions, weighted by its share of
+        # them, so that the step's loss is the mean over every masked position of the batch
+        scored = jnp.maximum(jnp.sum(labels != NOT_PREDICTED), 1) / (microbatches * parts)
+
+        def part_grads(mb_inputs, mb_labels, mb_rng, replica):
+            (loss, extras), grads = jax.value_and_grad(lm_loss, has_aux=True)(
+                params, mb_inputs, mb_labels, config, replica_layout if per_replica else layout, mb_rng)
+            if config.mlm_training:
+                weight = jnp.sum(mb_labels != NOT_PREDICTED) / scored
+                loss, extras, grads = jax.tree.map(lambda x: x * weight, (loss, extras, grads))
+            return loss, extras, grads
+
+        every_part = jax.vmap(part_grads, in_axes=(0, 0, None, 0), spmd_axis_name=batch_axis if per_replica else None)
+
+        def microbatch(index, mb_inputs, mb_labels):
+            mb_rng = jax.random.fold_in(rng, index) if rng is not None and microbatches > 1 else rng
+            return every_part(mb_inputs, mb_labels, mb_rng, jnp.arange(parts))
+
+        mb_inputs, mb_labels = split(inputs), split(labels)
+        if microbatches == 1:
+            total = microbatch(0, mb_inputs[0], mb_labels[0])
+        else:
+            def accumulate(carry, micro):
+                return jax.tree.map(jnp.add, carry, microbatch(*micro)), None
+
+            shapes = jax.eval_shape(microbatch, 0, mb_inputs[0], mb_labels[0])
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), mb_inputs, mb_labels))
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0) / (microbatches * parts), total)
+
     def step_fn(state, inputs, labels):
         rng = jax.random.fold_in(jax.random.key(config.seed), state["step"]) if random else None
         params = state["params"]
-        if microbatches == 1:
+        if microbatches == 1 and not per_replica:
             loss, extras, grads = grads_of(params, inputs, labels, rng)
         else:
-            # microbatch i takes rows i, i + m, i + 2m, ...: every device keeps its own rows
-            def split(x):
-                x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
-                return layout.constrain(x, (None, *BATCH_DIMS))
-
-            # MLM: each microbatch's mean over its masked positions, weighted by its share of them,
-            # so that the step's loss is the mean over every masked position of the batch
-            scored = jnp.maximum(jnp.sum(labels != NOT_PREDICTED), 1) / microbatches
-
-            def accumulate(carry, micro):
-                index, mb_inputs, mb_labels = micro
-                mb_rng = jax.random.fold_in(rng, index) if rng is not None else None
-                loss, extras, grads = grads_of(params, mb_inputs, mb_labels, mb_rng)
-                if config.mlm_training:
-                    weight = jnp.sum(mb_labels != NOT_PREDICTED) / scored
-                    loss, extras, grads = jax.tree.map(lambda x: x * weight, (loss, extras, grads))
-                return jax.tree.map(jnp.add, carry, (loss, extras, grads)), None
-
-            micro = (jnp.arange(microbatches), split(inputs), split(labels))
-            shapes = jax.eval_shape(lambda: grads_of(params, *jax.tree.map(lambda x: x[0], micro[1:]), rng))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            total, _ = jax.lax.scan(accumulate, zeros, micro)
-            loss, extras, grads = jax.tree.map(lambda x: x / microbatches, total)
+            loss, extras, grads = accumulated_grads(params, inputs, labels, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
