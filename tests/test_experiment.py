@@ -134,6 +134,24 @@ def last_logged_step(model_path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
+def test_eval_hands_its_figures_to_the_metric_sinks(tracked):
+    import math
+
+    import main
+    from configs import load_config
+
+    args = main.parse_args(["--model", str(tracked["model"]), "--set", f"model_path={tracked['model_path']}", "--eval"])
+    rows = []
+    assert main.run(args, load_config(args.model, main.config_overrides(args)), [lambda *row: rows.append(row)]) == 0
+    [(step, figures)] = rows
+    assert step == STEPS and set(figures) == {"eval_loss", "eval_perplexity", "eval_bits_per_byte"}
+    assert figures["eval_perplexity"] == pytest.approx(math.exp(figures["eval_loss"]), rel=1e-9)
+    # the same batches as the evaluation that training ran at its last checkpoint
+    trained = [row["eval_loss"] for row in jsonl_rows(tracked["model_path"]) if row["step"] == STEPS and "eval_loss" in row]
+    assert figures["eval_loss"] == pytest.approx(trained[0], rel=1e-4)
+
+
 def lines_of(process: subprocess.Popen, into: list[str]) -> threading.Thread:
     def read():
         for line in process.stdout:
