@@ -282,3 +282,19 @@ def test_tensorboard_starts_on_a_free_port_or_says_how_to_install_it(tmp_path, c
                 time.sleep(0.5)
     finally:
         server.terminate()
+
+
+def test_new_empties_model_path_before_sacred_records_into_it_and_asks_first(tmp_path):
+    from errors import ConfigError
+
+    model_path = tmp_path / "run"
+    (model_path / "checkpoints").mkdir(parents=True)
+    (model_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="pass --yes"):  # no terminal here to ask on
+        run_experiment.start_afresh(str(model_path), assume_yes=False)
+    assert (model_path / "metrics.jsonl").exists()
+    run_experiment.start_afresh(str(model_path), assume_yes=True)
+    assert not model_path.exists() or not list(model_path.iterdir())
+    _, _, passed = run_experiment.parse_args(["--model", "m.json", "--experiment_name", "x", "--new", "--yes",
+                                              "--set", "train_steps=3"])
+    assert passed == ["--model", "m.json", "--set", "train_steps=3"]  # the training process never deletes
