@@ -435,6 +435,10 @@ def run(argv: list[str] | None = None) -> int:
         finally:
             if tensorboard is not None:
                 tensorboard.terminate()
+                try:
+                    tensorboard.wait(10)
+                except subprocess.TimeoutExpired:
+                    tensorboard.kill()
             attach_artifacts(_run, config.model_path, sacred_id)
         return outcome
 

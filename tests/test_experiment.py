@@ -5,6 +5,7 @@ and a heartbeat restart provoked by pausing the training process with SIGSTOP.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -133,6 +134,24 @@ def last_logged_step(model_path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
+def test_eval_hands_its_figures_to_the_metric_sinks(tracked):
+    import math
+
+    import main
+    from configs import load_config
+
+    args = main.parse_args(["--model", str(tracked["model"]), "--set", f"model_path={tracked['model_path']}", "--eval"])
+    rows = []
+    assert main.run(args, load_config(args.model, main.config_overrides(args)), [lambda *row: rows.append(row)]) == 0
+    [(step, figures)] = rows
+    assert step == STEPS and set(figures) == {"eval_loss", "eval_perplexity", "eval_bits_per_byte"}
+    assert figures["eval_perplexity"] == pytest.approx(math.exp(figures["eval_loss"]), rel=1e-9)
+    # the same batches as the evaluation that training ran at its last checkpoint
+    trained = [row["eval_loss"] for row in jsonl_rows(tracked["model_path"]) if row["step"] == STEPS and "eval_loss" in row]
+    assert figures["eval_loss"] == pytest.approx(trained[0], rel=1e-4)
+
+
 def lines_of(process: subprocess.Popen, into: list[str]) -> threading.Thread:
     def read():
         for line in process.stdout:
@@ -185,37 +204,47 @@ def test_a_silent_training_process_is_restarted_from_its_checkpoint_and_ends_wit
         assert sacred_metrics(run_dir)[name] == pytest.approx(uninterrupted[name], rel=1e-6), name
 
 
+def run_in_process(argv: list[str], capsys, caplog) -> tuple[int, str, str]:
+    """run_experiment.run(argv) in this process, its training processes on one CPU device:
+    (exit code, its log lines, its stderr)."""
+    caplog.set_level(logging.INFO, logger="neomesh")
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in CHILD_ENV.items():
+            env.setenv(key, value)
+        code = run_experiment.run(argv)
+    return code, caplog.text, capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_a_config_error_in_the_training_process_fails_the_sacred_run_with_its_one_error_line(tracked, tmp_path):
+def test_a_config_error_in_the_training_process_fails_the_sacred_run_with_its_one_error_line(
+        tracked, tmp_path, capsys, caplog):
     model_path = tmp_path / "run"
-    command = [sys.executable, str(REPO / "run_experiment.py"), "--model", str(tracked["model"]), "--set",
-               f"model_path={model_path}", "--set", 'datasets=[["nowhere", 1, "documents_random", 1.0]]',
-               "--experiment_name", "broken"]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.count("error: ") == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "'nowhere'" in result.stderr
+    code, logged, stderr = run_in_process(
+        ["--model", str(tracked["model"]), "--set", f"model_path={model_path}", "--set",
+         'datasets=[["nowhere", 1, "documents_random", 1.0]]', "--experiment_name", "broken"], capsys, caplog)
+    assert code == 2, logged + stderr
+    assert stderr.count("error: ") == 1 and "Traceback" not in stderr and "'nowhere'" in stderr, stderr
     run = json.loads((model_path / "sacred" / "1" / "run.json").read_text())
     assert run["status"] == "FAILED" and "'nowhere'" in "".join(run["fail_trace"])
-    assert "sacred run FAILED" in result.stdout
+    assert "sacred run FAILED" in logged
 
 
 @pytest.mark.slow
-def test_a_training_process_that_never_reports_is_killed_and_restarted_at_most_max_restarts_times(tracked, tmp_path):
+def test_a_training_process_that_never_reports_is_stopped_and_restarted_at_most_max_restarts_times(
+        tracked, tmp_path, capsys, caplog):
     model_path = tmp_path / "run"
-    command = [sys.executable, str(REPO / "run_experiment.py"), "--model", str(tracked["model"]), "--set",
-               f"model_path={model_path}", "--experiment_name", "mute", "--initial_heartbeat_timeout", "0.5",
-               "--max_restarts", "1", "--stop_grace", "0.2"]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 1, result.stdout + result.stderr
-    started = re.findall(r"training process (\d+) started", result.stdout)
-    killed = re.findall(r"training process (\d+) did not exit within 0.2 s of SIGTERM: SIGKILL", result.stdout)
-    assert len(started) == 2 and killed == started, result.stdout  # neither could save in 0.2 s: both killed
-    assert result.stdout.count("no new metric for 0.5 s") == 1 and "restart 1 of 1" in result.stdout
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and f"training process {started[1]} sent no metric row for 0.5 s" in errors[0]
+    code, logged, stderr = run_in_process(
+        ["--model", str(tracked["model"]), "--set", f"model_path={model_path}", "--experiment_name", "mute",
+         "--initial_heartbeat_timeout", "1", "--max_restarts", "1", "--stop_grace", "0.2"], capsys, caplog)
+    assert code == 1, logged + stderr
+    started = re.findall(r"training process (\d+) started", logged)
+    # a process still starting dies of SIGTERM; one that already keeps SIGTERM for its loop cannot
+    # save within 0.2 s and is killed
+    killed = re.findall(r"training process (\d+) did not exit within 0.2 s of SIGTERM: SIGKILL", logged)
+    assert len(started) == 2 and set(killed) <= set(started), logged
+    assert logged.count("no new metric for 1 s") == 1 and "restart 1 of 1" in logged
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"training process {started[1]} sent no metric row for 1 s" in errors[0], stderr
     assert "--max_restarts" in errors[0]
     assert json.loads((model_path / "sacred" / "1" / "run.json").read_text())["status"] == "FAILED"
 
@@ -253,3 +282,19 @@ def test_tensorboard_starts_on_a_free_port_or_says_how_to_install_it(tmp_path, c
                 time.sleep(0.5)
     finally:
         server.terminate()
+
+
+def test_new_empties_model_path_before_sacred_records_into_it_and_asks_first(tmp_path):
+    from errors import ConfigError
+
+    model_path = tmp_path / "run"
+    (model_path / "checkpoints").mkdir(parents=True)
+    (model_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="pass --yes"):  # no terminal here to ask on
+        run_experiment.start_afresh(str(model_path), assume_yes=False)
+    assert (model_path / "metrics.jsonl").exists()
+    run_experiment.start_afresh(str(model_path), assume_yes=True)
+    assert not model_path.exists() or not list(model_path.iterdir())
+    _, _, passed = run_experiment.parse_args(["--model", "m.json", "--experiment_name", "x", "--new", "--yes",
+                                              "--set", "train_steps=3"])
+    assert passed == ["--model", "m.json", "--set", "train_steps=3"]  # the training process never deletes
