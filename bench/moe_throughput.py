@@ -66,7 +66,7 @@ def step_runner(name: str, n_ctx: int, precision: str):
     first_device = jax.devices()[0]
     expert_paths = {jax.tree_util.keystr(path) for path, w in
                     jax.tree_util.tree_flatten_with_path(gpt2.weights(config), is_leaf=gpt2.is_weight)[0]
-                    if w.dims[0] == "experts"}
+                    if w.dims and w.dims[0] == "experts"}
 
     def bytes_on_first_device(experts_only: bool) -> int:
         return sum(shard.data.nbytes for path, leaf in jax.tree_util.tree_flatten_with_path(state["s"]["params"])[0]

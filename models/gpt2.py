@@ -106,7 +106,7 @@ def parameter_count(config, matmul_only: bool = False, experts: bool | None = No
     reached = (2 if config.moe.gating == "top_2" else 1) / config.moe.num_experts
     total = 0.0
     for w in jax.tree.leaves(tree, is_leaf=is_weight):
-        expert = w.dims[0] == "experts"
+        expert = bool(w.dims) and w.dims[0] == "experts"
         if (experts is not None and expert != experts) or \
                 (matmul_only and (len(w.dims) < 2 or w.dims[0] in NOT_PROJECTIONS)):
             continue
