@@ -24,7 +24,7 @@ from tests.test_eval_tasks import PASSAGES, log_softmax  # noqa: E402
 from tests.test_export import perturbed_params, save_checkpoint, write_config_file  # noqa: E402
 from tests.test_train import REPO, train_tiny_tokenizer  # noqa: E402
 
-N_CTX = 64
+N_CTX = 32
 TEXTS = ["the cat sat on the mat", "a bird flew over the river", "we went home to the garden and the house"]
 LONG_TEXT = " ".join(PASSAGES * 2)  # several n_ctx windows for the rolling loglikelihood
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -61,7 +61,7 @@ def checkpoint(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lm_eval")
     tokenizer_file = workdir / "tokenizer.json"
     train_tiny_tokenizer(TEXTS * 10 + PASSAGES * 5, tokenizer_file, ["<|endoftext|>"])
-    config_file = write_config_file(workdir, "tiny", tokenizer_file, n_ctx=N_CTX, n_layer=2,
+    config_file = write_config_file(workdir, "tiny", tokenizer_file, n_ctx=N_CTX, n_layer=2, n_embd=32, n_head=2,
                                     attention_types=[[["global", "local"], 1]], eval_batch_size=4)
     config = load_config(str(config_file))
     params = perturbed_params(config, seed=5)
@@ -93,6 +93,7 @@ def direct_log_likelihood(params, config, context: list[int], continuation: list
     return float(sum(log_probs[len(context) - 1 + i, token] for i, token in enumerate(continuation)))
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_a_checkpoint_as_our_direct_scores_and_as_its_hf_backend_on_the_export(checkpoint, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
