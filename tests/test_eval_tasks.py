@@ -168,6 +168,9 @@ def test_training_logs_lambada_at_every_checkpoint_to_metrics_and_tensorboard(tm
         for name in ("lambada_acc", "lambada_log_ppl", "lambada_ppl"):
             assert logged[step][name] == pytest.approx(again[name], rel=1e-5)
     assert logged[2]["lambada_log_ppl"] != logged[4]["lambada_log_ppl"]
+    evaluated = train.evaluate(config, layout)  # --eval: the newest checkpoint's
+    assert evaluated["step"] == 4 and evaluated["lambada_acc"] == pytest.approx(logged[4]["lambada_acc"])
+    assert evaluated["lambada_log_ppl"] == pytest.approx(logged[4]["lambada_log_ppl"], rel=1e-5)
 
     assert scalar_steps(model_path / "tensorboard", "lambada_acc") == [2, 4]
 
