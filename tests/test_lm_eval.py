@@ -88,7 +88,8 @@ def neomesh_lm_eval_cli(checkpoint, output: Path):
 
 
 def direct_log_likelihood(params, config, context: list[int], continuation: list[int]) -> float:
-    logits = np.asarray(gpt2.logits(params, np.asarray([(context + continuation)[:-1]], np.int32), config))[0]
+    forward = jax.jit(gpt2.logits, static_argnums=2)
+    logits = np.asarray(forward(params, np.asarray([(context + continuation)[:-1]], np.int32), config))[0]
     log_probs = log_softmax(logits)
     return float(sum(log_probs[len(context) - 1 + i, token] for i, token in enumerate(continuation)))
 
@@ -123,10 +124,9 @@ def test_lm_eval_scores_a_checkpoint_as_our_direct_scores_and_as_its_hf_backend_
 
     # 3. generate_until: our greedy decode, cut before the stop string
     generated = {s["doc"]["text"]: s["resps"][0][0] for s in samples["tiny_generate"]}
-    for text in TEXTS:
-        greedy = sample.generate(params, config, [tokenizer.encode(text)], tokenizer=tokenizer, max_new_tokens=6,
-                                 temperature=0.0, eos_id=eos).texts[0]
-        assert generated[text] == greedy.split(" river")[0]
+    greedy = sample.generate(params, config, [tokenizer.encode(text) for text in TEXTS], tokenizer=tokenizer,
+                             max_new_tokens=6, temperature=0.0, eos_id=eos).texts
+    assert [generated[text] for text in TEXTS] == [g.split(" river")[0] for g in greedy]
 
     # 4. the hf backend on the exported model: the same loglikelihoods (rolling windows included) and generations
     hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", device="cpu",
