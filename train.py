@@ -144,7 +144,8 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
     checkpoints = Checkpoints(config.model_path, config.keep_checkpoints)
     state, start = restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change)
     train_step = model_fns.make_train_step(config, layout, optimizer, shardings)
-    eval_step = model_fns.make_eval_step(config, layout, shardings, config.eval_batch_size) if eval_data else None
+    eval_layout = layout.for_batch(config.eval_batch_size)  # an eval batch that does not divide runs unsplit
+    eval_step = model_fns.make_eval_step(config, eval_layout, shardings, config.eval_batch_size) if eval_data else None
     task_eval = task_evaluator(config, layout)  # a missing task file is refused before any step
 
     run_log = RunLog(config.model_path, main_process, start)
@@ -162,10 +163,14 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
              config.source, f"{gpt2.parameter_count(config):,}", layout.mesh.size, dict(layout.mesh.shape),
              layout.layout or "{}", start, config.train_steps, peak_source)
 
-    def stopping() -> bool:
-        """Every host stops at the same step (saving is collective), if any host was signalled."""
+    def stopping(step: int, always: bool = False) -> bool:
+        """Every host stops at the same step (saving is collective), if any host was signalled. Across
+        hosts that takes an allgather, so they compare only every `iterations` steps (at each
+        progress line) and at the last: a signal waits at most that many steps."""
         if jax.process_count() == 1:
             return STOP["signal"] is not None
+        if not always and step % config.iterations and step != config.train_steps:
+            return False
         flags = multihost_utils.process_allgather(np.asarray(STOP["signal"] is not None))
         return bool(np.any(flags))
 
@@ -197,7 +202,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
     step, values, stopped = start, {}, False
     window_start, window_steps, window_sums = time.perf_counter(), 0, None
     try:
-        if step < config.train_steps and stopping():  # signalled while starting: nothing new to save
+        if step < config.train_steps and stopping(step, always=True):  # signalled while starting: nothing new to save
             log.info("stopped by a signal before step %d; nothing new to save", step + 1)
             stopped = True
         while step < config.train_steps and not stopped:
@@ -211,7 +216,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
             step += 1
             window_steps += 1
             last = step == config.train_steps
-            stopped = stopping()
+            stopped = stopping(step)
             if step % config.iterations == 0 or last or stopped:
                 check_finite()
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
@@ -449,6 +454,7 @@ def run_eval(config, layout, eval_step, params, eval_data) -> float:
     positions of every batch)."""
     import inputs
 
+    layout = layout.for_batch(config.eval_batch_size)
     if config.mlm_training:
         return masked_lm_totals(config, eval_data, eval_step, params, layout)[0]
     losses = []
@@ -476,6 +482,7 @@ def evaluate(config, layout) -> dict:
     tasks = task_eval(params) if task_eval is not None else {}
     if tasks and jax.process_index() == 0:
         print(task_eval.line(step, tasks))
+    layout = layout.for_batch(config.eval_batch_size)  # an eval batch that does not divide runs unsplit
     split = "eval" if has_eval_data(config) else "train"
     data = inputs.Sampler(config, split)
     eval_step = model_fns.make_eval_step(config, layout, {"params": model_fns.param_shardings(config, layout)},
@@ -547,10 +554,16 @@ def dry_run(config, layout) -> dict:
     seconds = time.perf_counter() - start
     count = gpt2.parameter_count(config)
     print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
+    if config.moe_layers:
+        experts = gpt2.parameter_count(config, experts=True)
+        active = gpt2.parameter_count(config, matmul_only=True)
+        print(f"  dense {count - experts:,}, experts {experts:,} ({len(config.moe_layers)} MoE layers x "
+              f"{config.moe.num_experts} experts); a token's matmuls meet {active:,} (MFU counts these)")
     print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}; "
           f"microbatches per step: {model_fns.microbatch_count(config, layout)}")
     memory = compiled.memory_analysis()
-    report = {"parameters": count, "compile_seconds": seconds}
+    report = {"parameters": count, "compile_seconds": seconds,
+              "expert_parameters": gpt2.parameter_count(config, experts=True)}
     if memory is not None:
         gib = 2**30
         total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -561,5 +574,15 @@ def dry_run(config, layout) -> dict:
         report["per_device_bytes"] = total
         check_fits_in_memory(compiled, layout, config.source)
     print(f"train step compiled in {seconds:.1f} s")
+    if config.eval_steps > 0 and has_eval_data(config):
+        # what training will run at every checkpoint: a batch that would fail there fails here instead
+        start = time.perf_counter()
+        eval_layout = layout.for_batch(config.eval_batch_size)
+        eval_batch = jax.ShapeDtypeStruct((config.eval_batch_size, config.n_ctx), jax.numpy.int32)
+        eval_step = model_fns.make_eval_step(config, eval_layout, shardings, config.eval_batch_size)
+        eval_step.lower(state_shapes["params"], eval_batch, eval_batch).compile()
+        report["eval_compile_seconds"] = time.perf_counter() - start
+        print(f"eval step (eval_batch_size {config.eval_batch_size}"
+              f"{'' if eval_layout is layout else ', unsplit: it does not divide the batch axis'}) compiled in "
+              f"{report['eval_compile_seconds']:.1f} s")
     return report
-
