@@ -127,10 +127,8 @@ class ContinuationScorer:
         if config.mlm_training:
             raise ConfigError(f"{config.source}: key 'mlm_training' = True: a masked-LM model sees the word it "
                               "would predict, so it has no continuation likelihoods (eval_tasks, lm-eval)")
-        from sample import sampling_layout
-
-        # a batch the batch axis does not divide is replicated rather than refused
-        self.config, self.layout, self.batch_size = config, sampling_layout(layout, batch_size), batch_size
+        # a batch the batch axis does not divide runs unsplit rather than refused
+        self.config, self.layout, self.batch_size = config, layout.for_batch(batch_size), batch_size
 
     @functools.cached_property
     def _compiled(self):

@@ -107,10 +107,11 @@ def test_batched_sharded_scores_equal_each_pair_scored_alone(tokenizer):
                       "test")
     params = gpt2.init_params(config, jax.random.key(1))
     rng = np.random.default_rng(0)
+    # unpadded lengths 16 (two cut to their last n_ctx + 1 tokens) and 4: few programs for the reference
     pairs = [(rng.integers(0, 320, n).tolist(), rng.integers(0, 320, m).tolist())
-             for n, m in [(3, 1), (20, 2), (1, 4), (7, 3), (12, 1)]]
+             for n, m in [(3, 2), (20, 2), (1, 4), (12, 5), (4, 1)]]
     # a continuation the model's greedy choices make: the greedy flag must be true there
-    context = rng.integers(0, 320, 5).tolist()
+    context = rng.integers(0, 320, 4).tolist()
     greedy = [int(np.argmax(np.asarray(gpt2.logits(params, np.asarray([context], np.int32), config))[0, -1]))]
     pairs.append((context, greedy))
     expected = reference_scores(params, config, pairs)
@@ -137,6 +138,7 @@ def test_a_missing_or_malformed_lambada_file_is_one_clear_error(tmp_path, tokeni
         TaskEvaluator(lambada_config(write_lambada(tmp_path / "l.jsonl", PASSAGES), n_vocab=64), layout, tokenizer)
 
 
+@pytest.mark.slow
 def test_training_logs_lambada_at_every_checkpoint_to_metrics_and_tensorboard(tmp_path, tokenizer):
     import train
     from checkpoints import restore_params
@@ -150,8 +152,9 @@ def test_training_logs_lambada_at_every_checkpoint_to_metrics_and_tensorboard(tm
     lambada = write_lambada(tmp_path / "lambada.jsonl", PASSAGES)
     model_path = tmp_path / "run"
     config = load_config(str(model_config), [f"model_path={model_path}", "n_vocab=320", "eval_steps=0",
-                                             "train_steps=4", "steps_per_checkpoint=2", "n_layer=1", 'attention_types=[[["local"], 1]]', "embed_dropout=0",
-                                             "res_dropout=0", 'eval_tasks=["lambada"]', f"lambada_path={lambada}"])
+                                             "train_steps=4", "steps_per_checkpoint=2", "n_layer=1", 'attention_types=[[["local"], 1]]',
+                                             "n_ctx=16", "n_embd=32", "n_head=2", "train_batch_size=2",
+                                             "eval_batch_size=2", "embed_dropout=0", "res_dropout=0", 'eval_tasks=["lambada"]', f"lambada_path={lambada}"])
     layout = build_mesh_layout(config, jax.devices()[:1])
     result = train.run(config, layout=layout)
     assert result.step == 4
@@ -165,6 +168,9 @@ def test_training_logs_lambada_at_every_checkpoint_to_metrics_and_tensorboard(tm
         for name in ("lambada_acc", "lambada_log_ppl", "lambada_ppl"):
             assert logged[step][name] == pytest.approx(again[name], rel=1e-5)
     assert logged[2]["lambada_log_ppl"] != logged[4]["lambada_log_ppl"]
+    evaluated = train.evaluate(config, layout)  # --eval: the newest checkpoint's
+    assert evaluated["step"] == 4 and evaluated["lambada_acc"] == pytest.approx(logged[4]["lambada_acc"])
+    assert evaluated["lambada_log_ppl"] == pytest.approx(logged[4]["lambada_log_ppl"], rel=1e-5)
 
     assert scalar_steps(model_path / "tensorboard", "lambada_acc") == [2, 4]
 

@@ -24,7 +24,7 @@ from tests.test_eval_tasks import PASSAGES, log_softmax  # noqa: E402
 from tests.test_export import perturbed_params, save_checkpoint, write_config_file  # noqa: E402
 from tests.test_train import REPO, train_tiny_tokenizer  # noqa: E402
 
-N_CTX = 64
+N_CTX = 32
 TEXTS = ["the cat sat on the mat", "a bird flew over the river", "we went home to the garden and the house"]
 LONG_TEXT = " ".join(PASSAGES * 2)  # several n_ctx windows for the rolling loglikelihood
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -61,7 +61,7 @@ def checkpoint(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lm_eval")
     tokenizer_file = workdir / "tokenizer.json"
     train_tiny_tokenizer(TEXTS * 10 + PASSAGES * 5, tokenizer_file, ["<|endoftext|>"])
-    config_file = write_config_file(workdir, "tiny", tokenizer_file, n_ctx=N_CTX, n_layer=2,
+    config_file = write_config_file(workdir, "tiny", tokenizer_file, n_ctx=N_CTX, n_layer=2, n_embd=32, n_head=2,
                                     attention_types=[[["global", "local"], 1]], eval_batch_size=4)
     config = load_config(str(config_file))
     params = perturbed_params(config, seed=5)
@@ -88,11 +88,13 @@ def neomesh_lm_eval_cli(checkpoint, output: Path):
 
 
 def direct_log_likelihood(params, config, context: list[int], continuation: list[int]) -> float:
-    logits = np.asarray(gpt2.logits(params, np.asarray([(context + continuation)[:-1]], np.int32), config))[0]
+    forward = jax.jit(gpt2.logits, static_argnums=2)
+    logits = np.asarray(forward(params, np.asarray([(context + continuation)[:-1]], np.int32), config))[0]
     log_probs = log_softmax(logits)
     return float(sum(log_probs[len(context) - 1 + i, token] for i, token in enumerate(continuation)))
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_a_checkpoint_as_our_direct_scores_and_as_its_hf_backend_on_the_export(checkpoint, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -122,10 +124,9 @@ def test_lm_eval_scores_a_checkpoint_as_our_direct_scores_and_as_its_hf_backend_
 
     # 3. generate_until: our greedy decode, cut before the stop string
     generated = {s["doc"]["text"]: s["resps"][0][0] for s in samples["tiny_generate"]}
-    for text in TEXTS:
-        greedy = sample.generate(params, config, [tokenizer.encode(text)], tokenizer=tokenizer, max_new_tokens=6,
-                                 temperature=0.0, eos_id=eos).texts[0]
-        assert generated[text] == greedy.split(" river")[0]
+    greedy = sample.generate(params, config, [tokenizer.encode(text) for text in TEXTS], tokenizer=tokenizer,
+                             max_new_tokens=6, temperature=0.0, eos_id=eos).texts
+    assert [generated[text] for text in TEXTS] == [g.split(" river")[0] for g in greedy]
 
     # 4. the hf backend on the exported model: the same loglikelihoods (rolling windows included) and generations
     hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", device="cpu",
