@@ -55,8 +55,9 @@ def runs_on_accelerator() -> bool:
     return plugins is not None and any(pkgutil.iter_modules(plugins.submodule_search_locations))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="neomesh: GPT-3-style models on a named device mesh")
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """main.py's arguments; run_experiment.py takes the same ones (and adds its own)."""
+    parser = argparse.ArgumentParser(description="neomesh: GPT-3-style models on a named device mesh", add_help=add_help)
     parser.add_argument("--model", required=True, help="configs/NAME.json, or a path ending in .json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set train_steps=100")
@@ -91,7 +92,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peer_timeout", type=float, default=float(os.environ.get("NEOMESH_PEER_TIMEOUT", "60")),
                         help="multi-host: seconds without a sign of life from another process after which every "
                              "process stops with a message (instead of waiting in a collective for ever)")
-    return parser.parse_args(argv)
+    parser.add_argument("--metrics_fd", type=int, metavar="FD",
+                        help="also write every metric row as one JSON line to this inherited file descriptor "
+                             "(run_experiment.py reads it for sacred and its heartbeat)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def config_overrides(args) -> list[str]:
+    """The --set overrides, with the flags that stand for a config key (--steps_per_checkpoint)."""
+    overrides = list(args.set)
+    if args.steps_per_checkpoint:
+        overrides.append(f"steps_per_checkpoint={args.steps_per_checkpoint}")
+    return overrides
 
 
 def gpu_index(text: str) -> int:
@@ -273,12 +289,9 @@ def main(argv=None) -> int:
     setup_logging()
 
     try:
-        overrides = list(args.set)
-        if args.steps_per_checkpoint:
-            overrides.append(f"steps_per_checkpoint={args.steps_per_checkpoint}")
-        config = load_config(args.model, overrides)
+        config = load_config(args.model, config_overrides(args))
         select_devices(args)
-        code = run(args, config)
+        code = run(args, config, metric_sinks(args))
         ENDED["failed"] = code != 0
         return code
     except USER_ERRORS as err:
@@ -291,7 +304,22 @@ def main(argv=None) -> int:
         ENDED["ending"] = True
 
 
-def run(args, config) -> int:
+def metric_sinks(args) -> list:
+    """--metrics_fd: a sink writing every metric row to that descriptor, on process 0."""
+    if args.metrics_fd is None:
+        return []
+    from metrics import LineSink
+
+    try:
+        stream = os.fdopen(args.metrics_fd, "w", buffering=1)
+    except OSError as err:
+        from errors import ConfigError
+
+        raise ConfigError(f"--metrics_fd {args.metrics_fd}: not an open file descriptor ({err.strerror})") from None
+    return [LineSink(stream)]
+
+
+def run(args, config, sinks=()) -> int:
     import jax
 
     import storage
@@ -329,12 +357,16 @@ def run(args, config) -> int:
     import train
 
     if args.eval:
-        train.evaluate(config, layout)
+        result = train.evaluate(config, layout)
+        figures = {f"eval_{k}": v for k, v in result.items() if isinstance(v, float)}
+        for sink in sinks if jax.process_index() == 0 else ():
+            sink(result["step"], figures)
         return 0
     if args.dry_run:
         train.dry_run(config, layout)
         return 0
-    train.run(config, new=args.new, assume_yes=args.yes, allow_data_change=args.allow_data_change, layout=layout)
+    train.run(config, new=args.new, assume_yes=args.yes, allow_data_change=args.allow_data_change, layout=layout,
+              sinks=sinks)
     return 0
 
 

@@ -35,7 +35,11 @@ DIMENSION_LETTERS = {
     "kv": "k",
     "vocab": "v",
     "intermediate_expanded": "i",
-    "experts": "x",
+    "experts": "x",  # a mixture-of-experts layer's (models/moe.py)
+    "expert_hidden": "j",  # each expert's hidden width
+    "groups": "o",  # a row's routing groups
+    "group_tokens": "t",  # the positions of one group
+    "expert_capacity": "z",  # an expert's slots per group
     "embed_sequence": "p",
     "axial_rows": "r",  # axial_pos_emb's first table
     "axial_columns": "c",  # and its second

@@ -145,6 +145,24 @@ class RunLog:
                 raise storage.write_error(events._file_name, err) from None
 
 
+class LineSink:
+    """A metric sink writing each row as one line of metrics.jsonl's format to a stream (a pipe to
+    the process that watches this run: run_experiment.py). A reader that has gone away ends
+    nothing: the run's own records are metrics.jsonl and TensorBoard."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __call__(self, step: int, values: dict) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(metrics_row({"step": step, **values}))
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader closed its end
+            self.stream = None
+
+
 def progress_line(step: int, total: int, values: dict[str, float], seconds_per_step: float) -> str:
     parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}",
              f"{values['tokens_per_sec']:,.0f} tok/s"]

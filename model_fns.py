@@ -62,23 +62,27 @@ def masked_cross_entropy(hidden, output, labels, config, layout=None):
 
 
 def masked_lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
-    """mlm_training: (loss, cross_entropy, accuracy) over the masked positions (masked_cross_entropy)."""
+    """mlm_training: (loss, extras) over the masked positions (masked_cross_entropy); extras:
+    cross_entropy, accuracy and the model's metrics (gpt2.forward's aux)."""
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
     ce, z, accuracy = masked_cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
-    return ce + config.z_loss * z + sum(aux.values()), ce, accuracy
+    loss = ce + config.z_loss * z + sum(aux["losses"].values())
+    return loss, {"cross_entropy": ce, "accuracy": accuracy, **aux["metrics"]}
 
 
 def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
-    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, data loss).
-    The data loss (the `cross_entropy` metric, and --eval's loss) is the cross-entropy, or with
-    entmax_loss the entmax Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo).
-    With mlm_training the masked-LM loss: labels hold the original tokens at the masked positions
-    and inputs.NOT_PREDICTED elsewhere (inputs.MaskedLM)."""
+    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses (the MoE layers'
+    load balancing, added once): (loss, extras). extras["cross_entropy"] is the data loss (the
+    `cross_entropy` metric, and --eval's loss): the cross-entropy, or with entmax_loss the entmax
+    Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo); the rest are the model's
+    metrics. With mlm_training the masked-LM loss: labels hold the original tokens at the masked
+    positions and inputs.NOT_PREDICTED elsewhere (inputs.MaskedLM)."""
     if config.mlm_training:
-        return masked_lm_loss(params, inputs, labels, config, layout, dropout_rng)[:2]
+        loss, extras = masked_lm_loss(params, inputs, labels, config, layout, dropout_rng)
+        return loss, {name: value for name, value in extras.items() if name != "accuracy"}
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
     ce, z = cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
-    return ce + config.z_loss * z + sum(aux.values()), ce
+    return ce + config.z_loss * z + sum(aux["losses"].values()), {"cross_entropy": ce, **aux["metrics"]}
 
 
 def microbatch_count(config, layout: MeshLayout) -> int:
@@ -133,14 +137,17 @@ def init_state(config, layout: MeshLayout, optimizer, shardings):
 
 def make_train_step(config, layout: MeshLayout, optimizer, shardings):
     """(state, inputs, labels) -> (state, metrics); inputs and labels [batch, sequence]. metrics: loss,
-    cross_entropy, grad_norm, and with log_grads each parameter's gradient norm (grad_norm/<path>)."""
+    cross_entropy, grad_norm, the model's own (gpt2.forward: per MoE layer its dropped tokens and
+    busiest expert), and with log_grads each parameter's gradient norm (grad_norm/<path>)."""
     microbatches = microbatch_count(config, layout)
     batch_sharding = layout.sharding(BATCH_DIMS, (config.train_batch_size, config.n_ctx), name="batch")
-    dropout_on = max(config.embed_dropout, config.attn_dropout, config.res_dropout) > 0
+    # the step's random key: dropout, and the MoE router (its random second choices, and training's
+    # capacity factor: a key marks the forward as training)
+    random = max(config.embed_dropout, config.attn_dropout, config.res_dropout) > 0 or bool(config.moe_layers)
 
     def grads_of(params, inputs, labels, rng):
-        (loss, ce), grads = jax.value_and_grad(lm_loss, has_aux=True)(params, inputs, labels, config, layout, rng)
-        return loss, ce, grads
+        (loss, extras), grads = jax.value_and_grad(lm_loss, has_aux=True)(params, inputs, labels, config, layout, rng)
+        return loss, extras, grads
 
     batch_axis = layout.layout.get("batch")
     replicas = layout.batch_axis_size
@@ -148,12 +155,14 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
     # batch axis: it stays the replica's own (the tied embedding's lookup and output projection
     # contributions already summed) until one reduction after the microbatch loop. Left to the
     # partitioner, each contribution of each microbatch would be all-reduced on its own.
-    per_replica = replicas > 1 and list(layout.layout.values()).count(batch_axis) == 1
+    # A step with random draws (dropout, the MoE router) keeps to one forward over the whole batch:
+    # its draws are of the global batch's shape, so they, and the losses, are the same on every mesh.
+    per_replica = replicas > 1 and list(layout.layout.values()).count(batch_axis) == 1 and not random
     replica_layout = MeshLayout(layout.mesh, {dim: axis for dim, axis in layout.layout.items() if dim != "batch"})
     parts = replicas if per_replica else 1
 
     def accumulated_grads(params, inputs, labels, rng):
-        """(loss, cross_entropy, gradients) of the batch: per replica, accumulated over its microbatches."""
+        """(loss, extras, gradients) of the batch: per replica, accumulated over its microbatches."""
         # microbatch i takes rows i, i + m, i + 2m, ... of each replica's rows: every device keeps
         # its own rows, and each microbatch holds the same rows in the same order on every mesh
         def split(x):  # [batch, sequence] -> [microbatch, replica, row, sequence]
@@ -166,13 +175,12 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
         scored = jnp.maximum(jnp.sum(labels != NOT_PREDICTED), 1) / (microbatches * parts)
 
         def part_grads(mb_inputs, mb_labels, mb_rng, replica):
-            part_rng = jax.random.fold_in(mb_rng, replica) if mb_rng is not None and per_replica else mb_rng
-            (loss, ce), grads = jax.value_and_grad(lm_loss, has_aux=True)(
-                params, mb_inputs, mb_labels, config, replica_layout if per_replica else layout, part_rng)
+            (loss, extras), grads = jax.value_and_grad(lm_loss, has_aux=True)(
+                params, mb_inputs, mb_labels, config, replica_layout if per_replica else layout, mb_rng)
             if config.mlm_training:
                 weight = jnp.sum(mb_labels != NOT_PREDICTED) / scored
-                loss, ce, grads = jax.tree.map(lambda x: x * weight, (loss, ce, grads))
-            return loss, ce, grads
+                loss, extras, grads = jax.tree.map(lambda x: x * weight, (loss, extras, grads))
+            return loss, extras, grads
 
         every_part = jax.vmap(part_grads, in_axes=(0, 0, None, 0), spmd_axis_name=batch_axis if per_replica else None)
 
@@ -187,20 +195,18 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
             def accumulate(carry, micro):
                 return jax.tree.map(jnp.add, carry, microbatch(*micro)), None
 
-            def zeros_per_part(x):
-                return jnp.zeros((parts, *jnp.shape(x)), jnp.result_type(x))
-
-            zeros = jax.tree.map(zeros_per_part, (jnp.zeros(()), jnp.zeros(()), params))
+            shapes = jax.eval_shape(microbatch, 0, mb_inputs[0], mb_labels[0])
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), mb_inputs, mb_labels))
         return jax.tree.map(lambda x: jnp.sum(x, axis=0) / (microbatches * parts), total)
 
     def step_fn(state, inputs, labels):
-        rng = jax.random.fold_in(jax.random.key(config.seed), state["step"]) if dropout_on else None
+        rng = jax.random.fold_in(jax.random.key(config.seed), state["step"]) if random else None
         params = state["params"]
         if microbatches == 1 and not per_replica:
-            loss, ce, grads = grads_of(params, inputs, labels, rng)
+            loss, extras, grads = grads_of(params, inputs, labels, rng)
         else:
-            loss, ce, grads = accumulated_grads(params, inputs, labels, rng)
+            loss, extras, grads = accumulated_grads(params, inputs, labels, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -210,7 +216,7 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
             new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                                  (new_params, opt_state), (params, state["opt_state"]))
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
-        metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": grad_norm, "finite": finite}
+        metrics = {"loss": loss, **extras, "grad_norm": grad_norm, "finite": finite}
         if config.log_grads:  # GPT-Neo's per-variable gradient norms, by the parameter's path
             metrics |= {f"grad_norm/{parameter_name(path)}": jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
                         for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
@@ -236,8 +242,10 @@ def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):
 
     def eval_fn(params, inputs, labels):
         if config.mlm_training:
-            return (*masked_lm_loss(params, inputs, labels, config, layout), jnp.sum(labels != NOT_PREDICTED))
-        return lm_loss(params, inputs, labels, config, layout)
+            loss, extras = masked_lm_loss(params, inputs, labels, config, layout)
+            return loss, extras["cross_entropy"], extras["accuracy"], jnp.sum(labels != NOT_PREDICTED)
+        loss, extras = lm_loss(params, inputs, labels, config, layout)
+        return loss, extras["cross_entropy"]
 
     return jax.jit(eval_fn, in_shardings=(shardings["params"], batch_sharding, batch_sharding))
 

@@ -46,7 +46,7 @@ MAY_CHANGE_ON_RESUME = RUN_KEYS + (
     "lr", "lr_decay", "lr_decay_end", "warmup_steps", "beta1", "beta2", "epsilon", "ada_epsilon1", "ada_epsilon2",
     "z_loss", "embed_dropout", "attn_dropout", "res_dropout", "recompute_grad", "tokens_per_mb_per_replica",
     "attention_kernel", "cpu_backward", "mesh_shape", "layout", "log_grads", "skip_nonfinite_steps", "temperature",
-    "top_k", "top_p", "repetition_penalty", "sampling_seed", "predict_steps", "eval_tasks", "model")
+    "top_k", "top_p", "repetition_penalty", "sampling_seed", "predict_steps", "eval_tasks", "lambada_path", "model")
 
 
 @dataclasses.dataclass
@@ -146,6 +146,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
     train_step = model_fns.make_train_step(config, layout, optimizer, shardings)
     eval_layout = layout.for_batch(config.eval_batch_size)  # an eval batch that does not divide runs unsplit
     eval_step = model_fns.make_eval_step(config, eval_layout, shardings, config.eval_batch_size) if eval_data else None
+    task_eval = task_evaluator(config, layout)  # a missing task file is refused before any step
 
     run_log = RunLog(config.model_path, main_process, start)
     every_sink = [run_log.log, *sinks] if main_process else []
@@ -240,6 +241,12 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
                         print(f"step {step} | eval loss {eval_loss:.4f}", flush=True)
                     emit(step, {"eval_loss": eval_loss})
                     values = {**values, "eval_loss": eval_loss}
+                if task_eval is not None and not stopped:
+                    scores = task_eval(state["params"])
+                    if main_process:
+                        print(task_eval.line(step, scores), flush=True)
+                    emit(step, scores)
+                    values = {**values, **scores}
                 # saving and evaluating are not training time; the loss window runs on to the next line
                 window_start += time.perf_counter() - saving_started
             if stopped:
@@ -433,6 +440,15 @@ def has_eval_data(config) -> bool:
     return any(dataset.eval_path for dataset in resolve_datasets(config))
 
 
+def task_evaluator(config, layout):
+    """eval_tasks.TaskEvaluator for the config's eval_tasks (read and tokenized now), or None."""
+    if not config.eval_tasks:
+        return None
+    from eval_tasks import TaskEvaluator
+
+    return TaskEvaluator(config, layout)
+
+
 def run_eval(config, layout, eval_step, params, eval_data) -> float:
     """The evaluation loss while training: the mean cross-entropy (of an MLM model, over the masked
     positions of every batch)."""
@@ -450,7 +466,8 @@ def run_eval(config, layout, eval_step, params, eval_data) -> float:
 
 def evaluate(config, layout) -> dict:
     """--eval: cross-entropy, perplexity and bits per byte of the newest checkpoint on eval_path
-    (the train split when there is none); printed on process 0, and returned."""
+    (the train split when there is none), and the scores of eval_tasks; printed on process 0, and
+    returned."""
     import math
 
     import jax
@@ -461,6 +478,10 @@ def evaluate(config, layout) -> dict:
     from checkpoints import restore_params
 
     params, step = restore_params(config, layout)
+    task_eval = task_evaluator(config, layout)
+    tasks = task_eval(params) if task_eval is not None else {}
+    if tasks and jax.process_index() == 0:
+        print(task_eval.line(step, tasks))
     layout = layout.for_batch(config.eval_batch_size)  # an eval batch that does not divide runs unsplit
     split = "eval" if has_eval_data(config) else "train"
     data = inputs.Sampler(config, split)
@@ -481,7 +502,8 @@ def evaluate(config, layout) -> dict:
     bits_per_byte = loss * token_count / max(byte_count, 1) / math.log(2)
     if jax.process_index() == 0:
         print(f"step {step} | {split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits per byte {bits_per_byte:.4f}")
-    return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte}
+    return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte,
+            **tasks}
 
 
 def evaluate_masked_lm(config, data, split: str, eval_step, params, step: int, layout) -> dict:
@@ -531,13 +553,17 @@ def dry_run(config, layout) -> dict:
     compiled = step.lower(state_shapes, batch, batch).compile()
     seconds = time.perf_counter() - start
     count = gpt2.parameter_count(config)
-    expert = expert_parameter_count(config)
-    print(f"parameters: {count:,} ({count / 1e6:.1f}M)"
-          + (f"; dense {count - expert:,}, expert {expert:,}" if expert else ""))
+    print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
+    if config.moe_layers:
+        experts = gpt2.parameter_count(config, experts=True)
+        active = gpt2.parameter_count(config, matmul_only=True)
+        print(f"  dense {count - experts:,}, experts {experts:,} ({len(config.moe_layers)} MoE layers x "
+              f"{config.moe.num_experts} experts); a token's matmuls meet {active:,} (MFU counts these)")
     print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}; "
           f"microbatches per step: {model_fns.microbatch_count(config, layout)}")
     memory = compiled.memory_analysis()
-    report = {"parameters": count, "compile_seconds": seconds}
+    report = {"parameters": count, "compile_seconds": seconds,
+              "expert_parameters": gpt2.parameter_count(config, experts=True)}
     if memory is not None:
         gib = 2**30
         total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -559,19 +585,4 @@ def dry_run(config, layout) -> dict:
         print(f"eval step (eval_batch_size {config.eval_batch_size}"
               f"{'' if eval_layout is layout else ', unsplit: it does not divide the batch axis'}) compiled in "
               f"{report['eval_compile_seconds']:.1f} s")
-    report["expert_parameters"] = expert
     return report
-
-
-def expert_parameter_count(config) -> int:
-    """The parameters of weights with an `experts` dimension (a mixture of experts' per-expert
-    weights; a token uses only its routed experts' share of them); 0 for a dense model."""
-    import math
-
-    import jax
-
-    from models import gpt2
-
-    return sum(math.prod(gpt2.shape_of(w, config)) for w in jax.tree.leaves(gpt2.weights(config), is_leaf=gpt2.is_weight)
-               if "experts" in w.dims)
-

@@ -363,11 +363,13 @@ def test_training_logs_gradient_norms_with_log_grads_and_each_unused_gpt_neo_key
     assert record["step"] == 2 and record["grad_norm/wte"] > 0 and "grad_norm/blocks.1.mlp.fc" in record
 
 
-def test_main_refuses_an_option_neomesh_does_not_implement_in_one_line(tmp_path):
-    result = main_py("--model", "demo", "--set", "moe_layers=[1]", "--dry_run", check=False)
+def test_main_refuses_an_unknown_moe_params_key_in_one_line_naming_it(tmp_path):
+    result = main_py("--model", "demo", "--set", "moe_layers=[1]", "--set", 'moe_params={"moe_num_expert": 4}',
+                     "--dry_run", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "key 'moe_layers' = [1]" in result.stderr and "not implement" in result.stderr
+    assert "key 'moe_params'" in result.stderr and "'moe_num_expert'" in result.stderr
+    assert "did you mean 'moe_num_experts'" in result.stderr
 
 
 def test_training_refuses_token_ids_at_or_above_n_vocab(tmp_path):
