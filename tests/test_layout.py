@@ -65,7 +65,10 @@ def test_every_tensor_the_layout_names_is_split_in_the_compiled_train_step(layou
         if not any(d in layout for d in dims):
             continue
         shape = per_device_shape(dims, layout)
-        assert f"f32{shape}" in hlo, f"{name} {dims}: no per-device f32{shape} in the step under {layout_text}"
+        # data parallel, the step computes each batch replica as one row of a vmap over the batch
+        # axis: a device holds its replica's rows behind a leading replica dimension of size 1
+        forms = [f"f32{shape}"] + ([f"f32[1,{shape[1:]}"] if "batch" in layout else [])
+        assert any(form in hlo for form in forms), f"{name} {dims}: no per-device {forms} in the step under {layout_text}"
 
 
 def test_memory_length_changes_the_compiled_step():

@@ -85,7 +85,6 @@ def test_two_processes_data_parallel_equal_one_process_and_checkpoints_resume_ac
     # one process's checkpoint at step 2 (its step 4 removed), continued by two processes
     shutil.copytree(reference, one_then_two)
     shutil.rmtree(one_then_two / "checkpoints" / "4")
-    (one_then_two / "neomesh.lock").unlink(missing_ok=True)
     two_processes("--model", str(model_config), *sets(one_then_two, "train_steps=4"))
 
     expected = metric(reference, "loss")
@@ -141,3 +140,8 @@ def test_when_one_process_dies_the_other_stops_within_the_peer_timeout_with_a_me
     assert workers[0].returncode == 3, out[-3000:]
     assert "error: process 1 of 2 has given no sign of life" in out and "Traceback" not in out
     assert waited < 30, waited
+    # every process started again (here: one, on as many devices) resumes from the newest checkpoint
+    saved = max(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    resumed = one_process("--model", str(model_config), *sets(tmp_path / "run", f"train_steps={saved + 1}",
+                                                              "eval_steps=0"))
+    assert f"at step {saved}" in resumed.stdout and f"step {saved + 1}/{saved + 1}" in resumed.stdout
