@@ -69,8 +69,8 @@ KEYS: dict[str, Key] = {
     "mlp_glu": Key(False, "bool", "gated linear unit MLP: h * activation(gate), both halves intermediate_expanded wide (silu: SwiGLU)"),
     "share_parameters": Key(False, "bool", "one block's parameters for every layer; each layer keeps its attention kind"),
     "moe_layers": Key(None, "list?", "0-indexed layers whose MLP is a mixture of experts", "[0, n_layer)"),
-    "moe_params": Key(None, "dict?", "mixture-of-experts settings (experts, gating, hidden size)"),
-    "moe_activation": Key("relu", "str", "activation inside the experts"),
+    "moe_params": Key(None, "dict?", "mixture-of-experts settings: any of MOE_PARAMS' keys (mesh-tensorflow's names), the rest at their defaults"),
+    "moe_activation": Key("relu", "any", "activation inside the experts (models/activations.py's names), or a list of them (GPT-Neo's form) for a gated expert: one input projection per entry, their activations multiplied; \"linear\" is the identity, e.g. [\"gelu\", \"linear\"]"),
     "entmax_loss": Key(False, "bool", "the entmax-1.3 Fenchel-Young loss instead of softmax cross-entropy (models/entmax.py); z_loss then does not apply, as in GPT-Neo"),
     "mlm_training": Key(False, "bool", "masked-language-model objective instead of causal LM"),
     "mlm_mask_id": Key(None, "int?", "token id of the MLM mask token", "[0, n_vocab)"),
@@ -137,7 +137,8 @@ KEYS: dict[str, Key] = {
     # --- evaluation ----------------------------------------------------------------------------
     "eval_batch_size": Key(8, "int", "sequences per evaluation batch", "[1, 2^31)"),
     "eval_steps": Key(0, "int", "evaluation batches every checkpoint (0: no evaluation while training)", "[0, 2^31)"),
-    "eval_tasks": Key([], "list", "task evaluations (GPT-Neo: lambada); neomesh implements none yet, so a non-empty list is refused"),
+    "eval_tasks": Key([], "list", "task evaluations at every checkpoint and on --eval (eval_tasks.py): lambada (last-word accuracy lambada_acc, lambada_log_ppl, lambada_ppl)"),
+    "lambada_path": Key("", "str", "eval_tasks lambada: the LAMBADA jsonl, one {\"text\": passage} per line (OpenAI's lambada_test.jsonl), local or gs://; never downloaded"),
     # --- sampling ------------------------------------------------------------------------------
     "predict_batch_size": Key(1, "int", "completions sampled per prompt", "[1, 2^31)"),
     "predict_steps": Key(0, "int", "GPT-Neo: above 0, sample from the prompt at every checkpoint while training; neomesh does not (run main.py --predict), so above 0 is logged once", "[0, 2^31)"),
@@ -150,9 +151,27 @@ KEYS: dict[str, Key] = {
 }
 # fmt: on
 
+# moe_params: mesh-tensorflow 0.1.18's names and defaults, which GPT-Neo passed through (models/moe.py)
+MOE_PARAMS: dict[str, Key] = {
+    "moe_num_experts": Key(16, "int", "experts per MoE layer (dimension `experts`)", "[1, 2^31)"),
+    "moe_gating": Key("top_2", "str", "each token goes to its best expert (top_1) or to its best two (top_2)", "top_1 | top_2"),
+    "moe_capacity_factor_train": Key(1.25, "float", "training: an expert takes at most int(group tokens * this / experts) tokens of a group", "(0, inf)"),
+    "moe_capacity_factor_eval": Key(2.0, "float", "the same in evaluation (decoding with a cache has no capacity limit)", "(0, inf)"),
+    "moe_hidden_size": Key(4096, "int", "each expert's hidden width (dimension `expert_hidden`)", "[1, 2^31)"),
+    "moe_group_size": Key(1024, "int", "tokens routed together: a row's run of at most this many positions (the largest divisor of n_ctx up to it)", "[1, 2^31)"),
+    "moe_min_expert_capacity": Key(1, "int", "an expert's capacity is at least this", "[1, 2^31)"),
+    "moe_loss_coef": Key(1e-2, "float", "weight of each MoE layer's load-balancing loss", "[0, inf)"),
+    "moe_second_policy_train": Key("random", "str", "top_2, training: which second choices are kept: all | none | threshold (gate > threshold) | random (with probability gate / threshold)", "all | none | threshold | random"),
+    "moe_second_policy_eval": Key("random", "str", "the same in evaluation and decoding, where random acts as threshold (deterministic)", "all | none | threshold | random"),
+    "moe_second_threshold_train": Key(0.2, "float", "the threshold of moe_second_policy_train", "[0, 1]"),
+    "moe_second_threshold_eval": Key(0.2, "float", "the threshold of moe_second_policy_eval", "[0, 1]"),
+    "moe_dropout_rate": Key(0.0, "float", "dropout on the experts' hidden activations while training", "[0, 1)"),
+    "moe_use_second_place_loss": Key(False, "bool", "mesh-tensorflow's extra balancing loss on second choices; neomesh does not build it, so true is refused"),
+}
+
 ATTENTION_KINDS = ("global", "local", "linear", "gau", "none")
 INPUT_FNS = ("sequential_input", "generic_text")  # GPT-Neo's readers; neomesh has one sampler for both
-EVAL_TASKS = {"lambada": False}  # GPT-Neo's task evaluations: name -> implemented in neomesh
+EVAL_TASKS = {"lambada": True}  # GPT-Neo's task evaluations: name -> implemented in neomesh (eval_tasks.py)
 
 
 # --- GPT-Neo's architecture options: what neomesh builds, what Hugging Face GPTNeo can hold ------
@@ -198,7 +217,7 @@ OPTIONS: dict[str, Option] = {
     "mlp_glu":                 Option("a gated (GLU) MLP",                                     True,  False, "a plain two-layer MLP"),
     "share_parameters":        Option("parameters shared across layers",                       True,  False, "separate weights in every layer"),
     "no_weight_tie":           Option("an untied output projection",                           True,  False, "lm_head tied to wte"),
-    "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", False, False, "no mixture of experts"),
+    "moe_layers":              Option("mixture-of-experts layers (moe_params, moe_activation)", True,  False, "no mixture of experts"),
     "entmax_loss":             Option("the entmax loss",                                       True,  False, "softmax outputs only"),
     "mlm_training":            Option("the masked-LM objective (the mlm_* keys)",               True,  False, "a causal LM only"),
     "activation_function":     Option("an activation outside Hugging Face's names",            True,  False,
@@ -248,6 +267,17 @@ class Config:
         return self.gau_expanded_size or 2 * self.n_embd
 
     @property
+    def moe(self):
+        """moe_params over MOE_PARAMS' defaults, by name without the moe_ prefix (moe.num_experts)."""
+        from types import SimpleNamespace
+
+        values = {key: spec.default for key, spec in MOE_PARAMS.items()} | (self.moe_params or {})
+        return SimpleNamespace(**{key.removeprefix("moe_"): value for key, value in values.items()})
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in (self.moe_layers or ())
+
+    @property
     def dim_sizes(self) -> dict[str, int]:
         """Size of every named tensor dimension (design §3)."""
         return {
@@ -264,6 +294,8 @@ class Config:
             "mem_kv": self.num_mem_kv,
             "gau_key": self.gau_key_size,
             "gau_expanded": self.gau_expanded,
+            "experts": self.moe.num_experts,
+            "expert_hidden": self.moe.hidden_size,
             "batch": self.train_batch_size,
             "lora_rank": self.lora_rank,
             "virtual_tokens": self.prompt_tuning_tokens,
@@ -552,6 +584,11 @@ def validate(raw: dict[str, Any], source: str) -> Config:
             fail("eval_tasks", f"unknown task {show(task)}; GPT-Neo's tasks: {', '.join(EVAL_TASKS)}")
         if not EVAL_TASKS[task]:
             fail("eval_tasks", f"task evaluation ({task!r}) is not implemented in neomesh yet; accepted: []")
+    if "lambada" in values["eval_tasks"] and not values["lambada_path"]:
+        fail("lambada_path", "is empty but eval_tasks has 'lambada'; set it to the LAMBADA test set as jsonl, "
+                             "one {\"text\": ...} per line (OpenAI's lambada_test.jsonl; neomesh downloads nothing)")
+    if values["eval_tasks"] and values["mlm_training"]:
+        fail("eval_tasks", "task evaluations score a causal model's next words; a masked-LM model (mlm_training) has none")
     kinds = expand_attention_types(values["attention_types"], values["n_layer"])
     if values["rotary_emb"] and "gau" in kinds and values["gau_key_size"] % 2:
         fail("gau_key_size", "must be even with rotary_emb: rotary embeddings turn pairs of dimensions")
@@ -568,6 +605,7 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         check_dataset_entry(entry, source)
     if values["mlm_training"]:
         check_masked_lm(values, fail)
+    values["moe_params"] = check_moe(values, source, fail)
     check_fine_tuning(values, kinds, fail)
 
     from mesh import parse_layout, parse_mesh_shape
@@ -608,6 +646,14 @@ def check_sizes(config: Config) -> None:
     arrays.append(("the attention scores [batch, heads, sequence, memory_length]",
                    tokens * config.n_head * (config.n_ctx + config.num_mem_kv)))
     arrays.append(("the MLP activations [batch, sequence, intermediate_expanded]", tokens * config.mlp_width))
+    if config.moe_layers:
+        from models.moe import expert_capacity, group_tokens
+
+        moe = config.moe
+        capacity = expert_capacity(group_tokens(config.n_ctx, moe.group_size), moe.num_experts,
+                                   max(moe.capacity_factor_train, moe.capacity_factor_eval), moe.min_expert_capacity)
+        arrays.append(("the MoE dispatch [batch, groups, group_tokens, experts, expert_capacity]",
+                       tokens * moe.num_experts * capacity))
     parameters = sum(count for name, count in arrays if name.startswith("weight "))
     arrays.append(("all parameters together", parameters))
     for name, elements in arrays:
@@ -656,6 +702,36 @@ def check_fine_tuning(values: dict[str, Any], kinds: list[str], fail) -> None:
         fail("prefix_mlp_width", "is set but prefix_tuning is off")
     if values["lora_base"] and not (values["lora_rank"] or values["prompt_tuning_tokens"] or values["prefix_tuning"]):
         fail("lora_base", "names a base model, but no fine-tuning adapter is on (lora_rank, prompt_tuning_tokens, prefix_tuning)")
+
+
+def check_moe(values: dict[str, Any], source: str, fail) -> dict[str, Any] | None:
+    """moe_params' keys, each against MOE_PARAMS, and moe_activation; returns moe_params as checked."""
+    from models.moe import EXPERT_ACTIVATIONS
+
+    activation = values["moe_activation"]
+    names = [activation] if isinstance(activation, str) else activation
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        fail("moe_activation", 'takes an activation name or a non-empty list of them, e.g. "relu" or ["gelu", "linear"]')
+    for name in names:
+        if name not in EXPERT_ACTIVATIONS:
+            close = difflib.get_close_matches(name, EXPERT_ACTIVATIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            fail("moe_activation", f"unknown activation {show(name)}{hint} (accepted: {', '.join(sorted(EXPERT_ACTIVATIONS))})")
+    params = values["moe_params"]
+    if params is None:
+        return None
+    checked = {}
+    for key, value in params.items():
+        if key not in MOE_PARAMS:
+            close = difflib.get_close_matches(str(key), MOE_PARAMS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            fail("moe_params", f"unknown key {show(key)}{hint} (accepted: {', '.join(MOE_PARAMS)})")
+        name = f"moe_params.{key}"
+        checked[key] = check_type(name, value, MOE_PARAMS[key].kind, source)
+        check_accepts(name, checked[key], MOE_PARAMS[key], values, source)
+    if checked.get("moe_use_second_place_loss"):
+        fail("moe_params", "moe_use_second_place_loss: neomesh does not build the second-place loss; accepted: false")
+    return checked
 
 
 def check_dataset_entry(entry: Any, source: str) -> None:

@@ -14,6 +14,7 @@ wrapper); this file parses the command line, chooses devices and dispatches.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -54,8 +55,9 @@ def runs_on_accelerator() -> bool:
     return plugins is not None and any(pkgutil.iter_modules(plugins.submodule_search_locations))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="neomesh: GPT-3-style models on a named device mesh")
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """main.py's arguments; run_experiment.py takes the same ones (and adds its own)."""
+    parser = argparse.ArgumentParser(description="neomesh: GPT-3-style models on a named device mesh", add_help=add_help)
     parser.add_argument("--model", required=True, help="configs/NAME.json, or a path ending in .json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set train_steps=100")
@@ -66,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="resume although seed, train_batch_size, n_ctx or datasets changed since the checkpoint "
                              "(the data order then differs from an uninterrupted run's)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="validate, check that the datasets' shards exist, compile the train step, print parameter "
+                        help="validate, check that the datasets' shards exist, compile the train and eval steps, print parameter "
                              "count and per-device memory (refused beyond a device's memory), exit")
     parser.add_argument("--eval", action="store_true", help="evaluate the newest checkpoint on eval_path")
     parser.add_argument("--predict", action="store_true", help="sample from the newest checkpoint")
@@ -87,21 +89,184 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="host:port of process 0, for multi-host GPU or CPU runs")
     parser.add_argument("--num_processes", type=int, default=int(os.environ.get("NEOMESH_NUM_PROCESSES", "1")))
     parser.add_argument("--process_id", type=int, default=int(os.environ.get("NEOMESH_PROCESS_ID", "0")))
-    return parser.parse_args(argv)
+    parser.add_argument("--peer_timeout", type=float, default=float(os.environ.get("NEOMESH_PEER_TIMEOUT", "60")),
+                        help="multi-host: seconds without a sign of life from another process after which every "
+                             "process stops with a message (instead of waiting in a collective for ever)")
+    parser.add_argument("--metrics_fd", type=int, metavar="FD",
+                        help="also write every metric row as one JSON line to this inherited file descriptor "
+                             "(run_experiment.py reads it for sacred and its heartbeat)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def config_overrides(args) -> list[str]:
+    """The --set overrides, with the flags that stand for a config key (--steps_per_checkpoint)."""
+    overrides = list(args.set)
+    if args.steps_per_checkpoint:
+        overrides.append(f"steps_per_checkpoint={args.steps_per_checkpoint}")
+    return overrides
+
+
+def gpu_index(text: str) -> int:
+    """A --gpu_ids entry -> the GPU's index: "1", or GPT-Neo's "device:GPU:1" spelling."""
+    from errors import ConfigError
+
+    index = text.rsplit(":", 1)[-1].strip()
+    if not index.isascii() or not index.isdigit():
+        raise ConfigError(f"--gpu_ids: {text!r} is not a GPU index; expected integers, e.g. --gpu_ids 0 1 2")
+    return int(index)
 
 
 def select_devices(args) -> None:
-    """Choose devices and join the other hosts; must run before JAX touches a backend."""
-    if args.gpu_ids:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(i.split(":")[-1] for i in args.gpu_ids)
+    """Choose devices and join the other hosts; must run before JAX touches a backend. Devices the
+    command line asks for that this machine does not have are one clear error, never a silent CPU run."""
+    from errors import ConfigError
+
+    if args.gpu_ids and args.tpu:
+        raise ConfigError("--gpu_ids and --tpu both given: choose one")
+    gpu_ids = [gpu_index(text) for text in args.gpu_ids or []]
+    if len(set(gpu_ids)) != len(gpu_ids):
+        raise ConfigError(f"--gpu_ids {' '.join(args.gpu_ids)}: a GPU is named twice")
+    if gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+    pod_slice = args.tpu and args.tpu != "colab" and not args.coordinator_address
+    if pod_slice and importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--tpu {args.tpu}: this machine has no TPU runtime (the libtpu package is not "
+                          "installed); run the command on every host of the TPU VM or pod slice, or leave out --tpu")
     import jax
 
     if args.coordinator_address:
         # CPU processes need a collectives backend; accelerators ignore this setting
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif args.tpu and args.tpu != "colab":
-        jax.distributed.initialize()  # a TPU pod slice finds its hosts by itself
+    elif pod_slice:
+        try:
+            jax.distributed.initialize()  # a TPU pod slice finds its hosts by itself
+        except (ValueError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"--tpu {args.tpu}: could not find the TPU slice's hosts ({reason}); run on a TPU VM "
+                              "of the slice, or give --coordinator_address, --num_processes and --process_id") from None
+    if jax.process_count() > 1:
+        if not args.peer_timeout > 0:
+            raise ConfigError(f"--peer_timeout {args.peer_timeout}: expected a positive number of seconds")
+        PeerWatchdog(args.peer_timeout).start()
+    if gpu_ids:
+        gpus = accelerators("gpu")
+        if not gpus:
+            raise ConfigError(f"--gpu_ids {' '.join(args.gpu_ids)}: JAX finds no GPU with those indices on this machine "
+                              f"(it would run on {jax.default_backend()}); leave out --gpu_ids to run there")
+        if len(gpus) != len(gpu_ids):
+            raise ConfigError(f"--gpu_ids {' '.join(args.gpu_ids)}: asks for {len(gpu_ids)} GPUs, JAX finds "
+                              f"{len(gpus)} of them on this machine")
+    if args.tpu and not accelerators("tpu"):
+        where = "a Colab TPU runtime" if args.tpu == "colab" else "a TPU"
+        raise ConfigError(f"--tpu {args.tpu}: JAX finds no TPU here (it would run on {jax.default_backend()}); run in "
+                          f"{where}, or leave out --tpu")
+
+
+def accelerators(platform: str) -> list:
+    """This process's devices of `platform` ("gpu", "tpu"), [] where JAX has none (or may not use
+    it: JAX_PLATFORMS), and only when that is also the backend JAX computes on."""
+    import jax
+
+    try:
+        devices = jax.local_devices(backend=platform)
+    except RuntimeError:  # no such backend, or it failed to start
+        return []
+    return devices if jax.default_backend() == platform else []
+
+
+class PeerWatchdog:
+    """Multi-host: stop this process, with a message, when another process of the run is gone.
+
+    A process that dies mid-step leaves the others waiting in a collective that never completes
+    (until the coordination service aborts them, a minute or more later, with SIGABRT). Each process
+    posts a heartbeat to the coordinator's key-value store from a thread of its own; a peer whose
+    heartbeat stops for `timeout` seconds, or a coordinator that no longer answers, ends this
+    process with one line and exit code 3. A process that ends posts whether it finished or failed,
+    so that the others do not wait out the timeout for it. Orbax commits a checkpoint only once it
+    is complete, so a later start of every process resumes from the newest complete one."""
+
+    PREFIX = "neomesh/peers/"
+    EXIT_CODE = 3
+
+    def __init__(self, timeout: float):
+        import jax
+        from jax._src import distributed
+
+        self.client = distributed.global_state.client
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self.timeout = timeout
+        self.interval = max(min(timeout / 5, 5.0), 0.2)
+        self.beats = 0
+
+    def start(self) -> None:
+        import atexit
+        import threading
+
+        if self.client is None:
+            return
+        self.post("alive", 0)
+        atexit.register(self.post_end)
+        threading.Thread(target=self.watch, name="neomesh-peer-watchdog", daemon=True).start()
+
+    def post(self, state: str, beat: int) -> None:
+        self.client.key_value_set(f"{self.PREFIX}{self.me}", f"{state} {beat}", allow_overwrite=True)
+
+    def post_end(self) -> None:
+        try:
+            self.post("failed" if ENDED["failed"] else "finished", self.beats)
+        except Exception:  # noqa: BLE001 - the coordinator may be gone already; nothing to tell
+            pass
+
+    def watch(self) -> None:
+        import time
+
+        last_seen = {peer: (None, time.monotonic()) for peer in range(self.count) if peer != self.me}
+        while True:
+            time.sleep(self.interval)
+            self.beats += 1
+            now = time.monotonic()
+            try:
+                self.post("alive", self.beats)
+                for peer, (seen, since) in list(last_seen.items()):
+                    value = self.peer_state(peer)
+                    if value is None:  # not started yet: its time runs from ours
+                        pass
+                    elif value.startswith("finished"):
+                        del last_seen[peer]
+                    elif value.startswith("failed"):
+                        self.stop(f"process {peer} of {self.count} failed (its own output says why)")
+                    elif value != seen:
+                        last_seen[peer] = (value, now)
+                    elif now - since > self.timeout:
+                        self.stop(f"process {peer} of {self.count} has given no sign of life for {now - since:.0f} s "
+                                  "(--peer_timeout)")
+            except Exception as err:  # noqa: BLE001 - the coordinator (process 0) is gone: any error says so
+                if ENDED["ending"]:
+                    return
+                self.stop(f"the coordinator (process 0) no longer answers ({str(err).strip().splitlines()[0][:200]})")
+
+    def peer_state(self, peer: int) -> str | None:
+        try:
+            return self.client.key_value_try_get(f"{self.PREFIX}{peer}")
+        except Exception as err:  # noqa: BLE001 - jaxlib raises a plain error; NOT_FOUND: nothing posted yet
+            if "NOT_FOUND" in str(err) or "not found" in str(err).lower():
+                return None
+            raise
+
+    def stop(self, why: str) -> None:
+        if ENDED["ending"]:  # this process is ending on its own, with its own message
+            return
+        print(f"error: {why}; process {self.me} stops too. Start every process again to resume from the newest "
+              "complete checkpoint in model_path", file=sys.stderr, flush=True)
+        os._exit(self.EXIT_CODE)
+
+
+ENDED = {"failed": False, "ending": False}  # how main() ended, for PeerWatchdog.post_end
 
 
 def trains(args) -> bool:
@@ -111,6 +276,7 @@ def trains(args) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    ENDED.update(failed=False, ending=False)
     import storage  # noqa: F401  (first: translates STORAGE_EMULATOR_HOST before any storage library starts)
     import train
 
@@ -123,17 +289,37 @@ def main(argv=None) -> int:
     setup_logging()
 
     try:
-        overrides = list(args.set)
-        if args.steps_per_checkpoint:
-            overrides.append(f"steps_per_checkpoint={args.steps_per_checkpoint}")
-        config = load_config(args.model, overrides)
+        config = load_config(args.model, config_overrides(args))
         select_devices(args)
-        return run(args, config)
+        code = run(args, config, metric_sinks(args))
+        ENDED["failed"] = code != 0
+        return code
     except USER_ERRORS as err:
+        ENDED["failed"] = True
         return report_user_error(err)
+    except BaseException:
+        ENDED["failed"] = True
+        raise
+    finally:
+        ENDED["ending"] = True
 
 
-def run(args, config) -> int:
+def metric_sinks(args) -> list:
+    """--metrics_fd: a sink writing every metric row to that descriptor, on process 0."""
+    if args.metrics_fd is None:
+        return []
+    from metrics import LineSink
+
+    try:
+        stream = os.fdopen(args.metrics_fd, "w", buffering=1)
+    except OSError as err:
+        from errors import ConfigError
+
+        raise ConfigError(f"--metrics_fd {args.metrics_fd}: not an open file descriptor ({err.strerror})") from None
+    return [LineSink(stream)]
+
+
+def run(args, config, sinks=()) -> int:
     import jax
 
     import storage
@@ -171,12 +357,16 @@ def run(args, config) -> int:
     import train
 
     if args.eval:
-        train.evaluate(config, layout)
+        result = train.evaluate(config, layout)
+        figures = {f"eval_{k}": v for k, v in result.items() if isinstance(v, float)}
+        for sink in sinks if jax.process_index() == 0 else ():
+            sink(result["step"], figures)
         return 0
     if args.dry_run:
         train.dry_run(config, layout)
         return 0
-    train.run(config, new=args.new, assume_yes=args.yes, allow_data_change=args.allow_data_change, layout=layout)
+    train.run(config, new=args.new, assume_yes=args.yes, allow_data_change=args.allow_data_change, layout=layout,
+              sinks=sinks)
     return 0
 
 

@@ -35,7 +35,11 @@ DIMENSION_LETTERS = {
     "kv": "k",
     "vocab": "v",
     "intermediate_expanded": "i",
-    "experts": "x",
+    "experts": "x",  # a mixture-of-experts layer's (models/moe.py)
+    "expert_hidden": "j",  # each expert's hidden width
+    "groups": "o",  # a row's routing groups
+    "group_tokens": "t",  # the positions of one group
+    "expert_capacity": "z",  # an expert's slots per group
     "embed_sequence": "p",
     "axial_rows": "r",  # axial_pos_emb's first table
     "axial_columns": "c",  # and its second
@@ -43,13 +47,13 @@ DIMENSION_LETTERS = {
     "gau_key": "g",  # gau's q, k and v
     "gau_expanded": "u",  # gau's gate
     "lora_rank": "l",  # LoRA's factors (models/lora.py)
-    "virtual_tokens": "t",  # prompt tuning's learned embeddings
-    "prefix_hidden": "j",  # prefix tuning's reparametrisation MLP
+    "virtual_tokens": "w",  # prompt tuning's learned embeddings
+    "prefix_hidden": "y",  # prefix tuning's reparametrisation MLP
 }
 DIMENSION_NAMES = tuple(DIMENSION_LETTERS)
 POSITION_DIMENSIONS = ("sequence", "memory_length")  # a decoding step holds fewer positions than n_ctx
 _LETTER_DIMENSIONS = {letter: name for name, letter in DIMENSION_LETTERS.items()}
-DATA_AXIS = "data"  # the axis an empty mesh_shape puts every local device on
+DATA_AXIS = "data"  # the axis an empty mesh_shape puts every device of every process on
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SIZE = re.compile(r"[0-9]{1,18}")  # ASCII digits (isdigit() takes "²", which int() refuses), fitting int64
@@ -113,6 +117,18 @@ def suggest_mesh_shape(axes: dict[str, int], device_count: int) -> str:
     """Keep the axis names; put every device on the first axis."""
     names = list(axes) or ["x"]
     return ",".join(f"{name}:{device_count if i == 0 else 1}" for i, name in enumerate(names))
+
+
+def suggest_mesh_for_batch(config, device_count: int) -> str:
+    """What to set when a train batch does not spread over every device: a batch size that does,
+    or a mesh that splits the model instead of the batch (over a dimension the device count divides)."""
+    larger = -(-config.train_batch_size // device_count) * device_count
+    advice = f"set train_batch_size to a multiple of {device_count} (e.g. --set train_batch_size={larger})"
+    sizes = config.dim_sizes
+    for dim in ("heads", "intermediate_expanded", "vocab", "embd"):
+        if sizes[dim] % device_count == 0:
+            return advice + f", or split the model instead: --set mesh_shape=x:{device_count} --set layout={dim}:x"
+    return advice + ", or give mesh_shape and layout yourself"
 
 
 def einsum(spec: str, *operands, layout: MeshLayout | None = None) -> jax.Array:
@@ -180,6 +196,17 @@ class MeshLayout:
         """`constrain` with the dimensions named by einsum letters, e.g. "bshk"."""
         return self.constrain(x, dimensions_of(letters))
 
+    def for_batch(self, batch_size: int) -> MeshLayout:
+        """This layout for a batch of `batch_size` rows: the same, or, where its batch axis does not
+        divide them (an eval batch smaller than the data-parallel mesh), with the batch whole on
+        every device: evaluating unsplit costs speed, not correctness."""
+        axis = self.layout.get("batch")
+        if axis is None or batch_size % self.mesh.shape[axis] == 0:
+            return self
+        log.info("a batch of %d rows does not divide over mesh axis %r of size %d: it runs unsplit",
+                 batch_size, axis, self.mesh.shape[axis])
+        return MeshLayout(self.mesh, {dim: a for dim, a in self.layout.items() if dim != "batch"})
+
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
@@ -190,14 +217,16 @@ def build_mesh_layout(config, devices: Sequence[jax.Device] | None = None) -> Me
     axes = parse_mesh_shape(config.mesh_shape, config.source)
     layout = parse_layout(config.layout, axes, config.source)
     if not axes:
-        batches = [config.train_batch_size] + ([config.eval_batch_size] if config.eval_steps else [])
-        if len(devices) > 1 and all(b % len(devices) == 0 for b in batches):
-            axes, layout = {DATA_AXIS: len(devices)}, {"batch": DATA_AXIS}
-            log.info("mesh_shape is empty: data parallel over all %d devices (batch:%s)", len(devices), DATA_AXIS)
-        else:
-            devices = devices[:1]
-            axes = {DATA_AXIS: 1}
-            log.info("mesh_shape is empty: one device (%s)", devices[0].platform)
+        # every device of every process, data parallel; an eval or predict batch that does not
+        # divide them runs unsplit (MeshLayout.for_batch), so only the train batch decides
+        if config.train_batch_size % len(devices):
+            raise ConfigError(
+                f"{config.source}: key 'mesh_shape' is empty, which means data parallel over all {len(devices)} "
+                f"devices, but train_batch_size {config.train_batch_size} does not divide evenly by {len(devices)}; "
+                f"{suggest_mesh_for_batch(config, len(devices))}"
+            )
+        axes, layout = {DATA_AXIS: len(devices)}, ({"batch": DATA_AXIS} if len(devices) > 1 else {})
+        log.info("mesh_shape is empty: data parallel over all %d devices (batch:%s)", len(devices), DATA_AXIS)
     size = math.prod(axes.values())
     if size != len(devices):
         raise ConfigError(

@@ -55,10 +55,11 @@ def peak_flops_per_device(precision: str) -> tuple[float, str]:
         if kind in device.device_kind:
             return (bf16 if precision == "bfloat16" else f32), f"{device.device_kind} datasheet"
     if device.platform == "cpu":
-        # every simulated CPU device shares the same cores: measure the whole machine once. 1024 is
-        # within a few percent of 2048's rate (bench/ measures at 2048) at an eighth of the time,
-        # which every run would otherwise spend before its first step
-        return matmul_roofline(1024, repeats=4) / jax.device_count(), "measured matmul roofline"
+        # this host's simulated CPU devices share its cores: measure the host once and share it among
+        # its own devices (each host of a multi-host run measures its own). 1024 is within a few
+        # percent of 2048's rate (bench/ measures at 2048) at an eighth of the time, which every run
+        # would otherwise spend before its first step
+        return matmul_roofline(1024, repeats=4) / jax.local_device_count(), "measured matmul roofline"
     return float("nan"), f"unknown peak for {device.device_kind}"
 
 
@@ -142,6 +143,24 @@ class RunLog:
                 raise
             except Exception as err:  # noqa: BLE001 - see __init__
                 raise storage.write_error(events._file_name, err) from None
+
+
+class LineSink:
+    """A metric sink writing each row as one line of metrics.jsonl's format to a stream (a pipe to
+    the process that watches this run: run_experiment.py). A reader that has gone away ends
+    nothing: the run's own records are metrics.jsonl and TensorBoard."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __call__(self, step: int, values: dict) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(metrics_row({"step": step, **values}))
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader closed its end
+            self.stream = None
 
 
 def progress_line(step: int, total: int, values: dict[str, float], seconds_per_step: float) -> str:

@@ -64,23 +64,27 @@ def masked_cross_entropy(hidden, output, labels, config, layout=None):
 
 
 def masked_lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
-    """mlm_training: (loss, cross_entropy, accuracy) over the masked positions (masked_cross_entropy)."""
+    """mlm_training: (loss, extras) over the masked positions (masked_cross_entropy); extras:
+    cross_entropy, accuracy and the model's metrics (gpt2.forward's aux)."""
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
     ce, z, accuracy = masked_cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
-    return ce + config.z_loss * z + sum(aux.values()), ce, accuracy
+    loss = ce + config.z_loss * z + sum(aux["losses"].values())
+    return loss, {"cross_entropy": ce, "accuracy": accuracy, **aux["metrics"]}
 
 
 def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
-    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses: (loss, data loss).
-    The data loss (the `cross_entropy` metric, and --eval's loss) is the cross-entropy, or with
-    entmax_loss the entmax Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo).
-    With mlm_training the masked-LM loss: labels hold the original tokens at the masked positions
-    and inputs.NOT_PREDICTED elsewhere (inputs.MaskedLM)."""
+    """Causal LM loss with GPT-Neo's z-loss and the model's auxiliary losses (the MoE layers'
+    load balancing, added once): (loss, extras). extras["cross_entropy"] is the data loss (the
+    `cross_entropy` metric, and --eval's loss): the cross-entropy, or with entmax_loss the entmax
+    Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo); the rest are the model's
+    metrics. With mlm_training the masked-LM loss: labels hold the original tokens at the masked
+    positions and inputs.NOT_PREDICTED elsewhere (inputs.MaskedLM)."""
     if config.mlm_training:
-        return masked_lm_loss(params, inputs, labels, config, layout, dropout_rng)[:2]
+        loss, extras = masked_lm_loss(params, inputs, labels, config, layout, dropout_rng)
+        return loss, {name: value for name, value in extras.items() if name != "accuracy"}
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
     ce, z = cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
-    return ce + config.z_loss * z + sum(aux.values()), ce
+    return ce + config.z_loss * z + sum(aux["losses"].values()), {"cross_entropy": ce, **aux["metrics"]}
 
 
 def microbatch_count(config, layout: MeshLayout) -> int:
@@ -157,50 +161,86 @@ def init_state(config, layout: MeshLayout, optimizer, shardings):
 
 def make_train_step(config, layout: MeshLayout, optimizer, shardings):
     """(state, inputs, labels) -> (state, metrics); inputs and labels [batch, sequence]. metrics: loss,
-    cross_entropy, grad_norm, and with log_grads each parameter's gradient norm (grad_norm/<path>)."""
+    cross_entropy, grad_norm, the model's own (gpt2.forward: per MoE layer its dropped tokens and
+    busiest expert), and with log_grads each parameter's gradient norm (grad_norm/<path>)."""
     microbatches = microbatch_count(config, layout)
     batch_sharding = layout.sharding(BATCH_DIMS, (config.train_batch_size, config.n_ctx), name="batch")
-    dropout_on = max(config.embed_dropout, config.attn_dropout, config.res_dropout) > 0
+    # the step's random key: dropout, and the MoE router (its random second choices, and training's
+    # capacity factor: a key marks the forward as training)
+    random = max(config.embed_dropout, config.attn_dropout, config.res_dropout) > 0 or bool(config.moe_layers)
 
     template = gpt2.weights(config)
 
-    def grads_of(params, base, inputs, labels, rng):
-        def loss_of(trained):  # fine-tuning: the gradient of the adapters alone, the base a constant
-            whole = trained if base is None else lora.join(base, trained, template)
-            return lm_loss(whole, inputs, labels, config, layout, rng)
+    def trained_loss(trained, base, *args):
+        """lm_loss as a function of what trains: fine-tuning differentiates the adapters alone, the
+        frozen base a constant."""
+        whole = trained if base is None else lora.join(base, trained, template)
+        return lm_loss(whole, *args)
 
-        (loss, ce), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        return loss, ce, grads
+    def grads_of(params, base, inputs, labels, rng):
+        (loss, extras), grads = jax.value_and_grad(trained_loss, has_aux=True)(params, base, inputs, labels, config,
+                                                                                 layout, rng)
+        return loss, extras, grads
+
+    batch_axis = layout.layout.get("batch")
+    replicas = layout.batch_axis_size
+    # Data parallel, each batch replica computes its gradient as one row of a vmap mapped onto the
+    # batch axis: it stays the replica's own (the tied embedding's lookup and output projection
+    # contributions already summed) until one reduction after the microbatch loop. Left to the
+    # partitioner, each contribution of each microbatch would be all-reduced on its own.
+    # A step with random draws (dropout, the MoE router) keeps to one forward over the whole batch:
+    # its draws are of the global batch's shape, so they, and the losses, are the same on every mesh.
+    per_replica = replicas > 1 and list(layout.layout.values()).count(batch_axis) == 1 and not random
+    replica_layout = MeshLayout(layout.mesh, {dim: axis for dim, axis in layout.layout.items() if dim != "batch"})
+    parts = replicas if per_replica else 1
+
+    def accumulated_grads(params, base, inputs, labels, rng):
+        """(loss, extras, gradients) of the batch: per replica, accumulated over its microbatches."""
+        # microbatch i takes rows i, i + m, i + 2m, ... of each replica's rows: every device keeps
+        # its own rows, and each microbatch holds the same rows in the same order on every mesh
+        def split(x):  # [batch, sequence] -> [microbatch, replica, row, sequence]
+            x = x.reshape(parts, x.shape[0] // (parts * microbatches), microbatches, *x.shape[1:])
+            dims = (None, "batch", None, "sequence") if per_replica else (None, None, "batch", "sequence")
+            return layout.constrain(jnp.moveaxis(x, 2, 0), dims)
+
+        # MLM: each (microbatch, replica) mean over its masked positions, weighted by its share of
+        # them, so that the step's loss is the mean over every masked position of the batch
+        scored = jnp.maximum(jnp.sum(labels != NOT_PREDICTED), 1) / (microbatches * parts)
+
+        def part_grads(mb_inputs, mb_labels, mb_rng, replica):
+            (loss, extras), grads = jax.value_and_grad(trained_loss, has_aux=True)(
+                params, base, mb_inputs, mb_labels, config, replica_layout if per_replica else layout, mb_rng)
+            if config.mlm_training:
+                weight = jnp.sum(mb_labels != NOT_PREDICTED) / scored
+                loss, extras, grads = jax.tree.map(lambda x: x * weight, (loss, extras, grads))
+            return loss, extras, grads
+
+        every_part = jax.vmap(part_grads, in_axes=(0, 0, None, 0), spmd_axis_name=batch_axis if per_replica else None)
+
+        def microbatch(index, mb_inputs, mb_labels):
+            mb_rng = jax.random.fold_in(rng, index) if rng is not None and microbatches > 1 else rng
+            return every_part(mb_inputs, mb_labels, mb_rng, jnp.arange(parts))
+
+        mb_inputs, mb_labels = split(inputs), split(labels)
+        if microbatches == 1:
+            total = microbatch(0, mb_inputs[0], mb_labels[0])
+        else:
+            def accumulate(carry, micro):
+                return jax.tree.map(jnp.add, carry, microbatch(*micro)), None
+
+            shapes = jax.eval_shape(microbatch, 0, mb_inputs[0], mb_labels[0])
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), mb_inputs, mb_labels))
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0) / (microbatches * parts), total)
 
     def step_fn(state, inputs, labels):
-        rng = jax.random.fold_in(jax.random.key(config.seed), state["step"]) if dropout_on else None
+        rng = jax.random.fold_in(jax.random.key(config.seed), state["step"]) if random else None
         params = state["params"]
         base = state.get("base")
-        if microbatches == 1:
-            loss, ce, grads = grads_of(params, base, inputs, labels, rng)
+        if microbatches == 1 and not per_replica:
+            loss, extras, grads = grads_of(params, base, inputs, labels, rng)
         else:
-            # microbatch i takes rows i, i + m, i + 2m, ...: every device keeps its own rows
-            def split(x):
-                x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
-                return layout.constrain(x, (None, *BATCH_DIMS))
-
-            # MLM: each microbatch's mean over its masked positions, weighted by its share of them,
-            # so that the step's loss is the mean over every masked position of the batch
-            scored = jnp.maximum(jnp.sum(labels != NOT_PREDICTED), 1) / microbatches
-
-            def accumulate(carry, micro):
-                index, mb_inputs, mb_labels = micro
-                mb_rng = jax.random.fold_in(rng, index) if rng is not None else None
-                loss, ce, grads = grads_of(params, base, mb_inputs, mb_labels, mb_rng)
-                if config.mlm_training:
-                    weight = jnp.sum(mb_labels != NOT_PREDICTED) / scored
-                    loss, ce, grads = jax.tree.map(lambda x: x * weight, (loss, ce, grads))
-                return jax.tree.map(jnp.add, carry, (loss, ce, grads)), None
-
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-            micro = (jnp.arange(microbatches), split(inputs), split(labels))
-            total, _ = jax.lax.scan(accumulate, zeros, micro)
-            loss, ce, grads = jax.tree.map(lambda x: x / microbatches, total)
+            loss, extras, grads = accumulated_grads(params, base, inputs, labels, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -212,7 +252,7 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         if base is not None:
             new_state["base"] = base
-        metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": grad_norm, "finite": finite}
+        metrics = {"loss": loss, **extras, "grad_norm": grad_norm, "finite": finite}
         if config.log_grads:  # GPT-Neo's per-variable gradient norms, by the parameter's path
             metrics |= {f"grad_norm/{parameter_name(path)}": jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
                         for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
@@ -239,8 +279,10 @@ def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):
 
     def eval_fn(params, inputs, labels):
         if config.mlm_training:
-            return (*masked_lm_loss(params, inputs, labels, config, layout), jnp.sum(labels != NOT_PREDICTED))
-        return lm_loss(params, inputs, labels, config, layout)
+            loss, extras = masked_lm_loss(params, inputs, labels, config, layout)
+            return loss, extras["cross_entropy"], extras["accuracy"], jnp.sum(labels != NOT_PREDICTED)
+        loss, extras = lm_loss(params, inputs, labels, config, layout)
+        return loss, extras["cross_entropy"]
 
     whole = param_shardings(config, layout) if lora.active(config) else shardings["params"]
     return jax.jit(eval_fn, in_shardings=(whole, batch_sharding, batch_sharding))

@@ -46,7 +46,7 @@ MAY_CHANGE_ON_RESUME = RUN_KEYS + (
     "lr", "lr_decay", "lr_decay_end", "warmup_steps", "beta1", "beta2", "epsilon", "ada_epsilon1", "ada_epsilon2",
     "z_loss", "embed_dropout", "attn_dropout", "res_dropout", "recompute_grad", "tokens_per_mb_per_replica",
     "attention_kernel", "cpu_backward", "mesh_shape", "layout", "log_grads", "skip_nonfinite_steps", "temperature",
-    "top_k", "top_p", "repetition_penalty", "sampling_seed", "predict_steps", "eval_tasks", "model")
+    "top_k", "top_p", "repetition_penalty", "sampling_seed", "predict_steps", "eval_tasks", "lambada_path", "model")
 
 
 @dataclasses.dataclass
@@ -152,7 +152,9 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
     meta_extra = {"base_checkpoint": base_name(base, config)} if fine_tuning else {}
     state, start = restore_or_init(config, layout, optimizer, shardings, checkpoints, allow_data_change, base)
     train_step = model_fns.make_train_step(config, layout, optimizer, shardings)
-    eval_step = model_fns.make_eval_step(config, layout, shardings, config.eval_batch_size) if eval_data else None
+    eval_layout = layout.for_batch(config.eval_batch_size)  # an eval batch that does not divide runs unsplit
+    eval_step = model_fns.make_eval_step(config, eval_layout, shardings, config.eval_batch_size) if eval_data else None
+    task_eval = task_evaluator(config, layout)  # a missing task file is refused before any step
 
     run_log = RunLog(config.model_path, main_process, start)
     every_sink = [run_log.log, *sinks] if main_process else []
@@ -169,10 +171,14 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
              config.source, f"{gpt2.parameter_count(config):,}", layout.mesh.size, dict(layout.mesh.shape),
              layout.layout or "{}", start, config.train_steps, peak_source)
 
-    def stopping() -> bool:
-        """Every host stops at the same step (saving is collective), if any host was signalled."""
+    def stopping(step: int, always: bool = False) -> bool:
+        """Every host stops at the same step (saving is collective), if any host was signalled. Across
+        hosts that takes an allgather, so they compare only every `iterations` steps (at each
+        progress line) and at the last: a signal waits at most that many steps."""
         if jax.process_count() == 1:
             return STOP["signal"] is not None
+        if not always and step % config.iterations and step != config.train_steps:
+            return False
         flags = multihost_utils.process_allgather(np.asarray(STOP["signal"] is not None))
         return bool(np.any(flags))
 
@@ -204,7 +210,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
     step, values, stopped = start, {}, False
     window_start, window_steps, window_sums = time.perf_counter(), 0, None
     try:
-        if step < config.train_steps and stopping():  # signalled while starting: nothing new to save
+        if step < config.train_steps and stopping(step, always=True):  # signalled while starting: nothing new to save
             log.info("stopped by a signal before step %d; nothing new to save", step + 1)
             stopped = True
         while step < config.train_steps and not stopped:
@@ -218,7 +224,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
             step += 1
             window_steps += 1
             last = step == config.train_steps
-            stopped = stopping()
+            stopped = stopping(step)
             if step % config.iterations == 0 or last or stopped:
                 check_finite()
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
@@ -243,6 +249,12 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
                         print(f"step {step} | eval loss {eval_loss:.4f}", flush=True)
                     emit(step, {"eval_loss": eval_loss})
                     values = {**values, "eval_loss": eval_loss}
+                if task_eval is not None and not stopped:
+                    scores = task_eval(state["params"])
+                    if main_process:
+                        print(task_eval.line(step, scores), flush=True)
+                    emit(step, scores)
+                    values = {**values, **scores}
                 # saving and evaluating are not training time; the loss window runs on to the next line
                 window_start += time.perf_counter() - saving_started
             if stopped:
@@ -458,11 +470,21 @@ def has_eval_data(config) -> bool:
     return any(dataset.eval_path for dataset in resolve_datasets(config))
 
 
+def task_evaluator(config, layout):
+    """eval_tasks.TaskEvaluator for the config's eval_tasks (read and tokenized now), or None."""
+    if not config.eval_tasks:
+        return None
+    from eval_tasks import TaskEvaluator
+
+    return TaskEvaluator(config, layout)
+
+
 def run_eval(config, layout, eval_step, params, eval_data) -> float:
     """The evaluation loss while training: the mean cross-entropy (of an MLM model, over the masked
     positions of every batch)."""
     import inputs
 
+    layout = layout.for_batch(config.eval_batch_size)
     if config.mlm_training:
         return masked_lm_totals(config, eval_data, eval_step, params, layout)[0]
     losses = []
@@ -474,7 +496,8 @@ def run_eval(config, layout, eval_step, params, eval_data) -> float:
 
 def evaluate(config, layout) -> dict:
     """--eval: cross-entropy, perplexity and bits per byte of the newest checkpoint on eval_path
-    (the train split when there is none); printed on process 0, and returned."""
+    (the train split when there is none), and the scores of eval_tasks; printed on process 0, and
+    returned."""
     import math
 
     import jax
@@ -485,6 +508,11 @@ def evaluate(config, layout) -> dict:
     from checkpoints import restore_params
 
     params, step = restore_params(config, layout)
+    task_eval = task_evaluator(config, layout)
+    tasks = task_eval(params) if task_eval is not None else {}
+    if tasks and jax.process_index() == 0:
+        print(task_eval.line(step, tasks))
+    layout = layout.for_batch(config.eval_batch_size)  # an eval batch that does not divide runs unsplit
     split = "eval" if has_eval_data(config) else "train"
     data = inputs.Sampler(config, split)
     eval_step = model_fns.make_eval_step(config, layout, {"params": model_fns.param_shardings(config, layout)},
@@ -504,7 +532,8 @@ def evaluate(config, layout) -> dict:
     bits_per_byte = loss * token_count / max(byte_count, 1) / math.log(2)
     if jax.process_index() == 0:
         print(f"step {step} | {split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits per byte {bits_per_byte:.4f}")
-    return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte}
+    return {"step": step, "split": split, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte,
+            **tasks}
 
 
 def evaluate_masked_lm(config, data, split: str, eval_step, params, step: int, layout) -> dict:
@@ -583,10 +612,16 @@ def dry_run(config, layout) -> dict:
     seconds = time.perf_counter() - start
     count = gpt2.parameter_count(config)
     print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
-    report = {"parameters": count, "compile_seconds": seconds} | optimizer_state_report(config, state_shapes)
+    if config.moe_layers:
+        experts = gpt2.parameter_count(config, experts=True)
+        active = gpt2.parameter_count(config, matmul_only=True)
+        print(f"  dense {count - experts:,}, experts {experts:,} ({len(config.moe_layers)} MoE layers x "
+              f"{config.moe.num_experts} experts); a token's matmuls meet {active:,} (MFU counts these)")
     print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}; "
           f"microbatches per step: {model_fns.microbatch_count(config, layout)}")
     memory = compiled.memory_analysis()
+    report = {"parameters": count, "compile_seconds": seconds,
+              "expert_parameters": gpt2.parameter_count(config, experts=True)} | optimizer_state_report(config, state_shapes)
     if memory is not None:
         gib = 2**30
         total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -597,5 +632,15 @@ def dry_run(config, layout) -> dict:
         report["per_device_bytes"] = total
         check_fits_in_memory(compiled, layout, config.source)
     print(f"train step compiled in {seconds:.1f} s")
+    if config.eval_steps > 0 and has_eval_data(config):
+        # what training will run at every checkpoint: a batch that would fail there fails here instead
+        start = time.perf_counter()
+        eval_layout = layout.for_batch(config.eval_batch_size)
+        eval_batch = jax.ShapeDtypeStruct((config.eval_batch_size, config.n_ctx), jax.numpy.int32)
+        eval_step = model_fns.make_eval_step(config, eval_layout, shardings, config.eval_batch_size)
+        eval_step.lower(state_shapes["params"], eval_batch, eval_batch).compile()
+        report["eval_compile_seconds"] = time.perf_counter() - start
+        print(f"eval step (eval_batch_size {config.eval_batch_size}"
+              f"{'' if eval_layout is layout else ', unsplit: it does not divide the batch axis'}) compiled in "
+              f"{report['eval_compile_seconds']:.1f} s")
     return report
-

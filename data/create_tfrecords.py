@@ -34,10 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_DIR))
 
 import storage  # noqa: E402
-from data.corpus import LM_DATAFORMAT_NAMES, LM_DATAFORMAT_SUFFIXES, find_files, read_documents  # noqa: E402
+from data.corpus import (  # noqa: E402
+    LM_DATAFORMAT_NAMES,
+    LM_DATAFORMAT_SUFFIXES,
+    NotUTF8,
+    find_files,
+    read_documents,
+    skipped_warning,
+)
 from errors import ConfigError, DataError, run_command  # noqa: E402
 from tfrecord import write_shard  # noqa: E402
 
@@ -53,26 +61,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: every lm_dataformat format plus txt and xz")
     parser.add_argument("--name", default="data", help="shard name prefix (default: data)")
     parser.add_argument("--output_dir", default="./tfrecords", help="where the shards go (default: ./tfrecords)")
-    parser.add_argument("--encoder_path", default="gpt2",
+    parser.add_argument("--encoder_path", default=None,
                         help="a tokenizer.json (or a folder holding one), or a pretrained tokenizer name found in the "
                              "local Hugging Face cache (default: gpt2)")
-    parser.add_argument("--separator", default=None,
-                        help="token id appended after every document (default: the tokenizer's <|endoftext|> id)")
+    parser.add_argument("--use_gpt2_tokenizer", action="store_true",
+                        help="encode with GPT-2's pretrained tokenizer (from the local Hugging Face cache), the same "
+                             "as leaving --encoder_path out")
+    parser.add_argument("--separator", nargs="+", default=None, metavar="ID",
+                        help="the token id(s) appended after every document: --separator 0, --separator 0 1, or "
+                             "GPT-Neo's list form --separator \"[0]\" (default: the tokenizer's <|endoftext|> id)")
     parser.add_argument("--minimum_size", type=int, default=100, help="drop documents shorter than this many tokens")
     parser.add_argument("--chunk_size", type=int, default=2048, help="chunks mode: records hold chunk_size + 1 tokens")
     parser.add_argument("--files_per", type=int, default=100000, help="records per shard")
     parser.add_argument("--mode", choices=("chunks", "documents"), default="chunks",
                         help="chunks (GPT-Neo's, for the chunks sampling mode) or documents (one record per document, "
                              "for documents_random / documents_fixed); default: chunks")
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
-    parser.add_argument("--no_ftfy", dest="ftfy", action="store_false", help="do not repair text with ftfy (on by default)")
-    parser.add_argument("--wikitext_detokenize", "--wikitext-detokenize", action="store_true",
+    parser.add_argument("--processes", type=int, default=0, help="encoding processes (default, and 0: all cores)")
+    parser.add_argument("--no_ftfy", "--ftfy", dest="ftfy", action="store_false",
+                        help="do not repair text with ftfy (on by default). --ftfy is GPT-Neo's spelling, with GPT-Neo's "
+                             "meaning: passing it turns ftfy off")
+    parser.add_argument("--wikitext_detokenize", action="store_true",
                         help="undo WikiText's tokenization (' @-@ ', ' , ', ...); off by default: it mangles code")
+    parser.add_argument("--wikitext-detokenize", dest="gpt_neo_wikitext_flag", action="store_true",
+                        help="GPT-Neo's flag, with GPT-Neo's meaning: no WikiText detokenizer (already the default "
+                             "here; --wikitext_detokenize turns it on)")
+    parser.add_argument("--write_dataset_config", action="store_true",
+                        help="when done, write a dataset config naming the shards and the tokenizer to "
+                             "--dataset_config_dir/<name>.json")
+    parser.add_argument("--dataset_config_dir", default=str(REPO_DIR / "configs" / "dataset_configs"),
+                        help="where --write_dataset_config writes (default: configs/dataset_configs, where --model "
+                             "configs look for dataset ids)")
+    parser.add_argument("--skip_non_utf8", action="store_true",
+                        help="leave out a file that is not UTF-8 text, with a warning naming it (default: stop with an "
+                             "error naming it; train_tokenizer.py takes the same flag)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     for name in ("minimum_size", "chunk_size", "files_per", "processes"):
-        if getattr(args, name) < (0 if name == "minimum_size" else 1):
+        if getattr(args, name) < (0 if name in ("minimum_size", "processes") else 1):
             parser.error(f"--{name} {getattr(args, name)}: must be a positive number")
+    if args.use_gpt2_tokenizer and args.encoder_path not in (None, "gpt2"):
+        parser.error(f"--use_gpt2_tokenizer and --encoder_path {args.encoder_path}: give one tokenizer")
+    if args.wikitext_detokenize and args.gpt_neo_wikitext_flag:
+        parser.error("--wikitext_detokenize turns the WikiText detokenizer on, GPT-Neo's --wikitext-detokenize turns "
+                     "it off: give one")
+    if args.gpt_neo_wikitext_flag:
+        print("--wikitext-detokenize: no WikiText detokenizer, as in GPT-Neo (the default here; "
+              "--wikitext_detokenize turns it on)", file=sys.stderr)
+    args.encoder_path = args.encoder_path or "gpt2"  # GPT-Neo's default: GPT-2's tokenizer
+    args.processes = args.processes or os.cpu_count() or 1
     return args
 
 
@@ -141,13 +177,22 @@ def input_files(input_dir: str, file_type: str | None) -> list[Path]:
     return files
 
 
-def document_stream(files: list[Path], start_file: int, start_document: int) -> Iterator[tuple[int, int, str]]:
-    """(file index, document index, text) from a position onwards, in corpus order."""
+def document_stream(files: list[Path], start_file: int, start_document: int,
+                    skip_non_utf8: bool = False) -> Iterator[tuple[int, int, str]]:
+    """(file index, document index, text) from a position onwards, in corpus order. A file that is not
+    UTF-8 raises NotUTF8, or with skip_non_utf8 ends there with a warning (a plain-text or xz file
+    before any of its documents; a jsonl-like one after the documents before its bad line)."""
     for file_index in range(start_file, len(files)):
         skip = start_document if file_index == start_file else 0
-        for document_index, text in enumerate(read_documents(files[file_index])):
-            if document_index >= skip:
-                yield file_index, document_index, text
+        document_index = -1
+        try:
+            for document_index, text in enumerate(read_documents(files[file_index])):
+                if document_index >= skip:
+                    yield file_index, document_index, text
+        except NotUTF8 as err:
+            if not skip_non_utf8:
+                raise
+            print(skipped_warning(err, document_index + 1), file=sys.stderr)
 
 
 def batched(stream: Iterator[tuple[int, int, str]], size: int) -> Iterator[list[tuple[int, int, str]]]:
@@ -203,7 +248,7 @@ def load_progress(output_dir: str, name: str) -> tuple[Progress, list[np.ndarray
         return progress, list(pending), saved["carry"]
 
 
-def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, separator: int) -> dict:
+def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, separator: list[int]) -> dict:
     return {
         # relative to --input_dir, so that a run may be continued from another working directory
         "files": [[str(p.relative_to(args.input_dir)) if p.is_relative_to(args.input_dir) else p.name,
@@ -216,6 +261,7 @@ def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, 
         "mode": args.mode,
         "ftfy": args.ftfy,
         "wikitext_detokenize": args.wikitext_detokenize,
+        "skip_non_utf8": args.skip_non_utf8,
         "documents_per_task": DOCUMENTS_PER_TASK,
     }
 
@@ -229,21 +275,30 @@ def tokenizer_identity(encoder_path: str, is_pretrained: bool, tokenizer) -> str
 # --- the run -----------------------------------------------------------------------------------
 
 
-def parse_separator(text: str | None, tokenizer) -> int:
-    if text is None:
+def parse_separator(words: list[str] | None, tokenizer) -> list[int]:
+    """The separator's ids from --separator's words: ids (`0 1`), GPT-Neo's list form (`[0]`,
+    `[0, 1]`), or both; each must be a token of the tokenizer."""
+    if words is None:
         if tokenizer.eos_id is None:
             raise ConfigError(f"--separator: the tokenizer {tokenizer.source} has no <|endoftext|> token; "
                              "give the separator id explicitly, e.g. --separator 0")
-        return tokenizer.eos_id
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if isinstance(value, list) and len(value) == 1:  # GPT-Neo wrote it as a one-element list
-        value = value[0]
-    if not isinstance(value, int) or value < 0:
-        raise ConfigError(f"--separator {text!r}: expected one non-negative token id, e.g. --separator 0")
-    return value
+        return [tokenizer.eos_id]
+    ids = []
+    for word in words:
+        try:
+            value = json.loads(word)
+        except json.JSONDecodeError:
+            value = None
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ConfigError(f"--separator {' '.join(words)}: {word!r} is not a token id or a list of them; "
+                              "e.g. --separator 0, --separator 0 1 or --separator \"[0]\"")
+        ids += values
+    beyond = [i for i in ids if i >= tokenizer.vocab_size]
+    if beyond:
+        raise ConfigError(f"--separator {' '.join(words)}: id {beyond[0]} is not in the tokenizer {tokenizer.source} "
+                          f"(vocabulary {tokenizer.vocab_size})")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> list[Path | str]:
@@ -290,6 +345,8 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
         if progress.complete:
             print(f"{output_dir}: {args.name!r} is already complete ({progress.shards_written} shards, "
                   f"{progress.tokens} tokens); nothing to do")
+            if args.write_dataset_config:
+                write_dataset_config(args, tokenizer, is_pretrained, separator)
             return [shard_path(n) for n in progress.shard_names]
         print(f"resuming {args.name!r}: {progress.shards_written} shards written, continuing at file "
               f"{progress.next_file + 1}/{len(files)}, document {progress.next_document}")
@@ -298,7 +355,7 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
         storage.rm(stale)  # a shard (or progress file) an interrupted run had not finished; rewritten below
 
     record_length = args.chunk_size + 1
-    separator_array = np.asarray([separator], dtype=np.int32)
+    separator_array = np.asarray(separator, dtype=np.int32)
 
     def write_next_shard(records: list[np.ndarray]) -> None:
         shard = f"{args.name}_{progress.shards_written}_{len(records)}.tfrecords"
@@ -306,7 +363,7 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
         progress.shards_written += 1
         progress.shard_names.append(shard)
 
-    stream = document_stream(files, progress.next_file, progress.next_document)
+    stream = document_stream(files, progress.next_file, progress.next_document, args.skip_non_utf8)
     tasks = batched(stream, DOCUMENTS_PER_TASK)
     processes = max(1, args.processes)
     worker_args = (args.encoder_path, is_pretrained, args.ftfy, args.wikitext_detokenize)
@@ -376,7 +433,37 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
     print(f"{args.name}: {progress.shards_written} shards in {output_dir}, {progress.documents} documents, "
           f"{progress.tokens} tokens ({progress.skipped_documents} documents under --minimum_size "
           f"{args.minimum_size} skipped); this run: {run_tokens / max(elapsed, 1e-9):,.0f} tokens/s")
+    if args.write_dataset_config:
+        write_dataset_config(args, tokenizer, is_pretrained, separator)
     return [shard_path(n) for n in progress.shard_names]
+
+
+def write_dataset_config(args: argparse.Namespace, tokenizer, is_pretrained: bool, separator: list[int]) -> str:
+    """--write_dataset_config: <dataset_config_dir>/<name>.json naming these shards and this tokenizer,
+    for a model config's `datasets` to use as <name>. An existing one that says something else is
+    refused, not overwritten."""
+    output_dir = args.output_dir if storage.is_remote(args.output_dir) else os.path.abspath(args.output_dir)
+    encoder = args.encoder_path if is_pretrained or storage.is_remote(tokenizer.source) else os.path.abspath(tokenizer.source)
+    padding_id = tokenizer.tokenizer.token_to_id("<|padding|>")
+    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else separator[-1]
+    values = {
+        "n_vocab": tokenizer.vocab_size,
+        "path": storage.join(output_dir, f"{args.name}_*.tfrecords"),
+        "eval_path": "",
+        "tokenizer_is_pretrained": is_pretrained,
+        "tokenizer_path": encoder,
+        "eos_id": eos_id,
+        "padding_id": padding_id if padding_id is not None else eos_id,
+    }
+    path = storage.join(args.dataset_config_dir, f"{args.name}.json")
+    text = json.dumps(values, indent=2) + "\n"
+    if storage.exists(path) and storage.read_text(path) != text:
+        raise ConfigError(f"--write_dataset_config: {path} exists and describes other shards or another tokenizer; "
+                          "delete it, or choose another --name or --dataset_config_dir")
+    storage.makedirs(args.dataset_config_dir)
+    storage.write_text(path, text)
+    print(f"dataset config: {path} (use it as [\"{args.name}\", stitch, mode, weight] in a model config's datasets)")
+    return path
 
 
 def _encode_batch_task(batch: list[tuple[int, int, str]]) -> tuple[list[tuple[int, int]], list[np.ndarray]]:

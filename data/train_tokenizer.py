@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tokenizers import ByteLevelBPETokenizer  # noqa: E402
 
 import storage  # noqa: E402
-from data.corpus import find_files, read_documents  # noqa: E402
+from data.corpus import NotUTF8, find_files, first_undecodable, read_documents, skipped_warning  # noqa: E402
 from errors import ConfigError, DataError, run_command  # noqa: E402
 
 TOKENIZER_FILE = "byte-level-bpe.tokenizer.json"
@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size, special tokens included")
     parser.add_argument("--min_frequency", type=int, default=2, help="merges seen fewer times are not learned")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer without asking")
+    parser.add_argument("--skip_non_utf8", action="store_true",
+                        help="leave out a file that is not UTF-8 text, with a warning naming it (default: stop with an "
+                             "error naming it; create_tfrecords.py takes the same flag)")
     return parser.parse_args(argv)
 
 
@@ -54,34 +57,31 @@ def confirm_overwrite(path: str, overwrite: bool) -> None:
     raise ConfigError(f"{path} exists; not overwriting it. Pass --overwrite to replace it, or pick another --output_dir.")
 
 
-def documents(files: list[Path], characters: list[int]) -> Iterator[str]:
+def documents(files: list[Path], characters: list[int], skip_non_utf8: bool = False) -> Iterator[str]:
     """Every document of the files, counting their characters into characters[0] as they stream."""
     for path in files:
-        for document in read_documents(path):
-            characters[0] += len(document)
-            yield document
+        used = 0
+        try:
+            for document in read_documents(path):
+                characters[0] += len(document)
+                used += 1
+                yield document
+        except NotUTF8 as err:
+            if not skip_non_utf8:
+                raise
+            print(skipped_warning(err, used), file=sys.stderr)
 
 
-def first_undecodable(files: list[Path]) -> tuple[Path, int, int] | None:
-    """(file, byte offset, byte value) of the first byte of the files that is not UTF-8, or None;
-    read in pieces, so a large corpus is never held whole."""
-    import codecs
-
+def utf8_files(files: list[Path]) -> list[Path]:
+    """The plain-text files that are UTF-8; each other one is named in a warning and left out."""
+    kept = []
     for path in files:
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        offset = 0
-        with open(path, "rb") as f:
-            while piece := f.read(1 << 20):
-                try:
-                    decoder.decode(piece)
-                except UnicodeDecodeError as err:
-                    return path, offset + err.start, err.object[err.start]
-                offset += len(piece)
-            try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError as err:
-                return path, offset + err.start, err.object[err.start]
-    return None
+        undecodable = first_undecodable(path)
+        if undecodable is None:
+            kept.append(path)
+        else:
+            print(skipped_warning(NotUTF8(path, *undecodable), 0), file=sys.stderr)
+    return kept
 
 
 def is_plain_text(file_type: str) -> bool:
@@ -92,23 +92,30 @@ def is_plain_text(file_type: str) -> bool:
     return file_type in PLAIN_TEXT_TYPES or not (suffix.endswith(LM_DATAFORMAT_SUFFIXES) or suffix.endswith(".xz"))
 
 
-def train_tokenizer(files: list[Path], file_type: str, vocab_size: int, min_frequency: int = 2) -> ByteLevelBPETokenizer:
+def train_tokenizer(files: list[Path], file_type: str, vocab_size: int, min_frequency: int = 2,
+                    skip_non_utf8: bool = False) -> ByteLevelBPETokenizer:
     tokenizer = ByteLevelBPETokenizer(add_prefix_space=True, unicode_normalizer="nfkc")
     options = dict(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                    show_progress=sys.stderr.isatty())
     if is_plain_text(file_type):
+        if skip_non_utf8:
+            files = utf8_files(files)
+            if not files:
+                raise DataError("no input file is UTF-8 text (each was skipped, see the warnings above): "
+                                "no text to learn a vocabulary from")
         try:
             tokenizer.train([str(p) for p in files], **options)
-        except Exception as err:  # the Rust trainer's only error type; find the file it could not read
-            undecodable = first_undecodable(files) if "UTF-8" in str(err) else None
-            if undecodable is None:
+        except Exception as err:  # the Rust trainer's only error type ("stream did not contain valid UTF-8")
+            if "UTF-8" not in str(err):
                 raise
-            path, offset, byte = undecodable
-            raise DataError(f"{path}: not UTF-8 text (byte {offset} is {byte:#04x}); plain-text input is read as "
-                            "UTF-8: convert the file (e.g. iconv -f latin1 -t utf-8) or leave it out") from None
+            for path in files:  # name the file it could not read
+                undecodable = first_undecodable(path)
+                if undecodable is not None:
+                    raise NotUTF8(path, *undecodable) from None
+            raise
     else:
         characters = [0]
-        tokenizer.train_from_iterator(documents(files, characters), **options)
+        tokenizer.train_from_iterator(documents(files, characters, skip_non_utf8), **options)
         if characters[0] == 0:
             raise DataError(f"the {len(files)} input file(s) hold no text ({files[0]}, ...): "
                             "no text to learn a vocabulary from")
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> Path | str:
     storage.makedirs(output_dir)
 
     print(f"training a {args.vocab_size}-token byte-level BPE on {len(files)} files ({total_bytes / 1e6:.1f} MB)")
-    tokenizer = train_tokenizer(files, args.file_type, args.vocab_size, args.min_frequency)
+    tokenizer = train_tokenizer(files, args.file_type, args.vocab_size, args.min_frequency, args.skip_non_utf8)
     storage.write_text(tokenizer_path, tokenizer.to_str(pretty=True))
 
     eos_id = tokenizer.token_to_id(SPECIAL_TOKENS[0])

@@ -1,7 +1,8 @@
 """GPT-Neo's model, one forward for training, evaluation, prefill and decoding.
 
 Token embedding plus positions (models/positions.py); pre-LN blocks, each with its layer's attention kind
-(models/attention.py: global, local, linear, gau or none) and an MLP; a final LayerNorm; the output projection `unembed`: the token
+(models/attention.py: global, local, linear, gau or none) and an MLP (models/mlp.py), or in the layers of
+moe_layers a mixture of experts (models/moe.py); a final LayerNorm; the output projection `unembed`: the token
 embedding tied, or with no_weight_tie a separate biased lm_head. Read top to bottom: `weights`,
 `embed`, `block`, `forward`, `unembed`, `logits`.
 
@@ -22,6 +23,7 @@ from models.attention import KINDS
 from models.dropout import dropout
 from models.kernels import project
 from models.mlp import mlp, mlp_weights
+from models.moe import moe, moe_weights
 from models.norms import layer_norm, layer_norm_weights, prenorm, prenorm_weights, rezero_gain
 from models.params import Weight, bias, is_weight, shape_of
 from models.positions import POSITION_TABLE_DIMENSIONS, embed_positions, position_weights
@@ -40,8 +42,8 @@ def weights(config) -> dict:
     return lora.with_adapters({
         "wte": Weight(("vocab", "embd"), 0.02),
         **position_weights(config),
-        "blocks": [block_weights(config.layer_kinds, config)] if config.share_parameters else
-                  [block_weights([kind], config) for kind in config.layer_kinds],
+        "blocks": [block_weights(config.layer_kinds, range(config.n_layer), config)] if config.share_parameters else
+                  [block_weights([kind], [layer], config) for layer, kind in enumerate(config.layer_kinds)],
         "ln_f": layer_norm_weights(config),
         **output_projection_weights(config),
     }, config)
@@ -55,11 +57,17 @@ def output_projection_weights(config) -> dict:
     return {"lm_head": {"w": Weight(("vocab", "embd"), 0.02), "bias": bias(("vocab",))}}
 
 
-def block_weights(kinds: list[str], config) -> dict:
-    """The weights of a block that serves layers of these attention kinds: one layer's, or with
-    share_parameters every layer's (ALBERT-style: global and local layers share one attention's
-    weights, a `none` layer uses only the MLP's and its norm)."""
-    block = {"ln_2": prenorm_weights(config), "mlp": mlp_weights(config), "rezero_2": rezero_gain()}
+def block_weights(kinds: list[str], layers, config) -> dict:
+    """The weights of a block that serves these layers, of these attention kinds: one layer's, or
+    with share_parameters every layer's (ALBERT-style: global and local layers share one
+    attention's weights, a `none` layer uses only the MLP's and its norm; MoE layers share one
+    mixture of experts, `moe`, and the others one MLP)."""
+    moe_layers = [config.is_moe_layer(layer) for layer in layers]
+    block = {"ln_2": prenorm_weights(config), "rezero_2": rezero_gain()}
+    if not all(moe_layers):
+        block["mlp"] = mlp_weights(config)
+    if any(moe_layers):
+        block["moe"] = moe_weights(config)
     if config.macaron:
         block["mlp_macaron"] = mlp_weights(config)
     attention = {}
@@ -83,22 +91,30 @@ def param_shapes(config):
                         is_leaf=is_weight)
 
 
-def parameter_count(config, matmul_only: bool = False) -> int:
+def parameter_count(config, matmul_only: bool = False, experts: bool | None = None) -> int:
     """All parameters, or those a token meets in matrix multiplies, each as often as it meets it: a
     shared block once per layer, with only what that layer's kind uses; not the position tables,
     lookups, nor memory key/values (attention's FLOPs count them); the tied token embedding, as the
-    output projection (an untied one is a lookup)."""
+    output projection (an untied one is a lookup); of a mixture of experts' weights, the share a
+    token reaches (top_2: 2 of E experts), so that MFU counts active parameters. `experts` True
+    counts only the experts' own weights (models/moe.py: those with a leading `experts`
+    dimension), False only the rest."""
     tree = weights(config)
     if matmul_only:
-        tree["blocks"] = lora.with_adapters({"blocks": [block_weights([kind], config) for kind in config.layer_kinds]},
-                                            config)["blocks"]
+        tree["blocks"] = lora.with_adapters(
+            {"blocks": [block_weights([kind], [layer], config) for layer, kind in enumerate(config.layer_kinds)]},
+            config)["blocks"]
         if config.no_weight_tie:
             tree = {name: w for name, w in tree.items() if name != "wte"}
-    return sum(
-        math.prod(shape_of(w, config))
-        for w in jax.tree.leaves(tree, is_leaf=is_weight)
-        if not matmul_only or (len(w.dims) >= 2 and not set(w.dims[:1] + w.dims[-1:]) & set(NOT_PROJECTIONS))
-    )
+    reached = (2 if config.moe.gating == "top_2" else 1) / config.moe.num_experts
+    total = 0.0
+    for w in jax.tree.leaves(tree, is_leaf=is_weight):
+        expert = bool(w.dims) and w.dims[0] == "experts"
+        if (experts is not None and expert != experts) or \
+                (matmul_only and (len(w.dims) < 2 or {w.dims[0], w.dims[-1]} & set(NOT_PROJECTIONS))):
+            continue
+        total += math.prod(shape_of(w, config)) * (min(reached, 1.0) if matmul_only and expert else 1)
+    return int(total)
 
 
 def compute_dtype(config):
@@ -121,11 +137,12 @@ def embed(p, tokens, positions, config, layout, dropout_rng):
     return x
 
 
-def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, layout, dropout_rng):
+def block(p, x, slots, first_slot, positions, layer_cache, kind: str, moe_layer: bool, config, layout, dropout_rng):
     """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)) (models/norms.py: LN is the block's
     prenorm; with rezero the identity, each branch times its gain). Macaron, GPT-Neo's form: first
-    x += mlp_macaron(x) / 2, without norm or gain, in every layer; the last MLP is halved too.
-    Returns (x, layer_cache)."""
+    x += mlp_macaron(x) / 2, without norm or gain, in every layer; the last MLP is halved too. In a
+    layer of moe_layers the last MLP is the mixture of experts (models/moe.py), which also gives its
+    load-balancing loss and routing statistics. Returns (x, layer_cache, aux loss, statistics)."""
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
     p = lora.with_dropout_key(p, dropout_rng, config)
     if config.macaron:
@@ -140,7 +157,14 @@ def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, la
         if res_rng_1 is not None and config.res_dropout > 0:
             a = dropout(res_rng_1, a, config.res_dropout)
         x = x + (p["rezero_1"] * a if config.rezero else a)
-    m = mlp(p["mlp"], prenorm(p.get("ln_2"), x, config), config, layout)
+    normed = prenorm(p.get("ln_2"), x, config)
+    aux_loss, stats = jnp.zeros((), jnp.float32), {}
+    if moe_layer:
+        moe_rng = jax.random.fold_in(dropout_rng, 4) if dropout_rng is not None else None
+        m, aux_loss, stats = moe(p["moe"], normed, config, layout, training=dropout_rng is not None, rng=moe_rng,
+                                 decoding=first_slot is not None)
+    else:
+        m = mlp(p["mlp"], normed, config, layout)
     if res_rng_2 is not None and config.res_dropout > 0:
         m = dropout(res_rng_2, m, config.res_dropout)
     if config.macaron:
@@ -148,7 +172,7 @@ def block(p, x, slots, first_slot, positions, layer_cache, kind: str, config, la
     x = x + (p["rezero_2"] * m if config.rezero else m)
     if layout is not None:
         x = layout.constrain_letters(x, "bse")
-    return x, layer_cache
+    return x, layer_cache, aux_loss, stats
 
 
 def forward(params, tokens, config, layout=None, *, positions=None, cache=None, dropout_rng=None, begins_text=None):
@@ -157,8 +181,11 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
     Without a cache the tokens are a whole sequence from position 0 (training, evaluation).
     With one (`init_cache`) they are the next positions of the cached sequences: a prompt to
     prefill, or one new token; the returned cache holds them too. `positions` default to each
-    row's slot minus its first slot. dropout_rng None means no dropout. `aux` maps the name of
-    each auxiliary loss to its value, already weighted (none yet: an empty dict).
+    row's slot minus its first slot. dropout_rng is the training step's key (dropout, and the
+    MoE router's random second choices); None means evaluation or decoding: no dropout and
+    deterministic routing. `aux` holds "losses", each auxiliary loss by name, already weighted
+    (moe_aux_loss: the MoE layers' load-balancing losses, summed), and "metrics" to report
+    (per MoE layer L: moe_dropped/L and moe_max_load/L, models/moe.py's `route`).
 
     With prompt_tuning_tokens, `begins_text` says whether these tokens start their texts, so that
     the virtual tokens go first (always so without a cache; with one the caller must say: True
@@ -187,16 +214,21 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
         length += virtual
     slots = next_slot + jnp.arange(length)
     layer_caches = [None] * config.n_layer if cache is None else cache["layers"]
-    new_caches = []
+    new_caches, losses, metrics = [], {}, {}
     for layer, (kind, layer_cache) in enumerate(zip(config.layer_kinds, layer_caches)):
         block_params = p["blocks"][0 if config.share_parameters else layer]
-        layer_fn = functools.partial(block, kind=kind, config=config, layout=layout)
+        moe_layer = config.is_moe_layer(layer)
+        layer_fn = functools.partial(block, kind=kind, moe_layer=moe_layer, config=config, layout=layout)
         if config.recompute_grad:
             layer_fn = jax.checkpoint(layer_fn)
         layer_rng = jax.random.fold_in(dropout_rng, layer) if dropout_rng is not None else None
-        x, layer_cache = layer_fn(block_params, x, slots, first_slot, positions, layer_cache, dropout_rng=layer_rng)
+        x, layer_cache, aux_loss, stats = layer_fn(block_params, x, slots, first_slot, positions, layer_cache,
+                                                   dropout_rng=layer_rng)
         x = kernels.residual_gradient_boundary(x, config)
         new_caches.append(layer_cache)
+        if moe_layer:
+            losses["moe_aux_loss"] = losses.get("moe_aux_loss", 0.0) + aux_loss
+            metrics |= {f"moe_{name}/{layer}": value for name, value in stats.items()}
     if prepend:
         x = jnp.take_along_axis(x, kept[:, :, None], axis=1)
         if layout is not None:
@@ -204,7 +236,7 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
     hidden = layer_norm(p["ln_f"], x, config)
     if cache is not None:
         cache = {"next_slot": next_slot + length, "first_slot": first_slot, "layers": new_caches}
-    return hidden, cache, {}
+    return hidden, cache, {"losses": losses, "metrics": metrics}
 
 
 def with_virtual_tokens(x, positions, prompt, padding, layout):

@@ -97,8 +97,10 @@ def _materialise_gradient(x):
     every layer's weight-gradient fusion recomputes it from the top: quadratic in n_layer, a
     third of a 12-layer step. A conditional is a fusion boundary. Both branches are the
     identity, written differently so that the compiler keeps them apart, and the predicate
-    depends on the data so that it cannot be folded away. (On other backends a conditional
-    would cost a host sync; they never get here.)
+    comes out of an optimization barrier so that it cannot be folded away. It depends on no data:
+    one read from a sharded gradient would be a collective per layer, and under a vmap (the
+    microbatch loop's batch replicas) a batched predicate would turn the conditional into a select,
+    which is no boundary. (On other backends a conditional would cost a host sync; they never get here.)
     """
     return x
 
@@ -108,8 +110,8 @@ def _materialise_forward(x):
 
 
 def _materialise_backward(_, gradient):
-    first = gradient.reshape(-1)[0]
-    return (jax.lax.cond(first == first, lambda g: g, lambda g: g + 0, gradient),)
+    opaque_true = jax.lax.optimization_barrier(jnp.zeros((), jnp.int32)) == 0
+    return (jax.lax.cond(opaque_true, lambda g: g, lambda g: g + 0, gradient),)
 
 
 _materialise_gradient.defvjp(_materialise_forward, _materialise_backward)

@@ -21,6 +21,7 @@ class Weight:
     dims: tuple[str, ...]
     init: str | float  # "zeros", "ones", or the standard deviation of a normal
     decay: bool = True
+    truncated: bool = False  # the normal is cut at two standard deviations (mesh-tensorflow's experts)
     adapter: bool = False
 
 
@@ -61,19 +62,21 @@ def initialise(weights, config, rng: jax.Array, shardings=None):
     keys = jax.random.split(rng, len(leaves))
     placements = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
     return treedef.unflatten([
-        _initial_weight(key, shape_of(weight, config), weight.init, placement)
+        _initial_weight(key, shape_of(weight, config), weight.init, weight.truncated, placement)
         for weight, key, placement in zip(leaves, keys, placements)
     ])
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _initial_weight(key, shape: tuple, init, sharding):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _initial_weight(key, shape: tuple, init, truncated: bool, sharding):
     """One weight. A program per (shape, init, sharding), reused by every layer: one program for
     the whole tree took a GPU two minutes to compile (a kernel per weight), this takes seconds."""
     if init == "zeros":
         value = jnp.zeros(shape, jnp.float32)
     elif init == "ones":
         value = jnp.ones(shape, jnp.float32)
+    elif truncated:
+        value = init * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
     else:
         value = init * jax.random.normal(key, shape, jnp.float32)
     return value if sharding is None else jax.lax.with_sharding_constraint(value, sharding)

@@ -225,7 +225,7 @@ def test_benchmarks_build_their_configs_through_validation():
 
     assert config_for(SMALL).n_layer == 2
     with pytest.raises(ConfigError, match="'moe_layers'"):
-        config_for({**SMALL, "moe_layers": [1]})
+        config_for({**SMALL, "moe_layers": [SMALL["n_layer"]]})
 
 
 def test_readme_options_table_is_generated_from_the_options_table():
@@ -234,9 +234,10 @@ def test_readme_options_table_is_generated_from_the_options_table():
     assert readme_with_options_table(readme) == readme, "README.md is out of date: run python configs.py --readme"
 
 
-def test_eval_tasks_are_refused_naming_the_task():
-    with pytest.raises(ConfigError, match=r"key 'eval_tasks'.*'lambada'.*not implemented in neomesh yet"):
+def test_eval_tasks_take_lambada_with_its_file_and_refuse_other_tasks_by_name():
+    with pytest.raises(ConfigError, match=r"key 'lambada_path' = '': is empty but eval_tasks has 'lambada'.*lambada_test.jsonl"):
         validate({**SMALL, "eval_tasks": ["lambada"]}, "test")
+    assert validate({**SMALL, "eval_tasks": ["lambada"], "lambada_path": "l.jsonl"}, "test").eval_tasks == ["lambada"]
     with pytest.raises(ConfigError, match=r"key 'eval_tasks'.*unknown task 'hellaswag'.*lambada"):
         validate({**SMALL, "eval_tasks": ["hellaswag"]}, "test")
     assert validate({**SMALL, "eval_tasks": []}, "test").eval_tasks == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -589,3 +590,100 @@ def test_a_dataset_eos_id_beyond_the_model_vocabulary_is_refused_naming_the_data
     write_shard(str(tmp_path / "s_0_1.tfrecords"), [np.arange(40)])
     with pytest.raises(ConfigError, match=r"d.json: key 'eos_id' = 600 is >= the model's n_vocab = 600"):
         sampler_for(tmp_path / "cfg", tmp_path / "s_*.tfrecords", "chunks", eos_id=600)
+
+
+# --- GPT-Neo's data-tool flags, and files that are not UTF-8 ---------------------------------------
+
+
+def test_create_tfrecords_takes_gpt_neo_flags_with_gpt_neo_meanings(tokenizer_path, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    wikitext = "caf\u00c3\u00a9 one @-@ two , three\n" * 3  # mojibake for ftfy, WikiText spacing for the detokenizer
+    (corpus / "a.txt").write_text(wikitext)
+    (corpus / "b.txt").write_text("second document, plain\n")
+    tokenizer = load_tokenizer(str(tokenizer_path))
+
+    def records(out: Path, *flags: str) -> list[list[int]]:
+        create_tfrecords.main(["--input_dir", str(corpus), "--name", "g", "--output_dir", str(out), "--encoder_path",
+                               str(tokenizer_path), "--mode", "documents", "--processes", "1", "--quiet",
+                               "--minimum_size", "0", *flags])
+        return [list(r) for shard in sorted(out.glob("g_*.tfrecords")) for r in read_shard(str(shard))]
+
+    # GPT-Neo's store_false flags: --ftfy and --wikitext-detokenize turn those steps off; a separator
+    # of several ids, in GPT-Neo's list form and as plain ids
+    raw = records(tmp_path / "raw", "--separator", "[0]", "1", "--ftfy", "--wikitext-detokenize",
+                  "--write_dataset_config", "--dataset_config_dir", str(tmp_path / "dataset_configs"))
+    assert raw == [tokenizer.encode(wikitext) + [0, 1], tokenizer.encode("second document, plain\n") + [0, 1]]
+    cleaned = records(tmp_path / "cleaned", "--separator", "[0, 1]", "--wikitext_detokenize")
+    assert cleaned[0] == tokenizer.encode("caf\u00e9 one-two, three\n" * 3) + [0, 1]
+
+    # the dataset config names the shards and the tokenizer, and trains as it is
+    written = json.loads((tmp_path / "dataset_configs" / "g.json").read_text())
+    assert written == {"n_vocab": 600, "path": str(tmp_path / "raw" / "g_*.tfrecords"), "eval_path": "",
+                       "tokenizer_is_pretrained": False, "tokenizer_path": str(tokenizer_path), "eos_id": 0,
+                       "padding_id": 1}
+    config = load_config(str(write_configs(tmp_path, {}, [["g", 2, "documents_fixed", 1.0]], n_ctx=16)))
+    assert Sampler(config).rows(0, range(2), 2).shape == (2, 17)
+    with pytest.raises(ConfigError, match=r"g\.json exists and describes other shards"):
+        records(tmp_path / "elsewhere", "--write_dataset_config", "--dataset_config_dir", str(tmp_path / "dataset_configs"))
+
+    for separator, message in [("x", "'x' is not a token id"), ("600", "id 600 is not in the tokenizer"),
+                               ("[]", "'\\[\\]' is not a token id")]:
+        with pytest.raises(ConfigError, match=f"--separator {re.escape(separator)}: {message}"):
+            records(tmp_path / "bad", "--separator", separator)
+    with pytest.raises(SystemExit):
+        create_tfrecords.parse_args(["--input_dir", str(corpus), "--use_gpt2_tokenizer", "--encoder_path", "tok.json"])
+
+
+def test_use_gpt2_tokenizer_reads_gpt2_from_the_local_hugging_face_cache(corpus, tokenizer_path, tmp_path):
+    # a Hugging Face cache holding a tokenizer under GPT-2's name (the real one is not on this machine)
+    snapshot = tmp_path / "hub" / "models--gpt2" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    (tmp_path / "hub" / "models--gpt2" / "refs").mkdir()
+    (tmp_path / "hub" / "models--gpt2" / "refs" / "main").write_text("0123abc")
+    flags = ["--input_dir", str(corpus), "--name", "p", "--mode", "documents", "--processes", "1", "--quiet",
+             "--minimum_size", "0", "--separator", "0"]
+    result = subprocess.run([sys.executable, str(REPO / "data" / "create_tfrecords.py"), *flags, "--output_dir",
+                             str(tmp_path / "gpt2"), "--use_gpt2_tokenizer"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert result.returncode == 0, result.stderr
+    make_shards(corpus, tokenizer_path, tmp_path / "file", "documents", name="p", separator=0)
+    assert ([p.read_bytes() for p in sorted((tmp_path / "gpt2").glob("p_*"))]
+            == [p.read_bytes() for p in sorted((tmp_path / "file").glob("p_*"))])
+
+
+def test_both_data_tools_stop_at_the_same_file_that_is_not_utf8_or_skip_it_with_a_warning(tokenizer_path, tmp_path, capsys):
+    good_text = "plain UTF-8 text about tokens and shards.\n" * 30
+    for folder in ("good", "mixed"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.txt").write_text(good_text)
+    (tmp_path / "mixed" / "b.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    bad = str(tmp_path / "mixed" / "b.txt")
+    (tmp_path / "lines").mkdir()
+    (tmp_path / "lines" / "c.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+
+    def tokenizer_of(folder: str, *flags: str) -> str:
+        path = train_tokenizer.main(["--base_dir", str(tmp_path / folder), "--output_dir", str(tmp_path / f"tok_{folder}"),
+                                     "--vocab_size", "300", "--overwrite", *flags])
+        return path.read_text()
+
+    def shards_of(folder: str, *flags: str) -> list[list[int]]:
+        out = tmp_path / f"shards_{folder}"
+        create_tfrecords.main(["--input_dir", str(tmp_path / folder), "--output_dir", str(out), "--encoder_path",
+                               str(tokenizer_path), "--mode", "documents", "--separator", "0", "--processes", "1",
+                               "--quiet", "--minimum_size", "0", *flags])
+        return [list(r) for shard in sorted(out.glob("*.tfrecords")) for r in read_shard(str(shard))]
+
+    for run in (tokenizer_of, shards_of):  # by default both stop, naming the file and its first bad byte
+        with pytest.raises(DataError, match=re.escape(f"{bad}: not UTF-8 text (byte 3 is 0xe9)") + ".*--skip_non_utf8"):
+            run("mixed")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'lines' / 'c.jsonl'}: not UTF-8 text (byte 30 is 0xe9)")):
+        shards_of("lines")
+    capsys.readouterr()
+
+    # with --skip_non_utf8 both leave out that file, saying so, and make what the good files alone make
+    assert tokenizer_of("mixed", "--skip_non_utf8") == tokenizer_of("good")
+    assert shards_of("mixed", "--skip_non_utf8") == [load_tokenizer(str(tokenizer_path)).encode(good_text) + [0]]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {bad}: not UTF-8 text (byte 3 is 0xe9): skipped (--skip_non_utf8)"] * 2

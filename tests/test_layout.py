@@ -4,6 +4,9 @@ XLA's SPMD partitioner), for the train step and the decode loop."""
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -62,7 +65,10 @@ def test_every_tensor_the_layout_names_is_split_in_the_compiled_train_step(layou
         if not any(d in layout for d in dims):
             continue
         shape = per_device_shape(dims, layout)
-        assert f"f32{shape}" in hlo, f"{name} {dims}: no per-device f32{shape} in the step under {layout_text}"
+        # data parallel, the step computes each batch replica as one row of a vmap over the batch
+        # axis: a device holds its replica's rows behind a leading replica dimension of size 1
+        forms = [f"f32{shape}"] + ([f"f32[1,{shape[1:]}"] if "batch" in layout else [])
+        assert any(form in hlo for form in forms), f"{name} {dims}: no per-device {forms} in the step under {layout_text}"
 
 
 def test_memory_length_changes_the_compiled_step():
@@ -83,3 +89,87 @@ def test_the_decoding_cache_is_split_as_the_layout_names_memory_length_and_heads
         scalar = jax.ShapeDtypeStruct((), np.int32)
         hlo = run.lower(params, tokens, pad, scalar, scalar, jax.ShapeDtypeStruct((), np.uint32)).compile().as_text()
         assert f"f32{expected}" in hlo, f"cache [batch, heads, memory_length, kv] not split as {layout_text}"
+
+
+# --- communication: what the compiled step reduces, and where ----------------------------------
+
+COMMS = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 1, "n_vocab": 64, "train_batch_size": 32,
+         "attention_types": [[["global"], 1]], "attention_kernel": "plain", "mesh_shape": "x:8", "layout": "batch:x"}
+
+
+@functools.cache
+def compiled_hlo(**keys) -> str:
+    config = validate(COMMS | keys, "test")
+    layout = build_mesh_layout(config)
+    optimizer = make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    state = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
+    batch = jax.ShapeDtypeStruct((config.train_batch_size, config.n_ctx), np.int32)
+    step = model_fns.make_train_step(config, layout, optimizer, shardings)
+    return step.lower(state, batch, batch).compile().as_text()
+
+
+def computations(hlo: str) -> dict[str, str]:
+    """name -> text of every computation of an HLO module."""
+    found = {}
+    for block in hlo.split("\n\n"):
+        header = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s", block)
+        if header and "{" in block:
+            found[header.group(1)] = block
+    return found
+
+
+def called_from(name: str, comps: dict[str, str]) -> set[str]:
+    """`name` and every computation it calls, transitively (fusions, branches, nested loops)."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in comps:
+            continue
+        seen.add(current)
+        todo += re.findall(r"(?:calls|body|condition|to_apply|branch_computations|true_computation|"
+                           r"false_computation)=\{?%?([\w.\-]+)", comps[current])
+        todo += [c.strip().lstrip("%") for group in re.findall(r"branch_computations=\{([^}]*)\}", comps[current])
+                 for c in group.split(",")]
+    return seen
+
+
+def all_reduced_shapes(text: str) -> list[str]:
+    """The per-device result shapes of every all-reduce in `text`, tuples flattened."""
+    shapes = []
+    for result in re.findall(r"= (\([^)]*\)|\w+\[[\d,]*\][^ ]*) all-reduce(?:-start)?\(", text):
+        shapes += re.findall(r"\w+\[[\d,]*\]", result)
+    return shapes
+
+
+def element_count(shape: str) -> int:
+    """"f32[32,4,8]" -> 1024."""
+    return int(np.prod([int(n) for n in re.findall(r"\d+", shape.split("[", 1)[1])], dtype=np.int64))
+
+
+@pytest.mark.parametrize("tokens_per_microbatch", [None, 16])
+def test_data_parallel_gradients_are_reduced_once_each_after_the_microbatch_loop(tokens_per_microbatch):
+    # 32 rows over 8 replicas = 4 rows x 16 tokens each; 16 tokens per microbatch -> 4 microbatches
+    keys = {"tokens_per_mb_per_replica": tokens_per_microbatch} if tokens_per_microbatch else {}
+    hlo = compiled_hlo(**keys)
+    comps = computations(hlo)
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    assert bool(bodies) == bool(tokens_per_microbatch), "a microbatch loop, and only with microbatches"
+    for body in bodies:
+        inside = called_from(body, comps)
+        assert not any(all_reduced_shapes(comps[c]) for c in inside), f"an all-reduce inside the loop {body}"
+    # every parameter's gradient is reduced exactly once (the tied embedding's lookup and output
+    # projection contributions summed before), besides the loss scalars
+    reduced = [element_count(shape) for shape in all_reduced_shapes(hlo) if not shape.endswith("[]")]
+    parameters = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(gpt2.param_shapes(validate(COMMS, "test")))]
+    assert sorted(reduced) == sorted(parameters)
+
+
+def test_the_cpu_fusion_boundaries_add_no_communication_to_a_sharded_step():
+    """cpu_backward auto (the CPU's own backward and residual-gradient boundaries) reduces exactly
+    what JAX's derived backward reduces, and keeps its boundaries (one conditional per layer)."""
+    auto, plain = compiled_hlo(), compiled_hlo(cpu_backward="plain")  # auto: the default
+    assert sorted(all_reduced_shapes(auto)) == sorted(all_reduced_shapes(plain))
+    for kind in ("all-gather(", "collective-permute(", "all-to-all(", "reduce-scatter("):
+        assert auto.count(kind) == plain.count(kind), kind
+    assert auto.count(" conditional(") == COMMS["n_layer"]

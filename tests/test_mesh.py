@@ -55,11 +55,68 @@ def test_mesh_size_different_from_device_count_says_both_and_suggests_a_shape():
     assert f"mesh_shape=x:{jax.device_count()},y:1" in message
 
 
-def test_empty_mesh_shape_is_data_parallel_over_all_devices_or_one_device():
+def test_empty_mesh_shape_is_data_parallel_over_all_devices():
     layout = build_mesh_layout(config())
     assert dict(layout.mesh.shape) == {DATA_AXIS: jax.device_count()} and layout.layout == {"batch": DATA_AXIS}
-    layout = build_mesh_layout(config(train_batch_size=3))  # 3 rows cannot spread over 8 devices
-    assert layout.mesh.size == 1
+    assert set(layout.mesh.devices.flat) == set(jax.devices())
+    # an eval batch that does not divide the devices changes nothing about training
+    assert build_mesh_layout(config(eval_batch_size=3, eval_steps=1)).mesh.size == jax.device_count()
+
+
+def test_empty_mesh_shape_with_a_train_batch_the_devices_do_not_divide_names_both_and_suggests_a_mesh():
+    cfg = config(train_batch_size=3)  # 3 rows cannot spread over 8 devices
+    with pytest.raises(ConfigError) as err:
+        build_mesh_layout(cfg)
+    message = str(err.value)
+    assert "train_batch_size 3" in message and "8 devices" in message
+    # both suggestions are configs that build, on every device
+    assert "--set train_batch_size=8" in message
+    mesh_shape, layout_text = (message.split(f"--set {key}=")[1].split()[0] for key in ("mesh_shape", "layout"))
+    suggested = cfg.replace(mesh_shape=mesh_shape, layout=layout_text)
+    layout = build_mesh_layout(suggested)
+    param_shardings(suggested, layout)
+    assert layout.mesh.size == jax.device_count() and "batch" not in layout.layout
+
+
+def test_an_eval_batch_the_batch_axis_does_not_divide_runs_unsplit_with_the_one_device_loss():
+    import numpy as np
+
+    import model_fns
+    from models import gpt2
+
+    cfg = config(eval_batch_size=3, eval_steps=1)
+    layout = build_mesh_layout(cfg)
+    eval_layout = layout.for_batch(3)
+    assert eval_layout.mesh is layout.mesh and eval_layout.layout == {}
+    assert layout.for_batch(16) is layout
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), gpt2.param_shapes(cfg))
+    tokens = rng.integers(0, cfg.n_vocab, (3, cfg.n_ctx + 1)).astype(np.int32)
+    shardings = {"params": model_fns.param_shardings(cfg, layout)}
+    sharded = model_fns.make_eval_step(cfg, eval_layout, shardings, 3)(params, tokens[:, :-1], tokens[:, 1:])
+    one = build_mesh_layout(cfg, jax.devices()[:1])
+    single = model_fns.make_eval_step(cfg, one, {"params": model_fns.param_shardings(cfg, one)}, 3)(
+        params, tokens[:, :-1], tokens[:, 1:])
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-6)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--gpu_ids", "banana"], "--gpu_ids: 'banana' is not a GPU index"),
+    (["--gpu_ids", "0", "1", "2"], "--gpu_ids 0 1 2: JAX finds no GPU"),
+    (["--tpu", "my-tpu"], "--tpu my-tpu: this machine has no TPU runtime"),
+    (["--tpu", "colab"], "--tpu colab: JAX finds no TPU here"),
+])
+def test_devices_this_machine_lacks_are_one_clear_line(flags, expected, capsys, monkeypatch):
+    import importlib.util
+
+    import main
+
+    if importlib.util.find_spec("libtpu") is not None or jax.default_backend() != "cpu":
+        pytest.skip("this machine has an accelerator runtime")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored afterwards; --gpu_ids sets it
+    assert main.main(["--model", "demo", "--dry_run", *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
 
 
 def test_auto_layout_and_mesh_shape_fits_the_devices_and_validates():
@@ -73,3 +130,20 @@ def test_auto_layout_and_mesh_shape_fits_the_devices_and_validates():
             assert layout.mesh.shape["y"] > 1 and "heads:y" in layout_text
         else:
             assert layout.mesh.shape["x"] == 8 and layout_text == "batch:x"
+
+
+def test_dry_run_compiles_the_eval_step_too_unsplit_when_its_batch_does_not_divide(tmp_path, capsys):
+    from test_train import write_dataset
+
+    import train
+    from configs import load_config
+
+    model_config = write_dataset(tmp_path, 64)
+    cfg = load_config(str(model_config), [f"model_path={tmp_path / 'run'}", "n_vocab=64", "n_layer=1", "n_embd=32",
+                                          "n_ctx=16", "attention_types=[[[\"global\"], 1]]", "eval_batch_size=3"])
+    layout = build_mesh_layout(cfg)
+    assert layout.mesh.size == jax.device_count() and layout.layout == {"batch": DATA_AXIS}
+    report = train.dry_run(cfg, layout)
+    printed = capsys.readouterr().out
+    assert "eval step (eval_batch_size 3, unsplit" in printed and report["eval_compile_seconds"] > 0
+    assert report["expert_parameters"] == 0 and "expert" not in printed.split("parameters: ")[1].splitlines()[0]

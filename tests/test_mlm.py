@@ -229,9 +229,9 @@ def test_mlm_loss_is_the_cross_entropy_at_masked_positions_only():
     z = np.mean([log_z[b, t] ** 2 for b, t in zip(rows, positions)])
     accuracy = np.mean([logits[b, t].argmax() == labels[b, t] for b, t in zip(rows, positions)])
 
-    loss, cross_entropy = jax.jit(lambda p: model_fns.lm_loss(p, inputs, labels, config, None))(params)
-    np.testing.assert_allclose([float(loss), float(cross_entropy)], [ce + 1e-2 * z, ce], rtol=1e-5)
-    masked_accuracy = jax.jit(lambda p: model_fns.masked_lm_loss(p, inputs, labels, config, None)[2])(params)
+    loss, extras = jax.jit(lambda p: model_fns.lm_loss(p, inputs, labels, config, None))(params)
+    np.testing.assert_allclose([float(loss), float(extras["cross_entropy"])], [ce + 1e-2 * z, ce], rtol=1e-5)
+    masked_accuracy = jax.jit(lambda p: model_fns.masked_lm_loss(p, inputs, labels, config, None)[1]["accuracy"])(params)
     assert float(masked_accuracy) == pytest.approx(accuracy)
 
 
@@ -244,8 +244,8 @@ def test_mlm_with_entmax_loss_is_the_entmax_loss_at_masked_positions_only():
     logits = jax.jit(lambda p, t: gpt2.logits(p, t, config))(params, inputs)
     per_position = np.asarray(entmax_loss(logits, jnp.asarray(np.maximum(labels, 0))))
     expected = per_position[labels != NOT_PREDICTED].mean()  # and no z-loss, as with entmax_loss in a causal LM
-    loss, data_loss = jax.jit(lambda p: model_fns.lm_loss(p, inputs, labels, config, None))(params)
-    np.testing.assert_allclose([float(loss), float(data_loss)], [expected, expected], rtol=1e-5)
+    loss, extras = jax.jit(lambda p: model_fns.lm_loss(p, inputs, labels, config, None))(params)
+    np.testing.assert_allclose([float(loss), float(extras["cross_entropy"])], [expected, expected], rtol=1e-5)
 
 
 def test_four_mlm_microbatches_give_the_mean_over_every_masked_position_of_the_batch():

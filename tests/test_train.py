@@ -363,11 +363,13 @@ def test_training_logs_gradient_norms_with_log_grads_and_each_unused_gpt_neo_key
     assert record["step"] == 2 and record["grad_norm/wte"] > 0 and "grad_norm/blocks.1.mlp.fc" in record
 
 
-def test_main_refuses_an_option_neomesh_does_not_implement_in_one_line(tmp_path):
-    result = main_py("--model", "demo", "--set", "moe_layers=[1]", "--dry_run", check=False)
+def test_main_refuses_an_unknown_moe_params_key_in_one_line_naming_it(tmp_path):
+    result = main_py("--model", "demo", "--set", "moe_layers=[1]", "--set", 'moe_params={"moe_num_expert": 4}',
+                     "--dry_run", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "key 'moe_layers' = [1]" in result.stderr and "not implement" in result.stderr
+    assert "key 'moe_params'" in result.stderr and "'moe_num_expert'" in result.stderr
+    assert "did you mean 'moe_num_experts'" in result.stderr
 
 
 def test_training_refuses_token_ids_at_or_above_n_vocab(tmp_path):
@@ -678,8 +680,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_the_run_resum
 @pytest.mark.slow
 def test_gpt_neo_test_models_combination_trains_and_samples_through_main_py(tmp_path):
     """The options GPT-Neo's own test_models.py combines (2 layers global/local, rotary, 16 memory
-    key/values, an untied head, shared parameters, ReZero, res_dropout 0.1), with a tokenizer
-    trained here: main.py trains it and samples from its checkpoint."""
+    key/values, an untied head, shared parameters, a mixture of experts in layer 1, ReZero,
+    res_dropout 0.1), with a tokenizer trained here: main.py trains it and samples from its
+    checkpoint."""
     corpus = ["memory keys are seen by every query", "rotary turns each pair of dimensions",
               "a shared block serves every layer of the model"] * 30
     tokenizer = train_tiny_tokenizer(corpus, tmp_path / "tokenizer.json", ["<|endoftext|>"])
@@ -693,13 +696,16 @@ def test_gpt_neo_test_models_combination_trains_and_samples_through_main_py(tmp_
     config = {"n_layer": 2, "n_embd": 32, "n_head": 4, "n_ctx": 32, "n_vocab": 320, "train_batch_size": 4,
               "attention_types": [[["global", "local"], 1]], "local_attention_radius": 8,
               "rotary_emb": True, "num_mem_kv": 16, "no_weight_tie": True, "share_parameters": True,
-              "rezero": True, "res_dropout": 0.1, "datasets": [["neo", 2, "documents_random", 1.0]],
+              "rezero": True, "res_dropout": 0.1, "moe_layers": [1],
+              "moe_params": {"moe_num_experts": 4, "moe_hidden_size": 32, "moe_dropout_rate": 0.0},
+              "datasets": [["neo", 2, "documents_random", 1.0]],
               "train_steps": 4, "iterations": 2, "steps_per_checkpoint": 4, "lr": 3e-3,
               "model_path": str(tmp_path / "model"), "predict_max_steps": 10, "mesh_shape": "", "layout": ""}
     (tmp_path / "neo.json").write_text(json.dumps(config))
     main_py("--model", str(tmp_path / "neo.json"))
     losses = logged(tmp_path / "model", "loss")
     assert set(losses) == {2, 4} and all(np.isfinite(list(losses.values())))
+    assert set(logged(tmp_path / "model", "moe_dropped/1")) == {2, 4}  # the MoE layer's routing, logged
     (tmp_path / "prompt.txt").write_text("memory keys are")
     sampled = main_py("--model", str(tmp_path / "neo.json"), "--predict", "--prompt", str(tmp_path / "prompt.txt"))
     written = (tmp_path / "model" / "predictions_nosacred_4.txt").read_text()

@@ -1,0 +1,147 @@
+"""Two local processes (jax.distributed over gloo, two simulated CPU devices each) running main.py
+itself train exactly what one process with all four devices trains: every step's loss, the
+evaluation, and checkpoints that the other process count resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import REPO, SHARED_COMPILATION, TINY, write_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def environment(devices: int) -> dict:
+    import os
+
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+            **SHARED_COMPILATION}
+
+
+def one_process(*args: str, devices: int = 4) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), *args], env=environment(devices), cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def start_two_processes(*args: str) -> list[subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, str(REPO / "main.py"), *args, "--coordinator_address",
+                              f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+                             env=environment(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
+def two_processes(*args: str, check: bool = True) -> list[tuple[int, str]]:
+    workers = start_two_processes(*args)
+    results = []
+    for worker in workers:
+        try:
+            out, _ = worker.communicate(timeout=300)
+        finally:
+            for other in workers:
+                if other.poll() is None and worker.returncode is None:
+                    other.kill()
+        results.append((worker.returncode, out))
+    if check:
+        for code, out in results:
+            assert code == 0, out[-3000:]
+    return results
+
+
+def metric(model_path: Path, name: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (model_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {row["step"]: row[name] for row in rows if name in row}
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory) -> Path:
+    # iterations 1: metrics.jsonl holds every step's own loss; dropout on (write_dataset), so the
+    # masks must agree across process counts too
+    return write_dataset(tmp_path_factory.mktemp("multihost"), TINY["n_vocab"])
+
+
+def sets(model_path: Path, *keys: str) -> list[str]:
+    return ["--set", f"model_path={model_path}", "--set", "iterations=1", "--set", "steps_per_checkpoint=2",
+            *(part for key in keys for part in ("--set", key))]
+
+
+def test_two_processes_data_parallel_equal_one_process_and_checkpoints_resume_across_process_counts(
+        model_config, tmp_path):
+    """Empty mesh_shape: data parallel over all four devices of both processes."""
+    reference, two_then_one, one_then_two = tmp_path / "reference", tmp_path / "two_then_one", tmp_path / "one_then_two"
+    one_process("--model", str(model_config), *sets(reference, "train_steps=4"))
+    two_processes("--model", str(model_config), *sets(two_then_one, "train_steps=2"))
+    one_process("--model", str(model_config), *sets(two_then_one, "train_steps=4"))
+    # one process's checkpoint at step 2 (its step 4 removed), continued by two processes
+    shutil.copytree(reference, one_then_two)
+    shutil.rmtree(one_then_two / "checkpoints" / "4")
+    two_processes("--model", str(model_config), *sets(one_then_two, "train_steps=4"))
+
+    expected = metric(reference, "loss")
+    assert sorted(expected) == [1, 2, 3, 4]
+    for run in (two_then_one, one_then_two):
+        losses = metric(run, "loss")
+        assert sorted(losses) == [1, 2, 3, 4]
+        for step, loss in expected.items():
+            assert loss == pytest.approx(losses[step], rel=1e-6, abs=0), (run.name, step)
+        evals = metric(run, "eval_loss")
+        for step, loss in metric(reference, "eval_loss").items():
+            assert loss == pytest.approx(evals[step], rel=1e-6, abs=0), (run.name, "eval", step)
+
+
+def test_two_processes_with_heads_split_across_them_equal_one_process(model_config, tmp_path):
+    # the mesh's first axis runs across the processes (each holds two consecutive devices): heads
+    # are split between the processes, the batch within each
+    layout = ("mesh_shape=x:2,y:2", "layout=batch:y,heads:x", "train_steps=2")
+    one_process("--model", str(model_config), *sets(tmp_path / "one", *layout))
+    two_processes("--model", str(model_config), *sets(tmp_path / "two", *layout))
+    expected, losses = metric(tmp_path / "one", "loss"), metric(tmp_path / "two", "loss")
+    assert sorted(expected) == sorted(losses) == [1, 2]
+    for step, loss in expected.items():
+        assert loss == pytest.approx(losses[step], rel=1e-6, abs=0), step
+
+
+def test_a_global_batch_the_processes_devices_do_not_divide_is_one_clear_error_on_each(model_config, tmp_path):
+    results = two_processes("--model", str(model_config), *sets(tmp_path / "run", "train_batch_size=6"), check=False)
+    for code, out in results:
+        assert code == 2, out[-3000:]
+        assert "Traceback" not in out
+        assert "train_batch_size 6 does not divide evenly by 4" in out
+
+
+def test_when_one_process_dies_the_other_stops_within_the_peer_timeout_with_a_message(model_config, tmp_path):
+    import signal
+    import time
+
+    workers = start_two_processes("--model", str(model_config), "--peer_timeout", "5",
+                                  *sets(tmp_path / "run", "train_steps=100000", "eval_steps=0"))
+    try:
+        for line in workers[0].stdout:  # training, with a checkpoint saved
+            if line.startswith("step 3/"):
+                break
+        workers[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = workers[0].communicate(timeout=120)
+        waited = time.monotonic() - killed
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    assert workers[0].returncode == 3, out[-3000:]
+    assert "error: process 1 of 2 has given no sign of life" in out and "Traceback" not in out
+    assert waited < 30, waited
+    # every process started again (here: one, on as many devices) resumes from the newest checkpoint
+    saved = max(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    resumed = one_process("--model", str(model_config), *sets(tmp_path / "run", f"train_steps={saved + 1}",
+                                                              "eval_steps=0"))
+    assert f"at step {saved}" in resumed.stdout and f"step {saved + 1}/{saved + 1}" in resumed.stdout
