@@ -638,7 +638,7 @@ def dry_run(config, layout) -> dict:
         eval_layout = layout.for_batch(config.eval_batch_size)
         eval_batch = jax.ShapeDtypeStruct((config.eval_batch_size, config.n_ctx), jax.numpy.int32)
         eval_step = model_fns.make_eval_step(config, eval_layout, shardings, config.eval_batch_size)
-        eval_step.lower(state_shapes["params"], eval_batch, eval_batch).compile()
+        eval_step.lower(gpt2.param_shapes(config), eval_batch, eval_batch).compile()  # the whole model's, as fine-tuning evaluates
         report["eval_compile_seconds"] = time.perf_counter() - start
         print(f"eval step (eval_batch_size {config.eval_batch_size}"
               f"{'' if eval_layout is layout else ', unsplit: it does not divide the batch axis'}) compiled in "
