@@ -369,17 +369,23 @@ def restore_params(config, layout, step: int | None = None) -> tuple[dict, int]:
         raise FileNotFoundError(missing)
     checkpoints = Checkpoints(config.model_path, read_only=True)
     abstract = {"params": abstract_tree(param_shardings(config, layout), gpt2.param_shapes(config))}
+    state, _, step = restore_step_or_newest(checkpoints, abstract, step, missing)
+    return state["params"], step
+
+
+def restore_step_or_newest(checkpoints, abstract, step: int | None, missing: str):
+    """(state, meta, step): checkpoint `step` when one is asked for by number (no other will do),
+    else the newest intact one; FileNotFoundError(missing) when there is none. Closes `checkpoints`."""
     try:
-        if step is not None:  # asked for by number: no other will do
-            state, _ = checkpoints.restore(step, abstract)
-        else:
-            found = checkpoints.restore_newest_intact(abstract)
-            if found is None:
-                raise FileNotFoundError(missing)
-            state, _, step = found
+        if step is not None:
+            state, meta = checkpoints.restore(step, abstract)
+            return state, meta, step
+        found = checkpoints.restore_newest_intact(abstract)
+        if found is None:
+            raise FileNotFoundError(missing)
+        return found
     finally:
         checkpoints.close()
-    return state["params"], step
 
 
 # --- fine-tuning: a frozen base and the adapters trained on it ----------------------------------------
@@ -476,16 +482,7 @@ def restore_adapted_params(config, layout, step: int | None = None) -> tuple[dic
     shapes = lora.split(gpt2.param_shapes(config), template)[1]
     checkpoints = Checkpoints(config.model_path, read_only=True, folder=ADAPTERS_FOLDER)
     abstract = {"params": abstract_tree(shardings, shapes)}
-    try:
-        if step is not None:
-            state, meta = checkpoints.restore(step, abstract)
-        else:
-            found = checkpoints.restore_newest_intact(abstract)
-            if found is None:
-                raise FileNotFoundError(missing)
-            state, meta, step = found
-    finally:
-        checkpoints.close()
+    state, meta, step = restore_step_or_newest(checkpoints, abstract, step, missing)
     base = resolve_base(config)
     check_base(meta, base_name(base, config), storage.join(directory, str(step)))
     if base is None:

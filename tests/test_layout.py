@@ -41,7 +41,11 @@ def per_device_shape(dims, layout: dict[str, str]) -> str:
 
 
 def compiled_train_step(layout_text: str) -> str:
-    config = validate(BASE | {"layout": layout_text}, "test")
+    return compiled_step_text(validate(BASE | {"layout": layout_text}, "test"))
+
+
+def compiled_step_text(config) -> str:
+    """The HLO text of the config's train step, compiled from shapes alone."""
     layout = build_mesh_layout(config)
     optimizer = make_optimizer(config)
     shardings = model_fns.state_shardings(config, layout, optimizer)
@@ -99,14 +103,7 @@ COMMS = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 1, "n_vocab": 64, "t
 
 @functools.cache
 def compiled_hlo(**keys) -> str:
-    config = validate(COMMS | keys, "test")
-    layout = build_mesh_layout(config)
-    optimizer = make_optimizer(config)
-    shardings = model_fns.state_shardings(config, layout, optimizer)
-    state = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
-    batch = jax.ShapeDtypeStruct((config.train_batch_size, config.n_ctx), np.int32)
-    step = model_fns.make_train_step(config, layout, optimizer, shardings)
-    return step.lower(state, batch, batch).compile().as_text()
+    return compiled_step_text(validate(COMMS | keys, "test"))
 
 
 def computations(hlo: str) -> dict[str, str]:
