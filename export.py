@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="config name (configs/NAME.json) or a .json path, for --to_hf")
     parser.add_argument("--to_hf", metavar="OUT_DIR", help="export the newest checkpoint of --model to this folder")
-    parser.add_argument("--step", type=int, help="export this step instead of the newest")
+    parser.add_argument("--step", type=int, help="export (or prune) this step instead of the newest")
     parser.add_argument("--merge_lora", action="store_true",
                         help="with --to_hf: fold a LoRA fine-tune's adapters into the exported weights")
     parser.add_argument("--to_peft", metavar="OUT_DIR",

@@ -213,17 +213,27 @@ def test_hf_export_of_the_pruned_model_loads_and_gives_its_logits(pruned_model, 
     assert transformers.AutoTokenizer.from_pretrained(out).encode(documents[1]) == new.encode(documents[1])
 
 
-def test_an_untied_output_projection_keeps_its_rows_and_bias(corpora):
+def test_an_untied_output_projection_keeps_its_rows_and_bias_and_every_id_a_key_names(corpora):
+    """padding_id names a padded row (past the tokenizer) and mlm_mask_id a token the corpus never uses:
+    both rows are kept, renumbered in order, the padded one last."""
     folder, tokenizer_file, kept, documents = corpora
-    config = load_config(str(write_model_config(folder, tokenizer_file, "untied", no_weight_tie=True)))
+    old_tokenizer = load_tokenizer(str(tokenizer_file))
+    unused = old_tokenizer.vocab_size - 1  # the last merge's token: a word of the broad corpus only
+    assert unused not in {i for document in documents for i in old_tokenizer.encode(document)}
+    config = load_config(str(write_model_config(folder, tokenizer_file, "untied", no_weight_tie=True,
+                                                padding_id=PADDED_VOCAB - 2, mlm_mask_id=unused)))
     params = random_params(config, seed=5)
     save_checkpoint(config, params, step=1)
     pruned_config = vocab_pruning.prune_vocab(config, str(kept), str(folder / "untied-pruned"),
                                               folder / "configs" / "untied_pruned.json")
     pruned_params, _ = restore(pruned_config)
-    old, new = load_dataset_tokenizer(config), load_dataset_tokenizer(pruned_config)
-    kept_ids = [old.tokenizer.token_to_id(new.tokenizer.id_to_token(i)) for i in range(new.vocab_size)]
-    tokens = kept_text_tokens(old, documents)
+    new = load_dataset_tokenizer(pruned_config)
+    saved = json.loads((folder / "untied-pruned" / "vocab_map.json").read_text())["old_to_new"]
+    kept_ids = sorted((int(old) for old in saved), key=lambda old: saved[str(old)])
+    assert kept_ids == sorted(kept_ids) and kept_ids[-1] == PADDED_VOCAB - 2 and unused in kept_ids
+    assert pruned_config.n_vocab == new.vocab_size + 1 and pruned_config.padding_id == pruned_config.n_vocab - 1
+    assert new.tokenizer.id_to_token(pruned_config.mlm_mask_id) == old_tokenizer.tokenizer.id_to_token(unused)
+    tokens = kept_text_tokens(old_tokenizer, documents)
     np.testing.assert_allclose(logits(pruned_params, pruned_config, kept_text_tokens(new, documents)),
                                logits(params, config, tokens)[..., kept_ids], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(pruned_params["lm_head"]["bias"], np.asarray(params["lm_head"]["bias"])[kept_ids])
