@@ -104,7 +104,7 @@ def closed_under_merges(spec: dict, kept: np.ndarray) -> np.ndarray:
     return kept
 
 
-def kept_token_mask(tokenizer, spec: dict, used_ids, n_ids: int) -> np.ndarray:
+def kept_token_mask(spec: dict, used_ids, n_ids: int) -> np.ndarray:
     """Over ids [0, n_ids): the used ids, the added tokens, the single bytes, closed under merges."""
     from encoders import _byte_level_alphabet
 
@@ -208,8 +208,7 @@ def prune_tokenizer(tokenizer, keep_from: str, n_vocab: int, named_ids=()):
         raise ExportError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's "
                           f"n_vocab {n_vocab}")
     kept = np.zeros(n_vocab, bool)
-    kept[: tokenizer.vocab_size] = kept_token_mask(tokenizer, spec, used_ids(tokenizer, keep_from),
-                                                   tokenizer.vocab_size)
+    kept[: tokenizer.vocab_size] = kept_token_mask(spec, used_ids(tokenizer, keep_from), tokenizer.vocab_size)
     kept[[i for i in named_ids if i is not None and 0 <= i < n_vocab]] = True
     kept_ids = np.flatnonzero(kept)
     old_to_new = np.full(n_vocab, -1, np.int64)
