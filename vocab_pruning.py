@@ -137,18 +137,22 @@ def pruned_spec(spec: dict, old_to_new: np.ndarray) -> dict:
 
 def corpus_documents(keep_from: str) -> Iterator[list[str]]:
     """The corpus's documents, ENCODE_BATCH at a time, in the data tools' order."""
-    from data.corpus import find_files, read_documents
+    from data.corpus import NotUTF8, find_files, read_documents
 
     files = find_files(keep_from, None)
     if not files:
         raise DataError(f"--keep_from {keep_from}: the folder holds no files")
     batch: list[str] = []
     for path in files:
-        for document in read_documents(path):
-            batch.append(document)
-            if len(batch) == ENCODE_BATCH:
-                yield batch
-                batch = []
+        try:
+            for document in read_documents(path):
+                batch.append(document)
+                if len(batch) == ENCODE_BATCH:
+                    yield batch
+                    batch = []
+        except NotUTF8 as err:  # its advice names the data tools' --skip_non_utf8, which is not here
+            raise DataError(f"{err.what}; --keep_from reads every file under {keep_from} as the corpus: convert "
+                            "it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or move it out") from None
     if batch:
         yield batch
 

@@ -21,6 +21,7 @@ from checkpoints import restore_params
 from configs import load_config
 from data import train_tokenizer
 from encoders import _byte_level_alphabet, load_dataset_tokenizer, load_tokenizer
+from errors import DataError
 from mesh import build_mesh_layout
 from models import gpt2
 
@@ -252,6 +253,15 @@ def test_a_missing_keep_from_is_one_error_line(corpora, capsys, tmp_path):
                          "--model_path", str(tmp_path / "out"), "--config_out", str(tmp_path / "c.json")], capsys)
     assert code == 2 and err.startswith("error: --keep_from ") and "nowhere" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_a_corpus_file_that_is_not_utf8_is_named(corpora, tmp_path):
+    _, tokenizer_file, _, documents = corpora
+    (tmp_path / "good.txt").write_text(documents[0])
+    (tmp_path / "latin1.txt").write_bytes("naïve".encode("latin-1"))
+    old = load_tokenizer(str(tokenizer_file))
+    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8 text \(byte 2 is 0xef\); --keep_from reads"):
+        vocab_pruning.prune_tokenizer(old, str(tmp_path), old.vocab_size)
 
 
 def test_a_tokenizer_that_is_not_a_byte_level_bpe_is_refused_by_name(corpora, capsys, tmp_path):
