@@ -4,6 +4,7 @@
     python export.py --from_hf HF_DIR --model_path OUT_DIR --config_out configs/NAME.json
     python export.py --model M --to_hf OUT_DIR --merge_lora     # a LoRA fine-tune, merged
     python export.py --model M --to_peft OUT_DIR                # its adapters, for the peft library
+    python export.py --model M --prune_vocab --keep_from CORPUS --model_path OUT_DIR --config_out configs/NAME.json
 
 Export writes `config.json`, `model.safetensors` and the tokenizer (`tokenizer.json`,
 `tokenizer_config.json`) that `GPTNeoForCausalLM.from_pretrained` and
@@ -29,6 +30,9 @@ and writes a plain GPTNeo folder; `--to_peft` writes the adapters alone as peft'
 `PeftModel.from_pretrained(GPTNeoForCausalLM.from_pretrained(BASE), OUT_DIR)` onto the base
 exported by `--to_hf` of the base (the same config with `--set lora_rank=0`). Prompt and prefix
 tuning have no GPTNeo form and are refused.
+
+`--prune_vocab` (vocab_pruning.py) writes a new model whose vocabulary holds only the tokens a corpus
+uses (plus the specials and single bytes), with its tokenizer and config; `--to_hf` exports it as any other.
 """
 
 from __future__ import annotations
@@ -333,16 +337,7 @@ def import_from_hf(hf_dir, model_path, config_out) -> Config:
         hf_dir = Path(storage.copy_to_local(source, download.name))
     hf_dir, config_out = Path(hf_dir), Path(config_out)
     hf = read_hf_config(hf_dir)
-    checkpoints_dir = storage.join(model_path, "checkpoints")
-    if any(name.isdigit() for name in storage.listdir(checkpoints_dir)):
-        raise ExportError(f"--model_path {model_path}: {checkpoints_dir} already holds checkpoints; import into "
-                          "an empty folder so that step 0 is the newest checkpoint")
-
-    dataset_config = config_out.parent / "dataset_configs" / f"{config_out.stem}.json"
-    for existing in (config_out, dataset_config):
-        if existing.exists():
-            raise ExportError(f"--config_out {config_out}: {existing} exists; choose another name or remove it")
-
+    dataset_config = check_new_model_destination(model_path, config_out)
     values = config_values(hf, hf_dir, model_path)
     tensors = read_safetensors(hf_dir)  # refuses a pickle before anything is written
     tokenizer_name = "tokenizer.json" if has_tokenizer(hf_dir) else None
@@ -379,6 +374,20 @@ def import_from_hf(hf_dir, model_path, config_out) -> Config:
     checkpoints.close()
     log.info("imported %s into %s (step 0); config %s", source, model_path, config_out)
     return load_config(str(config_out))
+
+
+def check_new_model_destination(model_path: str, config_out: Path) -> Path:
+    """Refuse a model_path that holds checkpoints or a config_out (or the dataset config beside it)
+    that exists: a new model is written into fresh places. Returns that dataset config's path."""
+    checkpoints_dir = storage.join(model_path, "checkpoints")
+    if any(name.isdigit() for name in storage.listdir(checkpoints_dir)):
+        raise ExportError(f"--model_path {model_path}: {checkpoints_dir} already holds checkpoints; write into "
+                          "an empty folder so that step 0 is the newest checkpoint")
+    dataset_config = config_out.parent / "dataset_configs" / f"{config_out.stem}.json"
+    for existing in (config_out, dataset_config):
+        if existing.exists():
+            raise ExportError(f"--config_out {config_out}: {existing} exists; choose another name or remove it")
+    return dataset_config
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -527,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="config name (configs/NAME.json) or a .json path, for --to_hf")
     parser.add_argument("--to_hf", metavar="OUT_DIR", help="export the newest checkpoint of --model to this folder")
-    parser.add_argument("--step", type=int, help="export this step instead of the newest")
+    parser.add_argument("--step", type=int, help="export (or prune) this step instead of the newest")
     parser.add_argument("--merge_lora", action="store_true",
                         help="with --to_hf: fold a LoRA fine-tune's adapters into the exported weights")
     parser.add_argument("--to_peft", metavar="OUT_DIR",
@@ -535,14 +544,31 @@ def main(argv: list[str] | None = None) -> int:
                              "adapter_model.safetensors)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--from_hf", metavar="HF_DIR", help="import an HF GPTNeo folder (safetensors)")
-    parser.add_argument("--model_path", help="for --from_hf: where the imported checkpoint goes")
-    parser.add_argument("--config_out", help="for --from_hf: the config to write, e.g. configs/neo125m.json")
+    parser.add_argument("--prune_vocab", action="store_true",
+                        help="write --model pruned to the tokens --keep_from uses into --model_path and --config_out")
+    parser.add_argument("--keep_from", metavar="CORPUS_OR_TOKENIZER",
+                        help="for --prune_vocab: a corpus file or folder (the data tools' formats), or a tokenizer "
+                             ".json file whose tokens (by string) are kept")
+    parser.add_argument("--model_path", help="for --from_hf and --prune_vocab: where the new checkpoint goes")
+    parser.add_argument("--config_out", help="for --from_hf and --prune_vocab: the config to write, e.g. "
+                                             "configs/neo125m.json")
     args = parser.parse_args(argv)
     from metrics import setup_logging
 
     setup_logging()
     try:
-        if args.to_hf and args.model and not args.from_hf and not args.to_peft:
+        if args.prune_vocab:
+            if not (args.model and args.keep_from and args.model_path and args.config_out) or args.to_hf \
+                    or args.to_peft or args.from_hf:
+                parser.error("--prune_vocab takes --model M --keep_from CORPUS_OR_TOKENIZER --model_path DIR "
+                             "--config_out FILE [--step N]")
+            from vocab_pruning import prune_vocab
+
+            config = prune_vocab(load_config(args.model, args.set), args.keep_from, args.model_path,
+                                 args.config_out, args.step)
+            print(f"pruned to {config.n_vocab} tokens in {args.model_path}; fine-tune or predict with --model "
+                  f"{args.config_out} (shards encoded with {args.model_path}/tokenizer.json)")
+        elif args.to_hf and args.model and not args.from_hf and not args.to_peft:
             out = export_to_hf(load_config(args.model, args.set), args.to_hf, args.step, args.merge_lora)
             print(f"exported to {out}")
         elif args.to_peft and args.model and not args.from_hf and not args.to_hf:
@@ -552,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
             import_from_hf(args.from_hf, args.model_path, args.config_out)
             print(f"imported to {args.model_path}; train, fine-tune or predict with --model {args.config_out}")
         else:
-            parser.error("use one of --model M --to_hf OUT_DIR [--merge_lora], --model M --to_peft OUT_DIR, or "
-                         "--from_hf HF_DIR --model_path DIR --config_out FILE")
+            parser.error("use one of --model M --to_hf OUT_DIR [--merge_lora], --model M --to_peft OUT_DIR, "
+                         "--from_hf HF_DIR --model_path DIR --config_out FILE, or --model M --prune_vocab "
+                         "--keep_from CORPUS_OR_TOKENIZER --model_path DIR --config_out FILE")
     except USER_ERRORS as err:  # as main.py: one `error:` line, exit code 2
         return report_user_error(err)
     return 0
