@@ -63,7 +63,10 @@ class Trainer:
 
     def __init__(self, config: Path, cache: Path):
         self.config = config
-        self.env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        inherited = [flag for flag in os.environ.get("XLA_FLAGS", "").split()  # the caller's, on one device
+                     if not flag.startswith("--xla_force_host_platform_device_count")]
+        self.env = {**os.environ, "JAX_PLATFORMS": "cpu",
+                    "XLA_FLAGS": " ".join([*inherited, "--xla_force_host_platform_device_count=1"]),
                     # every process compiles the same step: the second one on reads it from disk
                     "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 

@@ -6,9 +6,15 @@ from pathlib import Path
 
 # The tests' models are tiny, so compiling them costs more than running them: LLVM's optimisation
 # passes are skipped (about half the suite's CPU time). Only code generation changes, not the
-# HLO programs the tests inspect; subprocesses (main.py runs) inherit the flags.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
-    " --xla_force_host_platform_device_count=8"
-    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# HLO programs the tests inspect.
+COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test's process, or a subprocess it starts, with `devices` simulated CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {COMPILE_FLAGS}"
+
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

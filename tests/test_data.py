@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from configs import load_config
 from data import create_tfrecords, train_tokenizer
@@ -381,7 +382,7 @@ def test_two_processes_build_the_single_process_batch(document_shards, tmp_path)
     script = tmp_path / "worker.py"
     script.write_text(TWO_PROCESS_WORKER % {"port": port, "config": sampler.config.source})
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the user's packages
-    env = {**os.environ, "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     workers = [subprocess.Popen([sys.executable, str(script), str(i)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for i in range(2)]
     outputs = []

@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import xla_flags
 from test_train import REPO, SHARED_COMPILATION, TINY, train_tiny_tokenizer, write_dataset
 
 import run_experiment
 
 # what a training process sees: one CPU device (the tests' own 8 would change the mesh)
-CHILD_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", **SHARED_COMPILATION}
+CHILD_ENV = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", **SHARED_COMPILATION}
 # figures that measure the machine's speed, not what was trained
 TIMINGS = ("tokens_per_sec", "mfu")
 STEPS, CHECKPOINT_EVERY = 24, 8

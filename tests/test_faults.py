@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import xla_flags
 from test_train import (
     REPO,
     TINY,
@@ -242,7 +243,7 @@ def test_an_unreachable_bucket_is_one_error_line_within_seconds(tmp_path):
     model_config = write_dataset(tmp_path, TINY["n_vocab"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORSTORE_", "GOOGLE_AUTH", "GCSFS_"))}
     env |= {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}", "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+            "XLA_FLAGS": xla_flags(1)}
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(REPO / "main.py"), "--model", str(model_config),
                              "--set", "model_path=gs://neomesh-test/run"], env=env, cwd=REPO, capture_output=True,

@@ -17,6 +17,8 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
+from conftest import xla_flags  # noqa: E402
+
 from configs import load_config  # noqa: E402
 from export import export_to_hf  # noqa: E402
 from models import gpt2  # noqa: E402
@@ -78,7 +80,7 @@ def neomesh_lm_eval_cli(checkpoint, output: Path):
     command = [sys.executable, str(REPO / "lm_eval_neomesh.py"), "--model", "neomesh",
                "--model_args", f"model={config_file},step=5", "--tasks", ",".join(TASKS), "--include_path", str(tasks),
                "--batch_size", "4", "--log_samples", "--output_path", str(output)]
-    env = {**os.environ, **OFFLINE, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, **OFFLINE, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (results_file,) = output.rglob("results_*.json")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from test_train import SHARED_COMPILATION
 
 import model_fns
@@ -296,7 +297,7 @@ def test_mlm_keys_are_not_checked_without_mlm_training():
 
 
 def main_py(*args):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
            **SHARED_COMPILATION}
     return subprocess.run([sys.executable, str(REPO / "main.py"), *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)

@@ -14,6 +14,8 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("transformers")
 
+from conftest import xla_flags  # noqa: E402
+
 from tests.test_train import REPO, SHARED_COMPILATION  # noqa: E402
 
 NOTEBOOK = REPO / "notebooks" / "neomesh_example.ipynb"
@@ -41,7 +43,7 @@ def printed(notebook) -> str:
 @pytest.mark.slow
 def test_the_notebook_trains_samples_exports_and_fine_tunes_on_the_cpu(tmp_path, monkeypatch):
     work = tmp_path / "work"
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     for name, value in SHARED_COMPILATION.items():
         monkeypatch.setenv(name, value)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import xla_flags
 from test_train import REPO, SHARED_COMPILATION, TINY
 
 import storage
@@ -102,7 +103,7 @@ def prepare_data(workdir: Path, root: str) -> Path:
 def main_py_with_emulator(emulator_url: str, *args: str) -> subprocess.CompletedProcess:
     """main.py in a new process that is given STORAGE_EMULATOR_HOST and nothing derived from it."""
     env = {k: v for k, v in os.environ.items() if k not in DERIVED}
-    env |= {"STORAGE_EMULATOR_HOST": emulator_url, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env |= {"STORAGE_EMULATOR_HOST": emulator_url, "XLA_FLAGS": xla_flags(1),
             "JAX_PLATFORMS": "cpu", **SHARED_COMPILATION}
     result = subprocess.run([sys.executable, str(REPO / "main.py"), *args], env=env, cwd=REPO, capture_output=True,
                             text=True, timeout=300)

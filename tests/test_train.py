@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 import model_fns
 from configs import validate
@@ -292,7 +293,7 @@ SHARED_COMPILATION = {
 
 
 def main_py(*args, check=True, devices=1, background=False):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
            **SHARED_COMPILATION}
     command = [sys.executable, str(REPO / "main.py"), *args]
     if background:
