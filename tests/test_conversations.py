@@ -275,6 +275,12 @@ def test_conversations_mode_refuses_plain_shards_stitch_and_mlm(chat, tmp_path):
         chat_config(chat, datasets=[["chat", 2, "conversations", 1.0]])
     with pytest.raises(ConfigError, match="key 'datasets'.*mlm_training"):
         chat_config(chat, mlm_training=True, mlm_mask_id=3)
+    import sample
+
+    answered = json.dumps({"conversation": [{"human": "hi", "assistant": "done"}]})
+    with pytest.raises(DataError, match="p.jsonl: the last turn of a prompt holds an assistant text"):
+        sample.conversation_turns(answered, "p.jsonl")
+    assert sample.conversation_turns("Plain text, not JSON", "p.txt") is None
 
 
 def test_an_interrupted_conversation_writer_resumes_to_the_uninterrupted_shards(tokenizer_path, tmp_path):
