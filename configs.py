@@ -225,7 +225,7 @@ OPTIONS: dict[str, Option] = {
 }
 # fmt: on
 
-SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks")
+SAMPLING_MODES = ("documents_random", "documents_fixed", "chunks", "conversations")
 DATASET_KEYS = {
     "n_vocab": Key(None, "int?", "token ids must be below this", "[1, 2^31)"),
     "path": Key("", "str", "glob of the training shards (local or gs://)"),
@@ -234,6 +234,8 @@ DATASET_KEYS = {
     "tokenizer_path": Key("", "str", "tokenizer.json path or pretrained name"),
     "eos_id": Key(None, "int?", "end-of-text id, joins stitched documents", "[0, 2^31)"),
     "padding_id": Key(None, "int?", "padding id", "[0, 2^31)"),
+    "conversation_template": Key(None, "dict?", "the template the conversations were rendered with (--predict renders "
+                                 "a conversation prompt with it)"),
 }
 
 
@@ -603,6 +605,9 @@ def validate(raw: dict[str, Any], source: str) -> Config:
             fail("axial_pos_emb", f"a1 * a2 = {show(axial[0] * axial[1])} but n_ctx = {values['n_ctx']}: they must be equal")
     for entry in values["datasets"]:
         check_dataset_entry(entry, source)
+    if values["mlm_training"] and any(entry[2] == "conversations" for entry in values["datasets"]):
+        fail("datasets", "a conversations dataset trains a causal model on its assistant turns; mlm_training masks "
+                         "tokens of plain text: accepted: no conversations entry with mlm_training")
     if values["mlm_training"]:
         check_masked_lm(values, fail)
     values["moe_params"] = check_moe(values, source, fail)
@@ -747,6 +752,8 @@ def check_dataset_entry(entry: Any, source: str) -> None:
         raise ConfigError(f"{where}: stitch must be an integer in [1, 2^31)")
     if not isinstance(mode, str) or mode not in SAMPLING_MODES:
         raise ConfigError(f"{where}: sampling mode {show(mode)} is not one of {', '.join(SAMPLING_MODES)}")
+    if mode == "conversations" and stitch != 1:
+        raise ConfigError(f"{where}: stitch must be 1 in conversations mode: a row holds one conversation")
     # a weight is used as a float: an integer beyond a float's range is refused like infinity
     if (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < 1e300
             or not math.isfinite(float(weight))):
@@ -828,9 +835,17 @@ class DatasetConfig:
     tokenizer_path: str
     eos_id: int | None
     padding_id: int | None
+    conversation_template: dict | None
     stitch: int
     mode: str
     weight: float
+
+
+def masked_labels(config: Config) -> bool:
+    """Whether labels mark positions the loss skips (inputs.NOT_PREDICTED), so that the loss is the
+    mean over the others: with mlm_training (the masked positions are scored) and with a
+    conversations dataset (its assistant tokens are)."""
+    return config.mlm_training or any(entry[2] == "conversations" for entry in config.datasets)
 
 
 def dataset_config_dirs(config: Config) -> list[Path]:

@@ -16,10 +16,15 @@ Read top to bottom, a batch is made like this:
 4. `ShardedDataset.example(k)` turns draw k into tokens: epoch = k // examples_per_epoch, and a
    seeded permutation of all records of the dataset (a fresh one each epoch) picks the records:
    `chunks` takes one record as it is, the documents modes join `stitch` records with
-   end-of-text and take a random window (`documents_random`) or the start (`documents_fixed`).
+   end-of-text and take a random window (`documents_random`) or the start (`documents_fixed`),
+   and `conversations` takes one conversation's record with its target mask, from its start
+   (cut to n_ctx + 1 tokens, or padded with mask 0): one conversation per row, so no row attends
+   across two conversations.
 5. `Sampler.inputs_and_labels` makes a row a training pair: for a causal LM, the row and the row
    shifted by one; with mlm_training, `MaskedLM` hides some of its tokens (a pure function of
-   (seed, split, g) as well) and the labels are the hidden originals.
+   (seed, split, g) as well) and the labels are the hidden originals; of a conversation, the
+   labels are the shifted row where the token they predict is a target (the assistant's) and
+   NOT_PREDICTED elsewhere.
 6. `global_batch` asks for only the rows this process's devices hold and assembles the global
    jax.Array with the batch's sharding.
 """
@@ -48,7 +53,7 @@ MIXTURE_BLOCK = 10_000  # weights are exact within every block of this many samp
 SCAN_BUDGET_BYTES = 2 << 30  # shards beyond this total are checked record by record as they are read
 SHARD_COUNT_IN_NAME = re.compile(r"_(\d+)_(\d+)\.tfrecords$")  # {name}_{i}_{count}.tfrecords
 MLM_STREAM = 2 << 20  # the masking's random stream, apart from the datasets' (small indices) and the mixture's
-NOT_PREDICTED = -1  # an MLM label at a position the loss does not score (model_fns.lm_loss)
+NOT_PREDICTED = -1  # a label at a position the loss does not score (model_fns.lm_loss): MLM, conversations
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -108,7 +113,9 @@ class ShardedDataset:
             shards = ", ".join(self.paths[:3]) + (f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else "")
             raise DataError(f"dataset {dataset.id!r} ({dataset.file}): the {self.n_records} records of its shards "
                             f"({shards}) hold no tokens; remake them with data/create_tfrecords.py")
-        if self.mode == "chunks":
+        if self.mode == "conversations":
+            self.readers[0].read_conversation(0)  # shards without target masks fail here, naming the shard
+        if self.mode in ("chunks", "conversations"):
             self.examples_per_epoch = self.n_records
         else:
             self.examples_per_epoch = max(1, self.n_records // self.stitch)
@@ -145,16 +152,23 @@ class ShardedDataset:
 
     def record(self, number: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Token ids [start:stop] of record `number` (counted across the sorted shards)."""
+        reader, within = self._locate(number)
+        ids = reader.read_ids(within, start, stop)
+        self._check_ids(ids, reader, within)
+        return ids
+
+    def _locate(self, number: int) -> tuple[ShardReader, int]:
+        """(the shard's reader, the record's index in it) of record `number`."""
         shard = int(np.searchsorted(self.first_record, number, side="right")) - 1
         reader = self.readers[shard]
-        within = number - int(self.first_record[shard])
         expected = int(self.first_record[shard + 1] - self.first_record[shard])
         if shard not in self.scans and len(reader) != expected:
             raise DataError(f"{reader.path}: holds {len(reader)} records but its name says {expected}")
-        ids = reader.read_ids(within, start, stop)
+        return reader, number - int(self.first_record[shard])
+
+    def _check_ids(self, ids: np.ndarray, reader: ShardReader, within: int) -> None:
         if len(ids) and ids.max() >= self.n_vocab:
             raise DataError(self._id_error(int(ids.max()), reader.path, int(reader.offsets[within])))
-        return ids
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 (one sampler per run; the cache holds two epochs at most)
     def permutation(self, epoch: int) -> np.ndarray:
@@ -165,7 +179,7 @@ class ShardedDataset:
         epoch, position = divmod(draw, self.examples_per_epoch)
         order = self.permutation(epoch)
         length = self.n_ctx + 1
-        if self.mode == "chunks":
+        if self.mode in ("chunks", "conversations"):
             return self._fit(self.record(int(order[position])), length)
         numbers = order[(position * self.stitch + np.arange(self.stitch)) % self.n_records]
         if self.mode == "documents_fixed":
@@ -199,6 +213,18 @@ class ShardedDataset:
             pieces.append(self._document_piece(int(numbers[j]), max(start, begin) - begin,
                                                min(start + length, int(ends[j])) - begin))
         return np.concatenate(pieces)
+
+    def conversation(self, draw: int) -> tuple[np.ndarray, np.ndarray]:
+        """conversations mode: (token ids, target mask) of draw `draw`, n_ctx + 1 of each: the
+        conversation's start, or the whole of it padded (padding is no target)."""
+        epoch, position = divmod(draw, self.examples_per_epoch)
+        reader, within = self._locate(int(self.permutation(epoch)[position]))
+        ids, mask = reader.read_conversation(within)
+        self._check_ids(ids, reader, within)
+        length = self.n_ctx + 1
+        padding = max(0, length - len(ids))
+        return (np.concatenate([ids[:length], np.full(padding, self.pad_id, ids.dtype)]),
+                np.concatenate([mask[:length] != 0, np.zeros(padding, bool)]))
 
     def _document_lengths(self, numbers: np.ndarray) -> np.ndarray | None:
         """Tokens each document contributes (its own, plus the end-of-text joined after it), from the scan."""
@@ -348,6 +374,7 @@ class Sampler:
         self.datasets = [self._open(d, i) for i, d in enumerate(dataset_configs)]
         self.mixture = Mixture([d.weight for d in dataset_configs], config.seed, split)
         self.masking = MaskedLM(config, split, self.datasets) if config.mlm_training else None
+        self.conversations = any(d.mode == "conversations" for d in self.datasets)
 
     def _open(self, dataset: DatasetConfig, index: int) -> ShardedDataset:
         config = self.config
@@ -373,25 +400,39 @@ class Sampler:
             _, _, out[i] = self._sample(step, row, batch_size)
         return out
 
-    def _sample(self, step: int, row: int, batch_size: int) -> tuple[int, int, np.ndarray]:
-        """(g, dataset, n_ctx + 1 tokens) of one row of the batch at `step`."""
+    def _draw(self, step: int, row: int, batch_size: int) -> tuple[int, int, int]:
+        """(g, dataset, draw of that dataset) of one row of the batch at `step`."""
         if not 0 <= row < batch_size:
             raise ValueError(f"row {row} is outside a batch of {batch_size}")
         g = step * batch_size + int(row)
-        dataset, draw = self.mixture.draw(g)
+        return g, *self.mixture.draw(g)
+
+    def _sample(self, step: int, row: int, batch_size: int) -> tuple[int, int, np.ndarray]:
+        """(g, dataset, n_ctx + 1 tokens) of one row of the batch at `step`."""
+        g, dataset, draw = self._draw(step, row, batch_size)
         return g, dataset, self.datasets[dataset].example(draw)
 
     def inputs_and_labels(self, step: int, row_indices: Sequence[int], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, labels), int32 [len(row_indices), n_ctx]: of a causal LM, the rows and the rows shifted
-        by one; with mlm_training, the masked rows and their original tokens where masked (`MaskedLM`)."""
-        if self.masking is None:
+        by one; with mlm_training, the masked rows and their original tokens where masked (`MaskedLM`);
+        of a conversation, the label of position t is token t + 1 where that token is a target (its
+        mask is 1) and NOT_PREDICTED elsewhere."""
+        if self.masking is None and not self.conversations:
             rows = self.rows(step, row_indices, batch_size)
             return rows[:, :-1], rows[:, 1:]
         inputs = np.empty((len(row_indices), self.n_ctx), dtype=np.int32)
         labels = np.empty_like(inputs)
         for i, row in enumerate(row_indices):
-            g, dataset, tokens = self._sample(step, row, batch_size)
-            inputs[i], labels[i] = self.masking.mask(tokens, g, dataset)
+            g, dataset, draw = self._draw(step, row, batch_size)
+            source = self.datasets[dataset]
+            if self.masking is not None:
+                inputs[i], labels[i] = self.masking.mask(source.example(draw), g, dataset)
+            elif source.mode == "conversations":
+                tokens, target = source.conversation(draw)
+                inputs[i], labels[i] = tokens[:-1], np.where(target[1:], tokens[1:], NOT_PREDICTED)
+            else:
+                tokens = source.example(draw)
+                inputs[i], labels[i] = tokens[:-1], tokens[1:]
         return inputs, labels
 
 

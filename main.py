@@ -72,7 +72,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "count and per-device memory (refused beyond a device's memory), exit")
     parser.add_argument("--eval", action="store_true", help="evaluate the newest checkpoint on eval_path")
     parser.add_argument("--predict", action="store_true", help="sample from the newest checkpoint")
-    parser.add_argument("--prompt", help="text file holding the prompt for --predict")
+    parser.add_argument("--prompt", help="text file holding the prompt for --predict, or one Firefly-format "
+                        "conversation (a JSON line whose last turn has no assistant text): continued as the assistant")
     parser.add_argument("--entmax_sampling", action="store_true",
                         help="--predict draws from entmax-1.3 of the logits instead of softmax, after repetition_penalty, "
                              "temperature, top_k and top_p (top_p measured in entmax probabilities); greedy is unchanged")

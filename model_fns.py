@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from configs import masked_labels
 from errors import ConfigError
 from inputs import NOT_PREDICTED
 from mesh import MeshLayout
@@ -45,8 +46,9 @@ def cross_entropy(hidden, output, labels, config, layout=None):
 
 
 def masked_cross_entropy(hidden, output, labels, config, layout=None):
-    """mlm_training: (data loss, z-loss term, accuracy), each the float32 mean over the masked
-    positions only: those whose label is the original token, not inputs.NOT_PREDICTED
+    """mlm_training, or conversations (configs.masked_labels): (data loss, z-loss term, accuracy),
+    each the float32 mean over the scored positions only: those whose label is a token (MLM's
+    original, a conversation's assistant token), not inputs.NOT_PREDICTED
     (position_losses gives the first two at every position); z-loss is taken on the same
     positions: the logits elsewhere are never read, so their log(Z) is nothing to regularise. No
     masked position gives 0 (not 0 / 0)."""
@@ -64,8 +66,9 @@ def masked_cross_entropy(hidden, output, labels, config, layout=None):
 
 
 def masked_lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
-    """mlm_training: (loss, extras) over the masked positions (masked_cross_entropy); extras:
-    cross_entropy, accuracy and the model's metrics (gpt2.forward's aux)."""
+    """configs.masked_labels: (loss, extras) over the scored positions (masked_cross_entropy);
+    extras: cross_entropy, accuracy and the model's metrics (gpt2.forward's aux). The model attends
+    both ways with mlm_training, causally otherwise (conversations: Firefly's target-masked loss)."""
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
     ce, z, accuracy = masked_cross_entropy(hidden, gpt2.output_weights(params, config), labels, config, layout)
     loss = ce + config.z_loss * z + sum(aux["losses"].values())
@@ -78,8 +81,9 @@ def lm_loss(params, inputs, labels, config, layout, dropout_rng=None):
     `cross_entropy` metric, and --eval's loss): the cross-entropy, or with entmax_loss the entmax
     Fenchel-Young loss, to which z_loss does not apply (as in GPT-Neo); the rest are the model's
     metrics. With mlm_training the masked-LM loss: labels hold the original tokens at the masked
-    positions and inputs.NOT_PREDICTED elsewhere (inputs.MaskedLM)."""
-    if config.mlm_training:
+    positions and inputs.NOT_PREDICTED elsewhere (inputs.MaskedLM); with a conversations dataset
+    the mean over the assistant's tokens, the other labels being inputs.NOT_PREDICTED."""
+    if masked_labels(config):
         loss, extras = masked_lm_loss(params, inputs, labels, config, layout, dropout_rng)
         return loss, {name: value for name, value in extras.items() if name != "accuracy"}
     hidden, _, aux = gpt2.forward(params, inputs, config, layout, dropout_rng=dropout_rng)
@@ -203,14 +207,14 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
             dims = (None, "batch", None, "sequence") if per_replica else (None, None, "batch", "sequence")
             return layout.constrain(jnp.moveaxis(x, 2, 0), dims)
 
-        # MLM: each (microbatch, replica) mean over its masked positions, weighted by its share of
-        # them, so that the step's loss is the mean over every masked position of the batch
+        # MLM and conversations: each (microbatch, replica) mean over its scored positions, weighted
+        # by its share of them, so that the step's loss is the mean over every scored position of the batch
         scored = jnp.maximum(jnp.sum(labels != NOT_PREDICTED), 1) / (microbatches * parts)
 
         def part_grads(mb_inputs, mb_labels, mb_rng, replica):
             (loss, extras), grads = jax.value_and_grad(trained_loss, has_aux=True)(
                 params, base, mb_inputs, mb_labels, config, replica_layout if per_replica else layout, mb_rng)
-            if config.mlm_training:
+            if masked_labels(config):
                 weight = jnp.sum(mb_labels != NOT_PREDICTED) / scored
                 loss, extras, grads = jax.tree.map(lambda x: x * weight, (loss, extras, grads))
             return loss, extras, grads
@@ -272,13 +276,13 @@ def parameter_name(path) -> str:
 
 
 def make_eval_step(config, layout: MeshLayout, shardings, batch_size: int):
-    """(params, inputs, labels) -> (loss, cross_entropy), no dropout; with mlm_training (loss,
-    cross_entropy, accuracy, masked positions), the means over the masked positions. params: the
+    """(params, inputs, labels) -> (loss, cross_entropy), no dropout; with configs.masked_labels (loss,
+    cross_entropy, accuracy, scored positions), the means over the scored positions. params: the
     whole model's (when fine-tuning, `whole_params` of the state)."""
     batch_sharding = layout.sharding(BATCH_DIMS, (batch_size, config.n_ctx), name="eval batch")
 
     def eval_fn(params, inputs, labels):
-        if config.mlm_training:
+        if masked_labels(config):
             loss, extras = masked_lm_loss(params, inputs, labels, config, layout)
             return loss, extras["cross_entropy"], extras["accuracy"], jnp.sum(labels != NOT_PREDICTED)
         loss, extras = lm_loss(params, inputs, labels, config, layout)

@@ -390,6 +390,41 @@ def read_prompt(prompt_file: str | None) -> str:
     return text
 
 
+def conversation_turns(text: str, where: str) -> list[tuple[str, str]] | None:
+    """The turns of a prompt that is a conversation (one Firefly-format JSON line whose last turn
+    has no assistant text yet), or None for a plain-text prompt."""
+    from data.conversations import parse_conversation
+
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(values, dict) or "conversation" not in values:
+        return None
+    return parse_conversation(text, where, prompt=True)
+
+
+def encode_prompt(config, text: str, tokenizer, where: str) -> list[int]:
+    """The prompt's tokens: its text encoded; a conversation rendered as training rendered it, with
+    the first dataset's conversation_template (create_tfrecords writes it into the dataset config;
+    data/conversations.py's default without one) up to the last turn's assistant prefix, each
+    earlier answer ending with eos_id, so that the model continues as the assistant."""
+    from configs import resolve_datasets
+    from data.conversations import DEFAULT_TEMPLATE, check_template, render_prompt
+
+    turns = conversation_turns(text, where)
+    if turns is None:
+        return tokenizer.encode(text)
+    dataset = resolve_datasets(config)[0]
+    template = DEFAULT_TEMPLATE
+    if dataset.conversation_template is not None:
+        template = check_template(dataset.conversation_template, f"{dataset.file}: key 'conversation_template'")
+    else:
+        log.info("%s: no conversation_template; the conversation prompt is rendered with the default one", dataset.file)
+    eos_id = special_ids(config, tokenizer)[0]
+    return render_prompt(turns, template, tokenizer.encode, [] if eos_id is None else [eos_id])
+
+
 def sample_header(i: int) -> str:
     return "=" * 40 + f" SAMPLE {i} " + "=" * 40
 
@@ -407,7 +442,7 @@ def run_predict(config, layout: MeshLayout, prompt_file: str | None, sacred_id: 
     refuse_masked_lm(config)
     text = read_prompt(prompt_file)  # before the slow parts: a bad prompt file fails at once
     tokenizer = load_dataset_tokenizer(config)
-    prompt = tokenizer.encode(text)
+    prompt = encode_prompt(config, text, tokenizer, f"--prompt {prompt_file}")
     if not prompt:
         raise ConfigError(f"--prompt {prompt_file}: the prompt encodes to no tokens")
     params, step = restore_params(config, layout)

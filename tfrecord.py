@@ -8,7 +8,9 @@ A TFRecord file is a sequence of records, each laid out as
     data_crc      uint32, little endian: masked CRC-32C of the data
 
 and each record's data is a serialized `tf.train.Example` holding one int64 feature `text`:
-the token ids of one chunk or one document. The protobuf is encoded and decoded by hand here
+the token ids of one chunk, one document or one conversation. A conversation's record holds a
+second int64 feature `target_mask`, as long as `text`: 1 where the token is the assistant's
+(what the target-masked loss scores), 0 elsewhere. Readers of `text` never look at it. The protobuf is encoded and decoded by hand here
 (the message is tiny and fixed), and the packed varints are decoded with numpy.
 
 Both `data/create_tfrecords.py` and `inputs.py` go through this module, so the two agree on
@@ -21,6 +23,7 @@ import os
 import struct
 import uuid
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import fsspec
 import google_crc32c
@@ -31,6 +34,7 @@ from errors import DataError
 HEADER_BYTES = 12  # length + length_crc
 FOOTER_BYTES = 4  # data_crc
 FEATURE_NAME = b"text"
+TARGET_MASK = b"target_mask"
 
 
 # --- checksums --------------------------------------------------------------------------------
@@ -111,13 +115,29 @@ def decode_varints(buffer: bytes | np.ndarray) -> np.ndarray:
     return values.astype(np.uint64, copy=False)
 
 
-def encode_example(ids: np.ndarray | list[int]) -> bytes:
-    """Serialized tf.train.Example with one int64 feature `text` holding `ids`."""
-    int64_list = _length_delimited(1, encode_varints(np.asarray(ids, dtype=np.int64)))
-    feature = _length_delimited(3, int64_list)
-    entry = _length_delimited(1, FEATURE_NAME) + _length_delimited(2, feature)
-    features = _length_delimited(1, entry)
-    return _length_delimited(1, features)
+class MaskedRecord(NamedTuple):
+    """A conversation's record: its token ids and, as long, its target mask (1: a scored token)."""
+
+    text: np.ndarray
+    target_mask: np.ndarray
+
+
+def _int64_feature_entry(name: bytes, values) -> bytes:
+    int64_list = _length_delimited(1, encode_varints(np.asarray(values, dtype=np.int64)))
+    return _length_delimited(1, _length_delimited(1, name) + _length_delimited(2, _length_delimited(3, int64_list)))
+
+
+def encode_example(example: np.ndarray | list[int] | MaskedRecord) -> bytes:
+    """Serialized tf.train.Example with the int64 feature `text` holding the ids, and for a
+    MaskedRecord the int64 feature `target_mask` after it."""
+    if isinstance(example, MaskedRecord):
+        if len(example.text) != len(example.target_mask):
+            raise ValueError(f"a target mask of {len(example.target_mask)} values for {len(example.text)} tokens")
+        entries = _int64_feature_entry(FEATURE_NAME, example.text) + _int64_feature_entry(TARGET_MASK,
+                                                                                          example.target_mask)
+    else:
+        entries = _int64_feature_entry(FEATURE_NAME, example)
+    return _length_delimited(1, entries)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -156,8 +176,8 @@ def _fields(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tup
             raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
-def _text_feature_span(data: bytes) -> tuple[int, int]:
-    """Byte span of the Int64List message of feature `text` inside a serialized Example."""
+def _feature_span(data: bytes, name: bytes = FEATURE_NAME) -> tuple[int, int]:
+    """Byte span of the Int64List message of feature `name` inside a serialized Example."""
     for field, wire, start, end in _fields(data):
         if field != 1 or wire != 2:
             continue
@@ -170,22 +190,23 @@ def _text_feature_span(data: bytes) -> tuple[int, int]:
                     key = data[m_start:m_end]
                 elif m_field == 2 and m_wire == 2:
                     value = (m_start, m_end)
-            if key != FEATURE_NAME or value is None:
+            if key != name or value is None:
                 continue
             for v_field, v_wire, l_start, l_end in _fields(data, *value):
                 if v_field == 3 and v_wire == 2:
                     return l_start, l_end
-            raise ValueError("feature 'text' is not an int64 list")
-    raise ValueError("the Example has no feature 'text'")
+            raise ValueError(f"feature '{name.decode()}' is not an int64 list")
+    raise ValueError(f"the Example has no feature '{name.decode()}'")
 
 
-def decode_example(data: bytes, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Token ids [start:stop] (int64) of feature `text` in a serialized Example; ValueError if malformed.
+def decode_example(data: bytes, start: int = 0, stop: int | None = None, name: bytes = FEATURE_NAME) -> np.ndarray:
+    """Values [start:stop] (int64) of int64 feature `name` (the token ids: `text`) in a serialized
+    Example; ValueError if malformed.
 
     A slice is cheaper than the whole record: value boundaries are found with one comparison per
     byte, and only the values inside the slice are decoded.
     """
-    span_start, span_end = _text_feature_span(data)
+    span_start, span_end = _feature_span(data, name)
     parts: list[np.ndarray] = []  # packed runs as raw bytes, unpacked values as decoded arrays, in order
     packed_runs = 0
     for field, wire, v_start, v_end in _fields(data, span_start, span_end):
@@ -222,7 +243,7 @@ def frame_record(data: bytes) -> bytes:
     )
 
 
-def write_shard(path: str, examples: Iterable[np.ndarray | list[int]]) -> int:
+def write_shard(path: str, examples: Iterable[np.ndarray | list[int] | MaskedRecord]) -> int:
     """Write examples to `path` atomically (a temporary name, then rename); returns their count.
 
     A crash leaves either the complete shard or no shard under `path`, never a truncated one.
@@ -360,6 +381,22 @@ class ShardReader:
                 f"{self.path}: record at byte offset {offset} is not a tf.train.Example with an int64 "
                 f"feature 'text': {err}"
             ) from None
+
+    def read_conversation(self, index: int) -> MaskedRecord:
+        """Token ids and target mask (int64) of record `index`, a conversation's, read once."""
+        data = self.read_record(index)
+        try:
+            record = MaskedRecord(decode_example(data), decode_example(data, name=TARGET_MASK))
+        except ValueError as err:
+            offset = int(self.offsets[index])
+            raise DataError(
+                f"{self.path}: record at byte offset {offset} is not a conversation's tf.train.Example (int64 "
+                f"features 'text' and 'target_mask', as data/create_tfrecords.py --mode conversations writes): {err}"
+            ) from None
+        if len(record.text) != len(record.target_mask):
+            raise DataError(f"{self.path}: record at byte offset {int(self.offsets[index])} holds "
+                            f"{len(record.text)} tokens but {len(record.target_mask)} target-mask values")
+        return record
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for index in range(len(self)):

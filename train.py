@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import storage
+from configs import masked_labels
 from errors import ConfigError, StorageError
 
 log = logging.getLogger("neomesh")
@@ -485,7 +486,7 @@ def run_eval(config, layout, eval_step, params, eval_data) -> float:
     import inputs
 
     layout = layout.for_batch(config.eval_batch_size)
-    if config.mlm_training:
+    if masked_labels(config):
         return masked_lm_totals(config, eval_data, eval_step, params, layout)[0]
     losses = []
     for i in range(max(config.eval_steps, 1)):
@@ -517,7 +518,7 @@ def evaluate(config, layout) -> dict:
     data = inputs.Sampler(config, split)
     eval_step = model_fns.make_eval_step(config, layout, {"params": model_fns.param_shardings(config, layout)},
                                          config.eval_batch_size)
-    if config.mlm_training:
+    if masked_labels(config):
         return evaluate_masked_lm(config, data, split, eval_step, params, step, layout)
     tokenizer = encoders.load_dataset_tokenizer(config)
     losses, byte_count, token_count = [], 0, 0
@@ -538,13 +539,15 @@ def evaluate(config, layout) -> dict:
 
 def evaluate_masked_lm(config, data, split: str, eval_step, params, step: int, layout) -> dict:
     """--eval of an MLM model: cross-entropy and accuracy of the original token at the masked
-    positions, over every masked position of eval_steps batches (masked as training masks them)."""
+    positions, over every masked position of eval_steps batches (masked as training masks them);
+    of a model trained on conversations, the same over the assistant's tokens (the targets)."""
     import jax
 
     loss, accuracy, masked = masked_lm_totals(config, data, eval_step, params, layout)
+    scored = "masked" if config.mlm_training else "target"
     if jax.process_index() == 0:
-        print(f"step {step} | {split} masked-token loss {loss:.4f} | masked-token accuracy {accuracy:.4f} | "
-              f"{masked} masked tokens")
+        print(f"step {step} | {split} {scored}-token loss {loss:.4f} | {scored}-token accuracy {accuracy:.4f} | "
+              f"{masked} {scored} tokens")
     return {"step": step, "split": split, "loss": loss, "accuracy": accuracy, "masked_tokens": masked}
 
 

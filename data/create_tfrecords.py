@@ -3,13 +3,17 @@
     python data/create_tfrecords.py --input_dir corpus/ --name mydata --output_dir tfrecords/ \\
         --encoder_path tok/byte-level-bpe.tokenizer.json --minimum_size 100
 
-Each record is a tf.train.Example with one int64 feature `text`. Two layouts (--mode):
+Each record is a tf.train.Example with one int64 feature `text`. Three layouts (--mode):
 
-  chunks     GPT-Neo's: documents joined by the separator, cut into records of chunk_size + 1
-             tokens; a document's tail carries over into the next chunk (across files too), and
-             only the very last record of the corpus may be shorter.
-  documents  one record per document (its tokens, then the separator): what the sampler's
-             documents_random / documents_fixed modes stitch together.
+  chunks         GPT-Neo's: documents joined by the separator, cut into records of chunk_size + 1
+                 tokens; a document's tail carries over into the next chunk (across files too),
+                 and only the very last record of the corpus may be shorter.
+  documents      one record per document (its tokens, then the separator): what the sampler's
+                 documents_random / documents_fixed modes stitch together.
+  conversations  one record per conversation of Firefly-format jsonl files (data/conversations.py),
+                 rendered with --conversation_template, each assistant turn ending with the
+                 separator; the record carries a second int64 feature `target_mask` (1 on the
+                 assistant's tokens): what the sampler's conversations mode trains on.
 
 Shards are named `{name}_{i}_{count}.tfrecords`, count being their number of records. The
 output depends only on the inputs and the flags, not on --processes. Each shard is written
@@ -38,16 +42,18 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
 import storage  # noqa: E402
+from data.conversations import load_template, read_conversations, render  # noqa: E402
 from data.corpus import (  # noqa: E402
     LM_DATAFORMAT_NAMES,
     LM_DATAFORMAT_SUFFIXES,
     NotUTF8,
     find_files,
+    first_undecodable,
     read_documents,
     skipped_warning,
 )
 from errors import ConfigError, DataError, run_command  # noqa: E402
-from tfrecord import write_shard  # noqa: E402
+from tfrecord import MaskedRecord, write_shard  # noqa: E402
 
 DEFAULT_SUFFIXES = (*LM_DATAFORMAT_SUFFIXES, ".txt", ".xz")
 DOCUMENTS_PER_TASK = 64  # documents per unit of work sent to an encoding process
@@ -68,14 +74,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="encode with GPT-2's pretrained tokenizer (from the local Hugging Face cache), the same "
                              "as leaving --encoder_path out")
     parser.add_argument("--separator", nargs="+", default=None, metavar="ID",
-                        help="the token id(s) appended after every document: --separator 0, --separator 0 1, or "
-                             "GPT-Neo's list form --separator \"[0]\" (default: the tokenizer's <|endoftext|> id)")
-    parser.add_argument("--minimum_size", type=int, default=100, help="drop documents shorter than this many tokens")
+                        help="the token id(s) appended after every document (in conversations mode, after every "
+                             "assistant turn): --separator 0, --separator 0 1, or GPT-Neo's list form --separator "
+                             "\"[0]\" (default: the tokenizer's <|endoftext|> id)")
+    parser.add_argument("--minimum_size", type=int, default=None,
+                        help="drop documents (conversations) shorter than this many tokens (default: 100; in "
+                             "conversations mode 1)")
     parser.add_argument("--chunk_size", type=int, default=2048, help="chunks mode: records hold chunk_size + 1 tokens")
     parser.add_argument("--files_per", type=int, default=100000, help="records per shard")
-    parser.add_argument("--mode", choices=("chunks", "documents"), default="chunks",
-                        help="chunks (GPT-Neo's, for the chunks sampling mode) or documents (one record per document, "
-                             "for documents_random / documents_fixed); default: chunks")
+    parser.add_argument("--mode", choices=("chunks", "documents", "conversations"), default="chunks",
+                        help="chunks (GPT-Neo's, for the chunks sampling mode), documents (one record per document, "
+                             "for documents_random / documents_fixed) or conversations (one record per conversation "
+                             "of Firefly-format jsonl, with a target mask, for the conversations sampling mode); "
+                             "default: chunks")
+    parser.add_argument("--conversation_template", default=None, metavar="FILE",
+                        help="conversations mode: a JSON object of template strings (system, human_prefix, "
+                             "human_suffix, assistant_prefix, assistant_suffix; see data/conversations.py); "
+                             "default: Human: ... / Assistant: ...")
     parser.add_argument("--processes", type=int, default=0, help="encoding processes (default, and 0: all cores)")
     parser.add_argument("--no_ftfy", "--ftfy", dest="ftfy", action="store_false",
                         help="do not repair text with ftfy (on by default). --ftfy is GPT-Neo's spelling, with GPT-Neo's "
@@ -96,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "error naming it; train_tokenizer.py takes the same flag)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.minimum_size is None:
+        args.minimum_size = 1 if args.mode == "conversations" else 100
+    if args.conversation_template is not None and args.mode != "conversations":
+        parser.error(f"--conversation_template is for --mode conversations, not --mode {args.mode}")
     for name in ("minimum_size", "chunk_size", "files_per", "processes"):
         if getattr(args, name) < (0 if name in ("minimum_size", "processes") else 1):
             parser.error(f"--{name} {getattr(args, name)}: must be a positive number")
@@ -151,12 +170,24 @@ _worker_tokenizer = None
 _worker_options: dict = {}
 
 
-def _init_worker(encoder_path: str, is_pretrained: bool, use_ftfy: bool, wikitext: bool) -> None:
+def _init_worker(encoder_path: str, is_pretrained: bool, use_ftfy: bool, wikitext: bool,
+                 template: dict | None = None, end_ids: list[int] | None = None) -> None:
     global _worker_tokenizer, _worker_options
     from encoders import load_tokenizer
 
     _worker_tokenizer = load_tokenizer(encoder_path, is_pretrained)
-    _worker_options = {"ftfy": use_ftfy, "wikitext": wikitext}
+    _worker_options = {"ftfy": use_ftfy, "wikitext": wikitext, "template": template, "end_ids": end_ids}
+
+
+def _encode_conversations(conversations: list[list[tuple[str, str]]]) -> list[MaskedRecord]:
+    def clean(text: str) -> str:
+        if _worker_options["wikitext"]:
+            text = wikitext_detokenize(text)
+        return fix_text(text) if _worker_options["ftfy"] else text
+
+    return [MaskedRecord(*render([(clean(human), clean(assistant)) for human, assistant in turns],
+                                 _worker_options["template"], _worker_tokenizer.encode, _worker_options["end_ids"]))
+            for turns in conversations]
 
 
 def _encode_documents(texts: list[str]) -> list[np.ndarray]:
@@ -170,11 +201,28 @@ def _encode_documents(texts: list[str]) -> list[np.ndarray]:
 # --- the ordered document stream ---------------------------------------------------------------
 
 
-def input_files(input_dir: str, file_type: str | None) -> list[Path]:
+def input_files(input_dir: str, file_type: str | None, mode: str = "chunks") -> list[Path]:
+    if mode == "conversations":  # conversations are jsonl lines, read here line by line
+        return find_files(input_dir, file_type or "jsonl")
     files = find_files(input_dir, file_type)
     if file_type is None:
         files = [p for p in files if p.name.endswith(DEFAULT_SUFFIXES) or p.name in LM_DATAFORMAT_NAMES]
     return files
+
+
+def conversation_stream(files: list[Path], start_file: int, start_line: int,
+                        skip_non_utf8: bool = False) -> Iterator[tuple[int, int, list[tuple[str, str]]]]:
+    """(file index, line index, turns) of every conversation from a position onwards (as document_stream)."""
+    for file_index in range(start_file, len(files)):
+        line_index = -1
+        try:
+            for line_index, turns in read_conversations(files[file_index], start_line if file_index == start_file else 0):
+                yield file_index, line_index, turns
+        except UnicodeDecodeError:
+            bad = NotUTF8(files[file_index], *(first_undecodable(files[file_index]) or ()))
+            if not skip_non_utf8:
+                raise bad from None
+            print(skipped_warning(bad, line_index + 1), file=sys.stderr)
 
 
 def document_stream(files: list[Path], start_file: int, start_document: int,
@@ -229,11 +277,14 @@ def progress_path(output_dir: str, name: str) -> str:
 def save_progress(output_dir: str, name: str, progress: Progress, pending: list[np.ndarray], carry: np.ndarray) -> None:
     """Atomically record the progress and the tokens already read but not yet in a shard (locally
     a temporary file renamed; on a bucket one upload)."""
-    lengths = np.asarray([len(r) for r in pending], dtype=np.int64)
-    flat = np.concatenate(pending) if pending else np.zeros(0, dtype=np.int32)
+    masked = [r for r in pending if isinstance(r, MaskedRecord)]
+    texts = [r.text if isinstance(r, MaskedRecord) else r for r in pending]
+    lengths = np.asarray([len(r) for r in texts], dtype=np.int64)
+    flat = np.concatenate(texts) if pending else np.zeros(0, dtype=np.int32)
+    masks = np.concatenate([r.target_mask for r in masked]) if masked else np.zeros(0, dtype=np.int32)
     buffer = io.BytesIO()
     np.savez(buffer, state=np.array(json.dumps(asdict(progress))), pending_lengths=lengths,
-             pending_tokens=flat.astype(np.int32), carry=carry.astype(np.int32))
+             pending_tokens=flat.astype(np.int32), pending_masks=masks.astype(np.int32), carry=carry.astype(np.int32))
     storage.write_bytes(progress_path(output_dir, name), buffer.getvalue())
 
 
@@ -243,13 +294,16 @@ def load_progress(output_dir: str, name: str) -> tuple[Progress, list[np.ndarray
         return None
     with np.load(io.BytesIO(storage.read_bytes(path))) as saved:
         progress = Progress(**json.loads(str(saved["state"])))
-        pending = np.split(saved["pending_tokens"], np.cumsum(saved["pending_lengths"])[:-1]) \
-            if len(saved["pending_lengths"]) else []
-        return progress, list(pending), saved["carry"]
+        splits = np.cumsum(saved["pending_lengths"])[:-1]
+        pending = list(np.split(saved["pending_tokens"], splits)) if len(saved["pending_lengths"]) else []
+        if progress.settings["mode"] == "conversations":
+            pending = [MaskedRecord(text, mask) for text, mask in zip(pending, np.split(saved["pending_masks"], splits))]
+        return progress, pending, saved["carry"]
 
 
-def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, separator: list[int]) -> dict:
-    return {
+def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, separator: list[int],
+                template: dict | None = None) -> dict:
+    settings = {
         # relative to --input_dir, so that a run may be continued from another working directory
         "files": [[str(p.relative_to(args.input_dir)) if p.is_relative_to(args.input_dir) else p.name,
                    p.stat().st_size] for p in files],
@@ -264,6 +318,9 @@ def settings_of(args: argparse.Namespace, files: list[Path], tokenizer_id: str, 
         "skip_non_utf8": args.skip_non_utf8,
         "documents_per_task": DOCUMENTS_PER_TASK,
     }
+    if template is not None:
+        settings["conversation_template"] = template
+    return settings
 
 
 def tokenizer_identity(encoder_path: str, is_pretrained: bool, tokenizer) -> str:
@@ -313,13 +370,15 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
     except ConfigError as err:
         raise ConfigError(f"--encoder_path: {err}") from None
     separator = parse_separator(args.separator, tokenizer)
+    template = load_template(args.conversation_template) if args.mode == "conversations" else None
     try:
-        files = input_files(args.input_dir, args.file_type)
+        files = input_files(args.input_dir, args.file_type, args.mode)
     except FileNotFoundError as err:
         raise ConfigError(f"--input_dir: {err}") from None
     if not files:
         raise ConfigError(f"--input_dir {args.input_dir}: no input files found (searched recursively"
                          + (f" for *.{args.file_type})" if args.file_type else
+                            " for *.jsonl, as --mode conversations reads)" if args.mode == "conversations" else
                             f" for {', '.join(DEFAULT_SUFFIXES)}); set --file_type for other extensions"))
 
     output_dir = args.output_dir  # a local folder or gs://...: every file goes through storage
@@ -329,7 +388,8 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
         path = storage.join(output_dir, shard_name)
         return path if storage.is_remote(path) else Path(path)
 
-    settings = settings_of(args, files, tokenizer_identity(args.encoder_path, is_pretrained, tokenizer), separator)
+    settings = settings_of(args, files, tokenizer_identity(args.encoder_path, is_pretrained, tokenizer), separator,
+                           template)
     saved = load_progress(output_dir, args.name)
     if saved is None:
         progress, pending, carry = Progress(settings=settings), [], np.zeros(0, dtype=np.int32)
@@ -346,7 +406,7 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
             print(f"{output_dir}: {args.name!r} is already complete ({progress.shards_written} shards, "
                   f"{progress.tokens} tokens); nothing to do")
             if args.write_dataset_config:
-                write_dataset_config(args, tokenizer, is_pretrained, separator)
+                write_dataset_config(args, tokenizer, is_pretrained, separator, template)
             return [shard_path(n) for n in progress.shard_names]
         print(f"resuming {args.name!r}: {progress.shards_written} shards written, continuing at file "
               f"{progress.next_file + 1}/{len(files)}, document {progress.next_document}")
@@ -363,10 +423,11 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
         progress.shards_written += 1
         progress.shard_names.append(shard)
 
-    stream = document_stream(files, progress.next_file, progress.next_document, args.skip_non_utf8)
+    read = conversation_stream if args.mode == "conversations" else document_stream
+    stream = read(files, progress.next_file, progress.next_document, args.skip_non_utf8)
     tasks = batched(stream, DOCUMENTS_PER_TASK)
     processes = max(1, args.processes)
-    worker_args = (args.encoder_path, is_pretrained, args.ftfy, args.wikitext_detokenize)
+    worker_args = (args.encoder_path, is_pretrained, args.ftfy, args.wikitext_detokenize, template, separator)
     pool = None
     if processes > 1:
         # spawn, not fork: a tokenizer that already ran its threads in this process (training one, say)
@@ -387,13 +448,16 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
         for batch_positions, encoded in results:
             for (file_index, document_index), ids in zip(batch_positions, encoded):
                 progress.next_file, progress.next_document = file_index, document_index + 1
-                if len(ids) < args.minimum_size:
+                length = len(ids.text) if isinstance(ids, MaskedRecord) else len(ids)
+                if length < args.minimum_size:
                     progress.skipped_documents += 1
                     continue
                 progress.documents += 1
-                progress.tokens += len(ids)
-                run_tokens += len(ids)
-                if args.mode == "documents":
+                progress.tokens += length
+                run_tokens += length
+                if args.mode == "conversations":
+                    pending.append(ids)
+                elif args.mode == "documents":
                     pending.append(np.concatenate([ids, separator_array]))
                 else:
                     carry = np.concatenate([carry, ids, separator_array])
@@ -434,13 +498,15 @@ def main(argv: list[str] | None = None) -> list[Path | str]:
           f"{progress.tokens} tokens ({progress.skipped_documents} documents under --minimum_size "
           f"{args.minimum_size} skipped); this run: {run_tokens / max(elapsed, 1e-9):,.0f} tokens/s")
     if args.write_dataset_config:
-        write_dataset_config(args, tokenizer, is_pretrained, separator)
+        write_dataset_config(args, tokenizer, is_pretrained, separator, template)
     return [shard_path(n) for n in progress.shard_names]
 
 
-def write_dataset_config(args: argparse.Namespace, tokenizer, is_pretrained: bool, separator: list[int]) -> str:
-    """--write_dataset_config: <dataset_config_dir>/<name>.json naming these shards and this tokenizer,
-    for a model config's `datasets` to use as <name>. An existing one that says something else is
+def write_dataset_config(args: argparse.Namespace, tokenizer, is_pretrained: bool, separator: list[int],
+                         template: dict | None = None) -> str:
+    """--write_dataset_config: <dataset_config_dir>/<name>.json naming these shards and this tokenizer
+    (and for conversations their template, which --predict renders a conversation prompt with), for
+    a model config's `datasets` to use as <name>. An existing one that says something else is
     refused, not overwritten."""
     output_dir = args.output_dir if storage.is_remote(args.output_dir) else os.path.abspath(args.output_dir)
     encoder = args.encoder_path if is_pretrained or storage.is_remote(tokenizer.source) else os.path.abspath(tokenizer.source)
@@ -455,6 +521,8 @@ def write_dataset_config(args: argparse.Namespace, tokenizer, is_pretrained: boo
         "eos_id": eos_id,
         "padding_id": padding_id if padding_id is not None else eos_id,
     }
+    if template is not None:
+        values["conversation_template"] = template
     path = storage.join(args.dataset_config_dir, f"{args.name}.json")
     text = json.dumps(values, indent=2) + "\n"
     if storage.exists(path) and storage.read_text(path) != text:
@@ -462,12 +530,16 @@ def write_dataset_config(args: argparse.Namespace, tokenizer, is_pretrained: boo
                           "delete it, or choose another --name or --dataset_config_dir")
     storage.makedirs(args.dataset_config_dir)
     storage.write_text(path, text)
-    print(f"dataset config: {path} (use it as [\"{args.name}\", stitch, mode, weight] in a model config's datasets)")
+    entry = f'["{args.name}", 1, "conversations", weight]' if template is not None else \
+        f'["{args.name}", stitch, mode, weight]'
+    print(f"dataset config: {path} (use it as {entry} in a model config's datasets)")
     return path
 
 
-def _encode_batch_task(batch: list[tuple[int, int, str]]) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
+def _encode_batch_task(batch: list[tuple[int, int, str]]) -> tuple[list[tuple[int, int]], list]:
     positions = [(file_index, document_index) for file_index, document_index, _ in batch]
+    if _worker_options["template"] is not None:
+        return positions, _encode_conversations([turns for _, _, turns in batch])
     return positions, _encode_documents([text for _, _, text in batch])
 
 
