@@ -345,8 +345,16 @@ def generate(
     from model_fns import param_shardings
 
     params = jax.device_put(params, param_shardings(config, layout))  # a no-op when already placed so
+    # every process holds every prompt row: each places the rows of its own devices
+    padded, pad = (jax.make_array_from_callback(x.shape, layout.sharding(("batch",) + (None,) * (x.ndim - 1), x.shape,
+                                                                         name="sampling batch"),
+                                                lambda index, x=x: x[index]) for x in (padded, pad))
     generated, _ = run(params, padded, pad, np.int32(new_tokens), np.int32(-1 if eos_id is None else eos_id),
                        np.uint32(seed % 2**32))
+    if not generated.is_fully_addressable:  # rows on other processes' devices
+        from jax.experimental import multihost_utils
+
+        generated = multihost_utils.process_allgather(generated, tiled=True)
     generated = np.asarray(jax.device_get(generated))[:, :new_tokens]
 
     completions = []

@@ -137,3 +137,42 @@ def test_when_one_process_dies_the_other_stops_within_the_peer_timeout_with_a_me
     resumed = one_process("--model", str(model_config), *sets(tmp_path / "run", f"train_steps={saved + 1}",
                                                               "eval_steps=0"))
     assert f"at step {saved}" in resumed.stdout and f"step {saved + 1}/{saved + 1}" in resumed.stdout
+
+
+def test_eval_and_predict_on_two_processes_print_what_one_process_prints(tmp_path):
+    """--eval and --predict of a checkpoint, data parallel over both processes' devices: process 0
+    prints the loss and the samples of one process with as many devices, and the other prints none."""
+    import jax
+    from test_export import perturbed_params, save_checkpoint
+    from test_train import train_tiny_tokenizer
+
+    from configs import load_config
+    from tfrecord import write_shard
+
+    corpus = ["every process holds two devices", "the batch is split across the processes"] * 20
+    tokenizer = train_tiny_tokenizer(corpus, tmp_path / "tokenizer.json", ["<|endoftext|>"])
+    (tmp_path / "shards").mkdir()
+    write_shard(str(tmp_path / "shards" / "words_0_40.tfrecords"), [tokenizer.encode(t).ids + [0] for t in corpus])
+    (tmp_path / "dataset_configs").mkdir()
+    (tmp_path / "dataset_configs" / "words.json").write_text(json.dumps({
+        "n_vocab": 300, "path": str(tmp_path / "shards" / "*.tfrecords"), "eos_id": 0,
+        "tokenizer_path": str(tmp_path / "tokenizer.json")}))
+    config_file = tmp_path / "words.json"
+    config_file.write_text(json.dumps({
+        **TINY, "n_vocab": 300, "datasets": [["words", 2, "documents_random", 1.0]], "mesh_shape": "", "layout": "",
+        "model_path": str(tmp_path / "model"), "eval_steps": 2, "eval_batch_size": 4, "predict_batch_size": 4,
+        "predict_max_steps": 8}))
+    config = load_config(str(config_file))
+    with jax.default_device(jax.devices()[0]):
+        save_checkpoint(config, perturbed_params(config, seed=3), step=7)
+    (tmp_path / "prompt.txt").write_text("the batch is")
+
+    for mode in (["--eval"], ["--predict", "--prompt", str(tmp_path / "prompt.txt")]):
+        alone = one_process("--model", str(config_file), *mode).stdout
+        (first, out0), (second, out1) = two_processes("--model", str(config_file), *mode)
+        printed = [line for line in alone.splitlines() if line.startswith(("step 7 |", "=", "prompt ("))]
+        assert printed, alone[-3000:]
+        assert [line for line in out0.splitlines() if line in printed] == printed, (mode, out0[-3000:])
+        assert not any(line.startswith(("step 7 |", "prompt (")) for line in out1.splitlines()), out1[-3000:]
+    samples = (tmp_path / "model" / "predictions_nosacred_7.txt").read_text()
+    assert samples.count(" SAMPLE ") == 4 and samples in alone
