@@ -228,7 +228,7 @@ _COMPILED: dict = {}
 def compiled_decode_loop(config, layout: MeshLayout, shape: DecodeShape, settings: SamplingSettings):
     """A jit-compiled `decode_loop`, kept per config, mesh, layout, shape and settings."""
     key = (json.dumps(config.to_dict(), sort_keys=True, default=str), layout.mesh, tuple(sorted(layout.layout.items())),
-           shape, settings)
+           layout.fsdp_axes, shape, settings)
     if key not in _COMPILED:
         from model_fns import param_shardings
 
