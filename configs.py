@@ -103,7 +103,7 @@ KEYS: dict[str, Key] = {
     # --- mesh ----------------------------------------------------------------------------------
     "mesh_shape": Key("", "str", 'named device mesh, e.g. "x:4,y:2"; empty: all local devices on the batch'),
     "layout": Key("", "str", 'tensor dimension -> mesh axis, e.g. "batch:x,heads:y"'),
-    "fsdp_axes": Key("", "str", 'mesh axes, e.g. "x", over which every weight, its gradient and optimizer state are sharded further (fully sharded data parallel: gathered per layer where used); activations keep `layout`; empty: off'),
+    "fsdp_axes": Key("", "str", 'mesh axes, e.g. "x", over which every weight, its gradient and optimizer state are sharded further (fully sharded data parallel: gathered per layer where used); activations keep `layout`; "data" with an empty mesh_shape; empty: off'),
     # --- training ------------------------------------------------------------------------------
     "train_batch_size": Key(8, "int", "sequences per global training batch", "[1, 2^31)"),
     "train_steps": Key(1000, "int", "optimizer steps to train for", "[0, 2^31)"),
