@@ -216,7 +216,8 @@ class MeshLayout:
 
     def gather(self, weight: jax.Array, dims: Sequence[str]) -> jax.Array:
         """A weight, inside a jit-compiled function, placed by its layout alone: with fsdp_axes an
-        all-gather over them where the weight is used (its gradient then reduce-scatters back)."""
+        all-gather over them where the weight is used (and in the backward its gradient reduced
+        back to the shards)."""
         return self.constrain(weight, dims) if self.fsdp_axes else weight
 
     def constrain(self, x: jax.Array, dims: Sequence[str | None]) -> jax.Array:

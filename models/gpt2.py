@@ -308,10 +308,10 @@ def unembed(hidden, output, config, layout=None, transposed: bool = False):
     output_weights(...); with `transposed` its table comes as [embd, vocab] (a caller that uses it
     many times, as the decode loop, may transpose it once)."""
     table, output_bias = output
+    table = table.astype(hidden.dtype)  # then gathered, as forward casts its weights before gathering them
     if layout is not None:
         table = layout.gather(table, ("embd", "vocab") if transposed else ("vocab", "embd"))
         output_bias = None if output_bias is None else layout.gather(output_bias, ("vocab",))
-    table = table.astype(hidden.dtype)
     logits = project("bse,ev->bsv", hidden, table if transposed else table.T, config, layout).astype(jnp.float32)
     return logits if output_bias is None else logits + output_bias.astype(jnp.float32)
 
