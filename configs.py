@@ -103,6 +103,7 @@ KEYS: dict[str, Key] = {
     # --- mesh ----------------------------------------------------------------------------------
     "mesh_shape": Key("", "str", 'named device mesh, e.g. "x:4,y:2"; empty: all local devices on the batch'),
     "layout": Key("", "str", 'tensor dimension -> mesh axis, e.g. "batch:x,heads:y"'),
+    "fsdp_axes": Key("", "str", 'mesh axes, e.g. "x", over which every weight, its gradient and optimizer state are sharded further (fully sharded data parallel: gathered per layer where used); activations keep `layout`; "data" with an empty mesh_shape; empty: off'),
     # --- training ------------------------------------------------------------------------------
     "train_batch_size": Key(8, "int", "sequences per global training batch", "[1, 2^31)"),
     "train_steps": Key(1000, "int", "optimizer steps to train for", "[0, 2^31)"),
@@ -613,10 +614,11 @@ def validate(raw: dict[str, Any], source: str) -> Config:
     values["moe_params"] = check_moe(values, source, fail)
     check_fine_tuning(values, kinds, fail)
 
-    from mesh import parse_layout, parse_mesh_shape
+    from mesh import DATA_AXIS, parse_fsdp_axes, parse_layout, parse_mesh_shape
 
     mesh_axes = parse_mesh_shape(values["mesh_shape"], source)
     parse_layout(values["layout"], mesh_axes, source)
+    parse_fsdp_axes(values["fsdp_axes"], mesh_axes or {DATA_AXIS: 0}, source)  # empty mesh_shape: one axis, data
     config = Config(values, source)  # refuses options not implemented yet
     check_sizes(config)
     return config

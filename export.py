@@ -163,7 +163,7 @@ def restore_single_device(config, step: int | None):
     from checkpoints import restore_params
     from mesh import build_mesh_layout
 
-    single = config.replace(mesh_shape="", layout="")
+    single = config.replace(mesh_shape="", layout="", fsdp_axes="")
     return restore_params(single, build_mesh_layout(single, jax.devices()[:1]), step)
 
 

@@ -5,6 +5,11 @@
 tuple of dimension names into a `NamedSharding`; parameters, optimizer state, batches and
 activation constraints all go through it, so the rules Mesh-TensorFlow enforced hold everywhere:
 a dimension must divide evenly by its mesh axis, and one tensor may not use a mesh axis twice.
+
+`fsdp_axes: "x"` shards the weights further, not the activations: each weight's largest dimension
+that its layout leaves whole and the FSDP axes divide is split over them too (`parameter_spec`),
+and so are its gradient and optimizer state; the forward gathers each weight back to its layout
+where it is used (`gather`), so every activation keeps the layout's placement.
 """
 
 from __future__ import annotations
@@ -113,6 +118,20 @@ def parse_layout(text: str, mesh_axes: dict[str, int], where: str = "config") ->
     return layout
 
 
+def parse_fsdp_axes(text: str, mesh_axes: dict[str, int], where: str = "config") -> tuple[str, ...]:
+    """'x,y' -> ('x', 'y'): mesh axes to shard weights over (fully sharded data parallel)."""
+    axes: list[str] = []
+    for axis in filter(None, (a.strip() for a in text.split(","))):
+        if axis not in mesh_axes:
+            known = ", ".join(mesh_axes) or "none: mesh_shape is empty"
+            raise ConfigError(f"{where}: key 'fsdp_axes' = {_quoted(text)}: {_quoted(axis)} is not an axis of "
+                              f"mesh_shape (axes: {known}); expected a comma list of them, e.g. \"x\", or empty")
+        if axis in axes:
+            raise ConfigError(f"{where}: key 'fsdp_axes' = {_quoted(text)}: axis {_quoted(axis)} appears twice")
+        axes.append(axis)
+    return tuple(axes)
+
+
 def suggest_mesh_shape(axes: dict[str, int], device_count: int) -> str:
     """Keep the axis names; put every device on the first axis."""
     names = list(axes) or ["x"]
@@ -140,9 +159,14 @@ def einsum(spec: str, *operands, layout: MeshLayout | None = None) -> jax.Array:
 class MeshLayout:
     """A device mesh with a layout: the one place that decides how every tensor is placed."""
 
-    def __init__(self, mesh: Mesh, layout: dict[str, str]):
+    def __init__(self, mesh: Mesh, layout: dict[str, str], fsdp_axes: Sequence[str] = ()):
         self.mesh = mesh
         self.layout = layout
+        self.fsdp_axes = tuple(fsdp_axes)
+
+    def with_layout(self, layout: dict[str, str]) -> MeshLayout:
+        """The same mesh and FSDP axes with another layout (one without `batch`, say)."""
+        return MeshLayout(self.mesh, layout, self.fsdp_axes)
 
     @property
     def batch_axis_size(self) -> int:
@@ -169,6 +193,32 @@ class MeshLayout:
 
     def sharding(self, dims: Sequence[str | None], shape: Sequence[int] | None = None, name: str = "tensor") -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(dims, shape, name))
+
+    def parameter_spec(self, dims: Sequence[str], shape: Sequence[int], name: str = "weight") -> PartitionSpec:
+        """A weight's placement: its layout's (`spec`), and with fsdp_axes its largest dimension
+        that the layout leaves whole and the FSDP axes' size divides split over those axes too
+        (the first such when several are as large; over the FSDP axes the layout does not already
+        give this weight). A weight none of whose dimensions divide stays whole on them."""
+        axes = list(self.spec(dims, shape, name))
+        fsdp = [axis for axis in self.fsdp_axes if axis not in axes]
+        size = math.prod(self.mesh.shape[axis] for axis in fsdp)
+        whole = [i for i, axis in enumerate(axes) if axis is None and shape[i] % size == 0]
+        if fsdp and size > 1 and whole:
+            largest = max(whole, key=lambda i: shape[i])
+            axes[largest] = fsdp[0] if len(fsdp) == 1 else tuple(fsdp)
+        elif fsdp and size > 1:
+            log.debug("fsdp_axes: no dimension of %s %s %s divides by %d: it stays whole on %s",
+                      name, tuple(dims), tuple(shape), size, fsdp)
+        return PartitionSpec(*axes)
+
+    def parameter_sharding(self, dims: Sequence[str], shape: Sequence[int], name: str = "weight") -> NamedSharding:
+        return NamedSharding(self.mesh, self.parameter_spec(dims, shape, name))
+
+    def gather(self, weight: jax.Array, dims: Sequence[str]) -> jax.Array:
+        """A weight, inside a jit-compiled function, placed by its layout alone: with fsdp_axes an
+        all-gather over them where the weight is used (and in the backward its gradient reduced
+        back to the shards)."""
+        return self.constrain(weight, dims) if self.fsdp_axes else weight
 
     def constrain(self, x: jax.Array, dims: Sequence[str | None]) -> jax.Array:
         """Pin an activation's sharding inside a jit-compiled function. A dimension shorter than
@@ -205,7 +255,7 @@ class MeshLayout:
             return self
         log.info("a batch of %d rows does not divide over mesh axis %r of size %d: it runs unsplit",
                  batch_size, axis, self.mesh.shape[axis])
-        return MeshLayout(self.mesh, {dim: a for dim, a in self.layout.items() if dim != "batch"})
+        return self.with_layout({dim: a for dim, a in self.layout.items() if dim != "batch"})
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
@@ -240,7 +290,8 @@ def build_mesh_layout(config, devices: Sequence[jax.Device] | None = None) -> Me
         device_grid = mesh_utils.create_device_mesh(tuple(axes.values()), devices=devices)
     except Exception:  # noqa: BLE001 - any failure leaves the plain order, which is always valid
         pass
-    mesh_layout = MeshLayout(Mesh(device_grid, tuple(axes)), layout)
+    fsdp_axes = parse_fsdp_axes(config.fsdp_axes, axes, config.source)
+    mesh_layout = MeshLayout(Mesh(device_grid, tuple(axes)), layout, fsdp_axes)
     mesh_layout.check_dimensions(config)
     return mesh_layout
 

@@ -110,7 +110,7 @@ def microbatch_count(config, layout: MeshLayout) -> int:
 def param_shardings(config, layout: MeshLayout):
     def place(path, weight):
         name = jax.tree_util.keystr(path)
-        return layout.sharding(weight.dims, gpt2.shape_of(weight, config), name=name)
+        return layout.parameter_sharding(weight.dims, gpt2.shape_of(weight, config), name=name)
 
     return jax.tree_util.tree_map_with_path(place, gpt2.weights(config), is_leaf=gpt2.is_weight)
 
@@ -195,7 +195,7 @@ def make_train_step(config, layout: MeshLayout, optimizer, shardings):
     # A step with random draws (dropout, the MoE router) keeps to one forward over the whole batch:
     # its draws are of the global batch's shape, so they, and the losses, are the same on every mesh.
     per_replica = replicas > 1 and list(layout.layout.values()).count(batch_axis) == 1 and not random
-    replica_layout = MeshLayout(layout.mesh, {dim: axis for dim, axis in layout.layout.items() if dim != "batch"})
+    replica_layout = layout.with_layout({dim: axis for dim, axis in layout.layout.items() if dim != "batch"})
     parts = replicas if per_replica else 1
 
     def accumulated_grads(params, base, inputs, labels, rng):

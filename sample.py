@@ -151,6 +151,8 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
     how many steps ran.
     """
     params = jax.tree.map(lambda w: w.astype(gpt2.compute_dtype(config)), params)
+    # with fsdp_axes, every weight gathered once for the whole generation, not at every token
+    params = gpt2.gathered(params, gpt2.weights(config), layout)
     output = gpt2.output_weights(params, config)  # table [vocab, embd]
     if shape.transpose_unembed:
         output = (layout.constrain(output[0].T, ("embd", "vocab")), output[1])
@@ -216,7 +218,7 @@ def sampling_layout(layout: MeshLayout | None, batch: int) -> MeshLayout:
     if axis is not None and batch % layout.mesh.shape[axis]:
         log.info("sampling: batch %d does not divide over mesh axis %r (size %d); the batch is replicated",
                  batch, axis, layout.mesh.shape[axis])
-        return MeshLayout(layout.mesh, {d: a for d, a in layout.layout.items() if d != "batch"})
+        return layout.with_layout({d: a for d, a in layout.layout.items() if d != "batch"})
     return layout
 
 
@@ -226,7 +228,7 @@ _COMPILED: dict = {}
 def compiled_decode_loop(config, layout: MeshLayout, shape: DecodeShape, settings: SamplingSettings):
     """A jit-compiled `decode_loop`, kept per config, mesh, layout, shape and settings."""
     key = (json.dumps(config.to_dict(), sort_keys=True, default=str), layout.mesh, tuple(sorted(layout.layout.items())),
-           shape, settings)
+           layout.fsdp_axes, shape, settings)
     if key not in _COMPILED:
         from model_fns import param_shardings
 

@@ -620,7 +620,8 @@ def dry_run(config, layout) -> dict:
         active = gpt2.parameter_count(config, matmul_only=True)
         print(f"  dense {count - experts:,}, experts {experts:,} ({len(config.moe_layers)} MoE layers x "
               f"{config.moe.num_experts} experts); a token's matmuls meet {active:,} (MFU counts these)")
-    print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}; "
+    fsdp = f" fsdp_axes: {','.join(layout.fsdp_axes)}" if layout.fsdp_axes else ""
+    print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}{fsdp}; "
           f"microbatches per step: {model_fns.microbatch_count(config, layout)}")
     memory = compiled.memory_analysis()
     report = {"parameters": count, "compile_seconds": seconds,

@@ -117,6 +117,19 @@ def parameter_count(config, matmul_only: bool = False, experts: bool | None = No
     return int(total)
 
 
+def gathered(tree, template, layout):
+    """A tree of weights shaped as the Weight tree `template`, each placed by its layout alone
+    (MeshLayout.gather: with fsdp_axes, all-gathered); a leaf the template does not describe (prefix
+    tuning's memory, made from its MLP) passes as it is."""
+    if layout is None or not layout.fsdp_axes:
+        return tree
+    if is_weight(template):
+        return layout.gather(tree, template.dims)
+    if isinstance(template, list):
+        return [gathered(t, w, layout) for t, w in zip(tree, template)]
+    return {name: gathered(t, template[name], layout) if name in template else t for name, t in tree.items()}
+
+
 def compute_dtype(config):
     return jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
 
@@ -137,12 +150,17 @@ def embed(p, tokens, positions, config, layout, dropout_rng):
     return x
 
 
-def block(p, x, slots, first_slot, positions, layer_cache, kind: str, moe_layer: bool, config, layout, dropout_rng):
+def block(p, x, slots, first_slot, positions, layer_cache, kind: str, moe_layer: bool, config, layout, dropout_rng,
+          template=None):
     """One pre-LN block: x += attn(LN(x)); x += mlp(LN(x)) (models/norms.py: LN is the block's
     prenorm; with rezero the identity, each branch times its gain). Macaron, GPT-Neo's form: first
     x += mlp_macaron(x) / 2, without norm or gain, in every layer; the last MLP is halved too. In a
     layer of moe_layers the last MLP is the mixture of experts (models/moe.py), which also gives its
-    load-balancing loss and routing statistics. Returns (x, layer_cache, aux loss, statistics)."""
+    load-balancing loss and routing statistics. Returns (x, layer_cache, aux loss, statistics).
+    `template`, the block's Weight tree: with fsdp_axes its weights are gathered here, inside the
+    layer (and so inside recompute_grad's checkpoint: the backward gathers them again instead of
+    keeping them)."""
+    p = gathered(p, template, layout)
     attn_rng, res_rng_1, res_rng_2 = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
     p = lora.with_dropout_key(p, dropout_rng, config)
     if config.macaron:
@@ -198,6 +216,8 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
                          "prefill and False after it")
     prepend = bool(virtual) and (cache is None or begins_text)
     p = jax.tree.map(lambda w: w.astype(compute_dtype(config)), lora.with_prefix_memory(params))
+    template = weights(config)
+    p = gathered(p, {name: w for name, w in template.items() if name != "blocks"}, layout)  # each block's: in it
     length = tokens.shape[1]
     next_slot = 0 if cache is None else cache["next_slot"]
     first_slot = None if cache is None else cache["first_slot"]
@@ -218,7 +238,8 @@ def forward(params, tokens, config, layout=None, *, positions=None, cache=None, 
     for layer, (kind, layer_cache) in enumerate(zip(config.layer_kinds, layer_caches)):
         block_params = p["blocks"][0 if config.share_parameters else layer]
         moe_layer = config.is_moe_layer(layer)
-        layer_fn = functools.partial(block, kind=kind, moe_layer=moe_layer, config=config, layout=layout)
+        layer_fn = functools.partial(block, kind=kind, moe_layer=moe_layer, config=config, layout=layout,
+                                     template=template["blocks"][0 if config.share_parameters else layer])
         if config.recompute_grad:
             layer_fn = jax.checkpoint(layer_fn)
         layer_rng = jax.random.fold_in(dropout_rng, layer) if dropout_rng is not None else None
@@ -287,7 +308,10 @@ def unembed(hidden, output, config, layout=None, transposed: bool = False):
     output_weights(...); with `transposed` its table comes as [embd, vocab] (a caller that uses it
     many times, as the decode loop, may transpose it once)."""
     table, output_bias = output
-    table = table.astype(hidden.dtype)
+    table = table.astype(hidden.dtype)  # then gathered, as forward casts its weights before gathering them
+    if layout is not None:
+        table = layout.gather(table, ("embd", "vocab") if transposed else ("vocab", "embd"))
+        output_bias = None if output_bias is None else layout.gather(output_bias, ("vocab",))
     logits = project("bse,ev->bsv", hidden, table if transposed else table.T, config, layout).astype(jnp.float32)
     return logits if output_bias is None else logits + output_bias.astype(jnp.float32)
 

@@ -273,6 +273,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
             "batch_of_one": generate(params, config, prompts[:1], layout=lay, max_new_tokens=30,
                                      temperature=0.0).tokens,
         }
+    # fsdp_axes: the weights sharded over x too, gathered once for the whole generation
+    fsdp = build_mesh_layout(config.replace(fsdp_axes="x"))
+    result["fsdp"] = generate(params, config, prompts, layout=fsdp, max_new_tokens=30, temperature=0.0).tokens
     print(json.dumps(result))
 """)
 
@@ -284,6 +287,7 @@ def test_sharded_decoding_on_8_devices_gives_the_tokens_of_one_device():
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["sharded"] == result["one_device"]
+    assert result["fsdp"] == result["one_device"]["greedy"]
     assert result["one_device"]["batch_of_one"][0] == result["one_device"]["greedy"][0]
 
 
