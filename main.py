@@ -274,6 +274,14 @@ def trains(args) -> bool:
                 or args.auto_layout or args.auto_layout_and_mesh_shape)
 
 
+def probes_machine(args) -> bool:
+    """Whether this run picks XLA:CPU's options and neomesh's CPU kernels by timing them here
+    (machine.py; the config's cpu_probe may still say off): when it trains or samples on one host.
+    Hosts of one job must compile the same program, and each would probe for itself."""
+    multi_host = args.coordinator_address or args.num_processes > 1 or args.tpu
+    return (trains(args) or args.predict) and not multi_host
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ENDED.update(failed=False, ending=False)
@@ -290,7 +298,14 @@ def main(argv=None) -> int:
 
     try:
         config = load_config(args.model, config_overrides(args))
+        probes = probes_machine(args)
+        if probes:
+            import machine
+
+            machine.set_xla_dot_option(config, decoding=args.predict)  # XLA reads its flags when JAX starts
         select_devices(args)
+        if probes:
+            config = machine.tune(config, decoding=args.predict)
         code = run(args, config, metric_sinks(args))
         ENDED["failed"] = code != 0
         return code
