@@ -86,19 +86,25 @@ def float32_peak(info: dict) -> tuple[float | None, str]:
 
 
 def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
-    """Bytes/s of reading a buffer far larger than any last-level cache (numpy's sum over float32,
-    one pass; the best of `repeats`): what decoding, which streams every weight once per token,
-    can hope for. A single-threaded read, so on many-core machines a lower bound."""
+    """Bytes/s of reading a buffer far larger than any last-level cache, once per pass: the best of
+    numpy's sum (one thread) and a compiled JAX sum (XLA's threads), each the best of `repeats`.
+    What decoding, which streams every weight once per token, can hope for; a lower bound (a
+    sum also adds)."""
+    import jax
     import numpy as np
 
-    buffer = np.ones(megabytes * 2**20 // 4, np.float32)
-    buffer.sum()
+    host = np.ones(megabytes * 2**20 // 4, np.float32)
+    on_device = jax.device_put(host)
+    jax_sum = jax.jit(lambda buffer: buffer.sum())
+    readers = [host.sum, lambda: jax_sum(on_device).block_until_ready()]
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return buffer.nbytes / best
+    for read in readers:
+        read()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
+    return host.nbytes / best
 
 
 def torch_matmul_flops(size: int = 2048, repeats: int = 8) -> float | None:
@@ -276,13 +282,15 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
 
 
 def kernel_probe_config(config):
-    """A one-layer model of the config's width and context, for timing a train step's kernels."""
-    return config.replace(n_layer=1, train_batch_size=1, attention_types=None, n_vocab=min(config.n_vocab, 1024),
+    """A two-layer model of the config's width and context, one row, for timing a train step's
+    kernels: two layers so that the residual stream's gradient crosses a layer boundary (what
+    cpu_backward written's fusion boundary saves grows with depth; the probe sees its first step)."""
+    return config.replace(n_layer=min(config.n_layer, 2), train_batch_size=1, attention_types=None, n_vocab=min(config.n_vocab, 1024),
                           mesh_shape="", layout="")
 
 
 def time_train_step(config) -> float:
-    """Seconds of one compiled forward and backward pass of kernel_probe_config's model."""
+    """Seconds of one compiled forward and backward pass of the config's model (the best of two)."""
     import jax
     import numpy as np
 
@@ -313,7 +321,7 @@ def time_train_step(config) -> float:
 
 def choose_kernels(config) -> dict:
     """{"cpu_backward": ..., "attention_kernel": ..., "why": ...} for the keys left at auto: each
-    alternative timed on a one-layer train step of the config's width and context (both alternatives
+    alternative timed on a short train step of the config's width and context (kernel_probe_config) (both alternatives
     compute the same thing); cached per machine and shape class."""
     probe_config = kernel_probe_config(config)
     open_keys = [key for key in ("cpu_backward", "attention_kernel") if getattr(config, key) == "auto"]
@@ -338,7 +346,7 @@ def choose_kernels(config) -> dict:
         seconds = {value: seconds_with(**{name: value}) for value in alternatives[name]}
         choice[name] = min(seconds, key=seconds.get)
         timings.append(f"{name} " + " vs ".join(f"{value} {s * 1e3:.1f} ms" for value, s in seconds.items()))
-    choice["why"] = (f"one-layer train step at n_embd {config.n_embd}, n_ctx {config.n_ctx}: " + "; ".join(timings)
+    choice["why"] = (f"{probe_config.n_layer}-layer train step at n_embd {config.n_embd}, n_ctx {config.n_ctx}: " + "; ".join(timings)
                      + f" (probed in {time.perf_counter() - start:.1f} s)")
     write_cache(key, choice)
     return choice

@@ -123,3 +123,16 @@ def test_bfloat16_decoding_runs_in_bfloat16_and_its_logits_stay_close_to_float32
     assert len(samples.tokens[0]) == 8 and all(0 <= t < config.n_vocab for t in samples.tokens[0])
     # the first new token is the bfloat16 model's greedy choice after the prompt
     assert samples.tokens[0][0] == int(np.argmax(bf16_logits[0, -1]))
+
+
+def test_main_probes_single_host_training_and_sampling_of_models_large_enough_to_gain():
+    import main
+
+    small_125m = tiny_config(n_layer=12, n_embd=768, n_head=12, n_ctx=2048, n_vocab=50257)
+    train_args = main.parse_args(["--model", "gpt3_small"])
+    assert main.probes_machine(train_args, small_125m)
+    assert main.probes_machine(main.parse_args(["--model", "gpt3_small", "--predict"]), small_125m)
+    assert not main.probes_machine(main.parse_args(["--model", "gpt3_small", "--eval"]), small_125m)
+    assert not main.probes_machine(main.parse_args(["--model", "gpt3_small", "--num_processes", "2"]), small_125m)
+    assert not main.probes_machine(train_args, small_125m.replace(cpu_probe="off"))
+    assert not main.probes_machine(train_args, tiny_config())  # start-up would outweigh the gain
