@@ -1,9 +1,9 @@
 """Speed only: ways of computing what the model means that run faster on some backend.
 
 Nothing here changes a result beyond float rounding, and each can be switched off:
-- `project`: every projection. With `cpu_backward: written` (and `auto` on a CPU, unless main.py's
-  probe finds plain faster there) its backward is written out for XLA:CPU's matmul kernels;
-  `cpu_backward: plain`, and `auto` on every other backend, use JAX's derived one.
+- `project`: every projection. With `cpu_backward: written` (and `auto` on a CPU) its backward
+  is written out for XLA:CPU's matmul kernels; `cpu_backward: plain`, and `auto` on every other
+  backend, use JAX's derived one.
 - `residual_gradient_boundary`: with the written backward the residual stream's gradient is
   computed once per layer instead of being recomputed inside every weight gradient.
 - attention, chosen by `attention_kernel` (`choose_attention_kernel`): `plain` is the reference

@@ -50,29 +50,29 @@ def test_the_float32_peak_estimate_follows_the_documented_formula():
 
 
 def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(probe_cache, caplog):
-    config = tiny_config(attention_kernel="plain")  # forced: only cpu_backward is probed (two compiles)
+    config = tiny_config()
     with caplog.at_level(logging.INFO, logger="neomesh"):
         tuned = machine.tune(config)
-    assert tuned.cpu_backward in ("written", "plain") and tuned.attention_kernel == "plain"
+    assert tuned.attention_kernel in ("blocked", "plain") and tuned.cpu_backward == "auto"
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cpu probe:"))
-    assert f"cpu_backward {tuned.cpu_backward}" in line and "written" in line and "plain" in line
+    assert f"attention_kernel {tuned.attention_kernel}" in line and "blocked" in line and "plain" in line
     cached = json.loads(probe_cache.read_text())
     (key, entry), = cached.items()
     assert "jax " + jax.__version__ in key and machine.cpu_info()["cpu_model"] in key
-    assert entry["cpu_backward"] == tuned.cpu_backward and "attention_kernel" not in entry
+    assert entry["attention_kernel"] == tuned.attention_kernel and "cpu_backward" not in entry
 
     # the cached choice is read back, not probed again: a planted choice comes back as it is
-    planted = {"plain": "written", "written": "plain"}[tuned.cpu_backward]
-    probe_cache.write_text(json.dumps({key: dict(entry, cpu_backward=planted)}))
+    planted = {"plain": "blocked", "blocked": "plain"}[tuned.attention_kernel]
+    probe_cache.write_text(json.dumps({key: dict(entry, attention_kernel=planted)}))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="neomesh"):
         again = machine.tune(config)
-    assert again.cpu_backward == planted
+    assert again.attention_kernel == planted
     assert any("(cached)" in r.getMessage() for r in caplog.records)
 
 
 def test_forced_keys_and_cpu_probe_off_skip_the_probe(probe_cache):
-    forced = tiny_config(cpu_backward="plain", attention_kernel="blocked")
+    forced = tiny_config(attention_kernel="blocked")
     assert machine.tune(forced).to_dict() == forced.to_dict()
     off = tiny_config(cpu_probe="off")
     assert machine.tune(off).to_dict() == off.to_dict()
