@@ -99,7 +99,9 @@ KEYS: dict[str, Key] = {
     "tokens_per_mb_per_replica": Key(None, "int?", "tokens per microbatch per batch replica; the step accumulates gradients over the microbatches", "[1, 2^31)"),
     # --- kernels: speed only, never the meaning (models/kernels.py) ----------------------------
     "attention_kernel": Key("auto", "str", "auto | plain | blocked | cudnn: how attention is computed; auto: cudnn for half precision on a GPU where it applies, else blocked; plain: the reference (one score matrix)", "auto | plain | blocked | cudnn"),
-    "cpu_backward": Key("auto", "str", "auto | plain: on a CPU, auto uses projection gradients written for XLA:CPU's matmul kernels and a fusion boundary on the residual stream's gradient; plain: the gradients JAX derives", "auto | plain"),
+    "cpu_backward": Key("auto", "str", "auto | written | plain: written: projection gradients written for XLA:CPU's matmul kernels and a fusion boundary on the residual stream's gradient; plain: the gradients JAX derives; auto: written on a CPU, plain elsewhere", "auto | written | plain"),
+    "cpu_probe": Key("auto", "str", "auto | off: on a CPU, main.py times XLA:CPU's dot libraries and (when auto) attention_kernel blocked vs plain on the config's shapes once per machine (cached in $NEOMESH_CACHE, default ~/.cache/neomesh) and runs with the fastest; off: XLA's defaults and blocked attention", "auto | off"),
+    "decode_precision": Key("float32", "str", "float32 | bfloat16: the weights' type while sampling (--predict, sample.generate); bfloat16 halves the bytes streamed per token, computes in float32, and may change greedy tokens", "float32 | bfloat16"),
     # --- mesh ----------------------------------------------------------------------------------
     "mesh_shape": Key("", "str", 'named device mesh, e.g. "x:4,y:2"; empty: all local devices on the batch'),
     "layout": Key("", "str", 'tensor dimension -> mesh axis, e.g. "batch:x,heads:y"'),

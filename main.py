@@ -275,6 +275,23 @@ def trains(args) -> bool:
                 or args.auto_layout or args.auto_layout_and_mesh_shape)
 
 
+# below this many training FLOPs per token (a model of ~15M matmul weights) a run's start-up
+# outweighs what a faster kernel could save, and the probe is skipped
+PROBE_MIN_FLOPS_PER_TOKEN = 1e8
+
+
+def probes_machine(args, config) -> bool:
+    """Whether this run picks XLA:CPU's options and neomesh's CPU kernels by timing them here
+    (machine.py; the config's cpu_probe may still say off): when it trains or samples a model
+    large enough to gain from it, on one host. Hosts of one job must compile the same program,
+    and each would probe for itself."""
+    from model_fns import flops_per_token
+
+    multi_host = args.coordinator_address or args.num_processes > 1 or args.tpu
+    return ((trains(args) or args.predict) and not multi_host and config.cpu_probe != "off"
+            and flops_per_token(config) >= PROBE_MIN_FLOPS_PER_TOKEN)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ENDED.update(failed=False, ending=False)
@@ -291,7 +308,14 @@ def main(argv=None) -> int:
 
     try:
         config = load_config(args.model, config_overrides(args))
+        probes = probes_machine(args, config)
+        if probes:
+            import machine
+
+            machine.set_xla_dot_option(config, decoding=args.predict)  # XLA reads its flags when JAX starts
         select_devices(args)
+        if probes:
+            config = machine.tune(config, decoding=args.predict)
         code = run(args, config, metric_sinks(args))
         ENDED["failed"] = code != 0
         return code

@@ -343,7 +343,10 @@ def generate(
         padded[i, bucket - len(row):] = row
     pad = np.asarray([bucket - len(row) for row in rows], np.int32)
 
-    run = compiled_decode_loop(config, layout, shape, settings)
+    # decode_precision bfloat16: the weights are cast once, inside the compiled program, and the
+    # model computes as under precision bfloat16, so each token streams half the bytes
+    decode_config = config.replace(precision="bfloat16") if config.decode_precision == "bfloat16" else config
+    run = compiled_decode_loop(decode_config, layout, shape, settings)
     from model_fns import param_shardings
 
     params = jax.device_put(params, param_shardings(config, layout))  # a no-op when already placed so

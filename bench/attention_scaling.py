@@ -94,6 +94,9 @@ def main() -> None:
               f"global {rates['global']:9,.0f} tok/s, {row['global_temporary_mib']} MiB | "
               f"linear / global: {row['tokens_per_sec_ratio']:.2f}x tok/s, {row.get('memory_ratio')} x memory", flush=True)
         results[f"n_ctx_{n_ctx}"] = row
+    import machine
+
+    results["machine"] = machine.describe()
     print(json.dumps(results))
 
 

@@ -203,6 +203,9 @@ def main() -> None:
     results["sampler_over_train_step"] = ratios
     results["create_tfrecords_over_target"] = results["create_tfrecords"]["tokens_per_sec"] / TARGET_CREATE_TOKENS_PER_SEC
     results["cpu_count"] = os.cpu_count()
+    import machine
+
+    results["machine"] = machine.describe()
     print(json.dumps(results))
 
 

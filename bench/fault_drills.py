@@ -212,6 +212,9 @@ def main(argv=None) -> dict:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    import machine
+
+    report["machine"] = machine.describe()
     print(json.dumps(report), flush=True)
     return report
 

@@ -114,6 +114,9 @@ def main() -> None:
     print(f"LoRA / full: optimizer state {100 * results['optimizer_state_ratio']:.3f}% (target <= 1%), "
           f"step time {results['step_time_ratio']:.2f}x (target <= 1)"
           + (f", compiled step memory {results['step_memory_ratio']:.2f}x" if "step_memory_ratio" in results else ""))
+    import machine
+
+    results["machine"] = machine.describe()
     print(json.dumps(results))
 
 

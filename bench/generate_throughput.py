@@ -18,7 +18,13 @@ with every layer `linear` against the same model with every layer `global`, each
 tokens after prompts of growing length. Linear attention decodes from a running state, so its
 time per token should not grow with the position; global attention reads a cache that grows.
 
-The last line of the output is one JSON object with every figure.
+Decoding one row streams every weight once per token, so batch 1 is bound by memory bandwidth:
+the benchmark measures the bandwidth (machine.py) and reports the fraction of it that the weights'
+bytes per token at neomesh's rate reach. --bfloat16 also decodes with decode_precision bfloat16
+(half the bytes) and reports its rate and how many greedy tokens agree with float32's.
+
+The last line of the output is one JSON object with every figure; its "machine" names the CPU
+and holds the matmul rates and the bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import machine  # noqa: E402
 from configs import validate  # noqa: E402
 from export import TRANSFORMS, expanded_mapping, get_path, set_path  # noqa: E402
 from models import gpt2  # noqa: E402
@@ -66,6 +73,13 @@ def build_models(shape: dict):
         set_path(params, path, np.ascontiguousarray(TRANSFORMS[transform][1](hf_tensors[hf_name], our_shape)))
     params = jax.device_put(params)
     return hf_model, config, params
+
+
+def streamed_weight_bytes(params, bytes_per_weight: int = 4) -> int:
+    """Bytes of weights one decoding step reads: every parameter (the output projection is the
+    token table) but the position table, of which it reads one row."""
+    return sum(leaf.size * bytes_per_weight for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if "wpe" not in jax.tree_util.keystr(path))
 
 
 def time_ours(params, config, prompt, new_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
@@ -150,17 +164,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best counts")
     parser.add_argument("--position_prompts", type=int, nargs="*", default=[64, 512, 1536],
                         help="prompt lengths of the per-token-by-position rows (none: skip them)")
+    parser.add_argument("--bfloat16", action="store_true", help="also decode with decode_precision bfloat16")
+    parser.add_argument("--no_probe", action="store_true", help="XLA's default dot kernels, unprobed")
     args = parser.parse_args()
 
     shape = SHAPE_SMALL if args.small else SHAPE_125M
+    if not args.no_probe:  # as main.py --predict does, before JAX starts its backend
+        machine.set_xla_dot_option(validate(dict(shape, predict_batch_size=1), "bench/generate_throughput.py"),
+                                   decoding=True)
     hf_model, config, params = build_models(shape)
+    described = machine.describe(rates=True)
+    print(f"machine: {json.dumps(described)}")
+    bandwidth = described["memory_gb_per_s"] * 1e9
+    weight_bytes = streamed_weight_bytes(params)
     print(f"model: {shape}, alternating global/local; float32; jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, torch {torch.__version__}")
     print(f"greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, best of {args.repeats}")
 
     rng = np.random.default_rng(0)
     results = {"model": "125M" if not args.small else "small", "prompt_tokens": args.prompt_tokens,
-               "new_tokens": args.new_tokens}
+               "new_tokens": args.new_tokens, "machine": described, "weight_bytes_per_token": weight_bytes}
     for batch in args.batches:
         prompt = rng.integers(0, shape["n_vocab"], (batch, args.prompt_tokens)).tolist()
         ours_s, ours_tokens = time_ours(params, config, prompt, args.new_tokens, args.repeats)
@@ -182,6 +205,27 @@ def main() -> None:
             "first_token_speedup": round(hf_ttft / ours_ttft, 3), "greedy_agreeing_prefix": agree,
             "hf_torch_threads": hf_threads,
         }
+        if batch == 1:
+            reached = ours_rate * weight_bytes / bandwidth
+            results["batch_1"]["fraction_of_memory_bandwidth"] = round(reached, 3)
+            print(f"  batch 1 streams {weight_bytes / 1e6:.0f} MB of float32 weights per token: "
+                  f"{ours_rate * weight_bytes / 1e9:.1f} GB/s, {reached:.0%} of the {bandwidth / 1e9:.1f} GB/s measured")
+        if args.bfloat16:
+            bf16_config = config.replace(decode_precision="bfloat16")
+            bf16_s, bf16_tokens = time_ours(params, bf16_config, prompt, args.new_tokens, args.repeats)
+            bf16_rate = batch * args.new_tokens / bf16_s
+            agreeing = sum(agreeing_prefix(a, b) for a, b in zip(bf16_tokens, ours_tokens))
+            same = sum(x == y for a, b in zip(bf16_tokens, ours_tokens) for x, y in zip(a, b))
+            flags = described["flags"]
+            note = "" if flags["avx512_bf16"] or flags["amx_bf16"] else " (this CPU has neither AVX512-BF16 nor AMX)"
+            print(f"  decode_precision bfloat16: {bf16_rate:8.1f} new tokens/s ({bf16_rate / ours_rate:.2f}x float32's); "
+                  f"greedy tokens agree with float32's for the first {agreeing / batch:.0f} of {args.new_tokens} "
+                  f"on average, {same / (batch * args.new_tokens):.0%} of positions equal{note}")
+            results[f"batch_{batch}"] |= {
+                "bfloat16_tokens_per_s": round(bf16_rate, 2), "bfloat16_vs_float32": round(bf16_rate / ours_rate, 3),
+                "bfloat16_vs_hf": round(bf16_rate / hf_rate, 3),
+                "bfloat16_agreeing_prefix_mean": agreeing / batch,
+                "bfloat16_positions_equal": round(same / (batch * args.new_tokens), 3)}
     if args.position_prompts:
         print(f"per-token time by position, {POSITION_SHAPE}, batch 1, 192 new tokens after 64, neomesh only:")
         results["ms_per_token_by_prompt_length"] = per_token_by_position(args.position_prompts, 192, max(args.repeats, 5))

@@ -118,6 +118,9 @@ def main() -> None:
     print(f"MoE step / dense step: {step_ratio:.2f}x (target <= 1.5x); sharded / replicated step: "
           f"{results['sharded_step_time_over_replicated']:.2f}x; expert parameter memory per device, replicated / "
           f"sharded: {memory_ratio:.2f}x (the axis size: {DEVICES})")
+    import machine
+
+    results["machine"] = machine.describe()
     print(json.dumps(results))
 
 

@@ -1,6 +1,12 @@
 """Training throughput: neomesh's train step against Hugging Face transformers' GPTNeoForCausalLM
 (PyTorch, AdamW, float32, same shape and batch) in the same run, the two taking turns step by
-step, and MFU against a float32 matrix-multiply roofline measured on the same machine.
+step, and MFU against a float32 matrix-multiply roofline measured on the same machine (XLA's own
+rate) and against the CPU's float32 peak estimated from its flags (machine.py). The JSON line's
+"machine" names the CPU, its cores and flags, and PyTorch's matmul rate and the memory bandwidth
+measured in the same run, so that figures from different machines can be told apart.
+
+Before the first compile, neomesh's start-up probe (machine.py, as main.py runs it) picks
+XLA:CPU's dot library and the CPU kernels for this machine; --no_probe keeps XLA's defaults.
 
 Hugging Face runs in a process of its own that inherits neomesh's malloc setting
 (main.REUSE_FREED_MEMORY); it trains faster with it than with glibc's defaults.
@@ -27,11 +33,11 @@ SHAPES = {
 }
 
 
-def config_for(shape: dict, precision: str = "float32"):
+def config_for(shape: dict, precision: str = "float32", cpu_probe: str = "auto"):
     from configs import validate
 
     values = dict(shape, precision=precision, warmup_steps=10, train_steps=1000, lr=1e-4,
-                  mesh_shape="", layout="", z_loss=1e-4)
+                  mesh_shape="", layout="", z_loss=1e-4, cpu_probe=cpu_probe)
     return validate(values, "bench")
 
 
@@ -142,7 +148,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7, help="timed steps of each, taking turns")
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--skip_hf", action="store_true", help="only neomesh (e.g. on a GPU machine)")
+    parser.add_argument("--no_probe", action="store_true", help="XLA's default options and CPU kernels, unprobed")
     args = parser.parse_args()
+
+    import machine
+
+    configs = {name: config_for(SHAPES[name], args.precision, "off" if args.no_probe else "auto")
+               for name in args.shapes}
+    machine.set_xla_dot_option(configs[args.shapes[-1]], decoding=False)  # before JAX starts its backend
 
     import jax
 
@@ -156,7 +169,7 @@ def main() -> None:
     rooflines = [measure_roofline()]
     measured = {}
     for name in args.shapes:
-        config = config_for(SHAPES[name], args.precision)
+        config = machine.tune(configs[name])
         tokens = config.train_batch_size * config.n_ctx
         run_ours, startup = neomesh_runner(config)
         runners = [run_ours] if args.skip_hf else [run_ours, hf_runner(config)]
@@ -168,14 +181,26 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}; matmul roofline {roofline / 1e9:,.1f} GFLOP/s ({args.precision}; "
           f"best of {', '.join(f'{r / 1e9:,.0f}' for r in rooflines)} measured before and after)")
     results = {"roofline_gflops": roofline / 1e9, "device": jax.devices()[0].device_kind, "precision": args.precision}
+    on_cpu, peak = jax.default_backend() == "cpu", None
+    if on_cpu:
+        results["machine"] = machine.describe(rates=True, xla_roofline=roofline if args.precision == "float32" else None)
+        peak = results["machine"]["float32_peak_gflops"]
+        print(f"machine: {json.dumps(results['machine'])}")
+        if "note" in results["machine"]:
+            print(f"note: {results['machine']['note']}")
     for name, (config, tokens, step_seconds, timings) in measured.items():
         ours = tokens / median(step_seconds["neomesh"])
         hf = tokens / median(step_seconds["hf"]) if "hf" in step_seconds else None
         mfu = ours * model_fns.flops_per_token(config) / roofline
         row = {"neomesh_tokens_per_sec": ours, "mfu_vs_roofline": mfu,
+               "cpu_backward": config.cpu_backward, "attention_kernel": config.attention_kernel,
                "init_seconds": timings["init_seconds"], "compile_seconds": timings["compile_seconds"],
                "step_seconds": {runner: [round(t, 3) for t in times] for runner, times in step_seconds.items()}}
-        line = (f"{name}: neomesh {ours:,.0f} tok/s, MFU {100 * mfu:.1f}% of roofline "
+        peak_words = ""
+        if peak and args.precision == "float32":
+            row["mfu_vs_hardware_peak"] = ours * model_fns.flops_per_token(config) / (peak * 1e9)
+            peak_words = f", {100 * row['mfu_vs_hardware_peak']:.1f}% of the CPU's float32 peak"
+        line = (f"{name}: neomesh {ours:,.0f} tok/s, MFU {100 * mfu:.1f}% of roofline{peak_words} "
                 f"(first step after {timings['init_seconds']:.1f} s init + {timings['compile_seconds']:.1f} s compile)")
         if hf is not None:
             row |= {"hf_tokens_per_sec": hf, "ratio": ours / hf}

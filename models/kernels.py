@@ -1,9 +1,10 @@
 """Speed only: ways of computing what the model means that run faster on some backend.
 
 Nothing here changes a result beyond float rounding, and each can be switched off:
-- `project`: every projection. On a CPU (`cpu_backward: auto`) its backward is written out for
-  XLA:CPU's matmul kernels; `cpu_backward: plain`, and every other backend, use JAX's derived one.
-- `residual_gradient_boundary`: on a CPU (`cpu_backward: auto`) the residual stream's gradient is
+- `project`: every projection. With `cpu_backward: written` (and `auto` on a CPU) its backward
+  is written out for XLA:CPU's matmul kernels; `cpu_backward: plain`, and `auto` on every other
+  backend, use JAX's derived one.
+- `residual_gradient_boundary`: with the written backward the residual stream's gradient is
   computed once per layer instead of being recomputed inside every weight gradient.
 - attention, chosen by `attention_kernel` (`choose_attention_kernel`): `plain` is the reference
   (models/attention.py, one score matrix); `blocked` computes causal attention one block of
@@ -25,7 +26,7 @@ from errors import ConfigError
 
 
 def uses_cpu_backward(config) -> bool:
-    return config.cpu_backward == "auto" and jax.default_backend() == "cpu"
+    return config.cpu_backward == "written" or (config.cpu_backward == "auto" and jax.default_backend() == "cpu")
 
 
 def project(spec: str, x, w, config, layout=None):
@@ -86,7 +87,8 @@ _cpu_projection.defvjp(_cpu_projection_forward, _cpu_projection_backward)
 
 
 def residual_gradient_boundary(x, config):
-    """The identity; on a CPU (cpu_backward auto) the backward pass computes x's gradient here, once."""
+    """The identity; with the written backward (uses_cpu_backward) the backward pass computes x's
+    gradient here, once."""
     return _materialise_gradient(x) if uses_cpu_backward(config) else x
 
 

@@ -1,0 +1,400 @@
+"""The machine a run is on: its CPU, what that CPU can do, and which of XLA:CPU's options run
+fastest on it.
+
+Figures measured on one machine do not carry to another: XLA:CPU's matmul kernels ran at
+340-437 GFLOP/s (float32, 2048^2) on one 2-core machine and at 179 on another whose float32
+peak is about 333, while PyTorch ran at about the same rate on both. So every benchmark records
+`describe()`, and main.py asks `tune()` which XLA:CPU options and which of neomesh's speed-only
+kernels (models/kernels.py) to use here, from a short probe cached per machine.
+
+    python machine.py            # this machine's description and rates, as one JSON line
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("neomesh")
+
+FLAGS_OF_INTEREST = ("fma", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+@functools.cache
+def cpu_info() -> dict:
+    """What /proc/cpuinfo and sysfs say about this CPU: cheap, no measurement."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if not name.strip():
+                break  # the first processor's block is enough: the cores are alike
+            fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    info = {
+        "cpu_model": fields.get("model name", platform.processor() or "unknown"),
+        "vendor": fields.get("vendor_id", "unknown"),
+        "family": int(fields["cpu family"]) if fields.get("cpu family", "").isdigit() else None,
+        "model": int(fields["model"]) if fields.get("model", "").isdigit() else None,
+        "flags": {flag: flag in flags for flag in FLAGS_OF_INTEREST},
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ghz": clock_ghz(fields),
+    }
+    return info
+
+
+def clock_ghz(fields: dict) -> float | None:
+    """The cores' top clock: cpufreq's maximum where the kernel exposes it, else the rate
+    /proc/cpuinfo reports (under a hypervisor often the nominal one), else None."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        return round(float(fields["cpu MHz"]) / 1e3, 3)
+    except (KeyError, ValueError):
+        return None
+
+
+def float32_peak(info: dict) -> tuple[float | None, str]:
+    """(FLOP/s, how it was estimated): cores x GHz x FMA units x float32 lanes x 2 (an FMA is two
+    flops). An estimate from the flags, not a datasheet: AVX-512 is taken as 16 lanes and two FMA
+    units (Intel's server parts since Skylake-SP; AMD's Zen 4 runs 512-bit FMAs as two 256-bit
+    halves, Zen 5 has full-width units, either way 32 lanes-per-cycle), AVX2 with FMA as 8 lanes and
+    two units, anything else 4 lanes and one unit. Turbo and AVX-512 clock offsets are ignored."""
+    flags, ghz, cores = info["flags"], info["ghz"], info["cores"]
+    if not ghz or not cores:
+        return None, "unknown clock: no estimate"
+    if flags["avx512f"]:
+        lanes, units, unit_words = 16, 2, "AVX-512: 16 lanes x 2 FMA units"
+    elif flags["avx2"] and flags["fma"]:
+        lanes, units, unit_words = 8, 2, "AVX2: 8 lanes x 2 FMA units"
+    else:
+        lanes, units, unit_words = 4, 1, "SSE: 4 lanes x 1 unit"
+    return (cores * ghz * 1e9 * units * lanes * 2,
+            f"{cores} cores x {ghz:g} GHz x {unit_words} x 2 flop per FMA (an estimate from the CPU flags)")
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
+    """Bytes/s of reading a buffer far larger than any last-level cache, once per pass: the best of
+    numpy's sum (one thread) and a compiled JAX sum (XLA's threads), each the best of `repeats`.
+    What decoding, which streams every weight once per token, can hope for; a lower bound (a
+    sum also adds)."""
+    import jax
+    import numpy as np
+
+    host = np.ones(megabytes * 2**20 // 4, np.float32)
+    on_device = jax.device_put(host)
+    jax_sum = jax.jit(lambda buffer: buffer.sum())
+    readers = [host.sum, lambda: jax_sum(on_device).block_until_ready()]
+    best = float("inf")
+    for read in readers:
+        read()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
+    return host.nbytes / best
+
+
+def torch_matmul_flops(size: int = 2048, repeats: int = 8) -> float | None:
+    """PyTorch's float32 matmul FLOP/s at size^2, its default thread count (None without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    a = torch.ones(size, size)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def describe(rates: bool = False, xla_roofline: float | None = None) -> dict:
+    """The machine for a benchmark's JSON line. `rates`: also measure the float32 matmul rates of
+    XLA (given as `xla_roofline` if the caller measured it) and PyTorch at 2048^2 and the memory
+    bandwidth (~2 s)."""
+    import jax
+
+    info = dict(cpu_info())
+    peak, formula = float32_peak(info)
+    info |= {"float32_peak_gflops": None if peak is None else round(peak / 1e9, 1), "peak_formula": formula,
+             "jax": jax.__version__, "backend": jax.default_backend(),
+             "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    if rates:
+        if xla_roofline is None:
+            from metrics import matmul_roofline
+
+            xla_roofline = matmul_roofline(2048)
+        torch_rate = torch_matmul_flops()
+        info |= {"xla_matmul_gflops": round(xla_roofline / 1e9, 1),
+                 "torch_matmul_gflops": None if torch_rate is None else round(torch_rate / 1e9, 1),
+                 "memory_gb_per_s": round(memory_bandwidth() / 1e9, 1)}
+        warning = xla_below_torch_warning(xla_roofline, torch_rate)
+        if warning:
+            info["note"] = warning
+    return info
+
+
+# --- the probe: XLA:CPU's options and neomesh's kernels for this machine ---------------------
+
+# XLA:CPU's ways of running dots, as per-compile options (for the probe, which tries them all in
+# one process) and as the XLA_FLAGS that set them for a whole run (XLA reads those once, when JAX
+# starts). In JAX 0.10 XLA's default hands dots to YNNPACK; "eigen" is XLA's own kernels.
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+XLA_DOT_OPTIONS = {
+    "default": ({}, ""),
+    "eigen": (_NO_YNN, "--xla_cpu_experimental_ynn_fusion_type="),
+    "xnnpack": (_NO_YNN | {"xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+                "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot"),
+    "onednn": (_NO_YNN | {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+               "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true "
+               "--xla_cpu_experimental_onednn_fusion_type=dot"),
+}
+PROBED_FLAGS = ("xla_cpu_experimental_ynn_fusion_type", "xla_cpu_experimental_xnn_fusion_type", "xla_cpu_use_onednn",
+                "xla_cpu_experimental_onednn_fusion_type")
+
+
+def cache_path() -> Path:
+    root = os.environ.get("NEOMESH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "neomesh")
+    return Path(root) / "cpu_probe.json"
+
+
+def machine_key(*parts) -> str:
+    """This CPU, its flags, its cores and the JAX version, with `parts` (the shape class)."""
+    import jax
+
+    info = cpu_info()
+    flags = ",".join(flag for flag, present in info["flags"].items() if present)
+    text = "|".join(map(str, (info["cpu_model"], info["family"], info["model"], flags, info["cores"],
+                              f"jax {jax.__version__}", *parts)))
+    return hashlib.sha1(text.encode()).hexdigest()[:16] + " " + text
+
+
+def read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_cache(key: str, choice: dict) -> None:
+    entries = read_cache()
+    entries[key] = choice
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(entries, indent=1))
+        temporary.replace(path)  # another process probing at once writes a whole file too
+    except OSError as err:
+        log.warning("cpu probe: could not cache the choice in %s (%s); the next run probes again", path, err)
+
+
+def projection_shapes(config, decoding: bool) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of the products the run spends its time in: a training step's MLP
+    projection and its two backward products at the config's tokens per step (capped so the probe
+    stays short), or decoding's matrix-vector products (one token of a batch through the MLP and
+    the vocabulary projection)."""
+    hidden = config.intermediate_size or 4 * config.n_embd
+    if decoding:
+        rows = max(1, config.predict_batch_size)
+        return [(rows, config.n_embd, hidden), (rows, hidden, config.n_embd), (rows, config.n_embd, config.n_vocab)]
+    rows = min(config.train_batch_size * config.n_ctx, 1024)
+    return [(rows, config.n_embd, hidden), (rows, hidden, config.n_embd), (config.n_embd, rows, hidden)]
+
+
+_DOT_PROBE = """
+import json, sys, time
+import jax, jax.numpy as jnp
+shapes, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+operands = [(jnp.ones((rows, inner), jnp.float32) / inner, jnp.ones((inner, out), jnp.float32))
+            for rows, inner, out in shapes]
+matmul = jax.jit(lambda a, b: a @ b)
+seconds = {}
+for name, compiler_options in options.items():
+    try:
+        compiled = [matmul.lower(x, w).compile(compiler_options=compiler_options) for x, w in operands]
+    except Exception:  # an XLA build without that library
+        seconds[name] = None
+        continue
+    total = 0.0
+    for run, (x, w) in zip(compiled, operands):
+        run(x, w).block_until_ready()
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            run(x, w).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        total += best
+    seconds[name] = total
+print(json.dumps(seconds))
+"""
+
+
+def time_dot_options(shapes) -> dict:
+    """{option: seconds of one pass over `shapes`' products, or None where it fails}, all
+    measured in one fresh process: the options are given per compile there, so that this process's
+    JAX has not started and still reads the chosen one from XLA_FLAGS."""
+    options = {name: compiler_options for name, (compiler_options, _) in XLA_DOT_OPTIONS.items()}
+    try:
+        done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(shapes), json.dumps(options)],
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        return dict.fromkeys(XLA_DOT_OPTIONS)
+
+
+def choose_xla_dot_option(config, decoding: bool) -> dict:
+    """{"option": name, "flags": XLA_FLAGS text, "seconds": {name: s}, "why": text}: the fastest
+    of XLA_DOT_OPTIONS on the run's products; cached per machine and shape class."""
+    shapes = projection_shapes(config, decoding)
+    key = machine_key("xla dots", "decode" if decoding else "train", shapes)
+    cached = read_cache().get(key)
+    if cached is not None:
+        return cached | {"why": cached["why"] + " (cached)"}
+    start = time.perf_counter()
+    seconds = time_dot_options(shapes)
+    working = {name: s for name, s in seconds.items() if s is not None}
+    best = min(working, key=working.get) if working else "default"
+    # another library must win clearly: within the noise of a shared machine, keep XLA's default
+    if best != "default" and seconds.get("default") and working[best] > 0.9 * seconds["default"]:
+        best = "default"
+    rates = ", ".join(f"{name} {s * 1e3:.1f} ms" if s is not None else f"{name} failed" for name, s in seconds.items())
+    choice = {"option": best, "flags": XLA_DOT_OPTIONS[best][1], "seconds": seconds,
+              "why": f"{'decoding' if decoding else 'training'} products {shapes}: {rates} "
+                     f"(probed in {time.perf_counter() - start:.1f} s)"}
+    write_cache(key, choice)
+    return choice
+
+
+def kernel_probe_config(config):
+    """A two-layer model of the config's width and context, one row, for timing a train step's
+    kernels (attention's cost does not depend on depth)."""
+    return config.replace(n_layer=min(config.n_layer, 2), train_batch_size=1, attention_types=None, n_vocab=min(config.n_vocab, 1024),
+                          mesh_shape="", layout="")
+
+
+def time_train_step(config) -> float:
+    """Seconds of one compiled forward and backward pass of the config's model (the best of two)."""
+    import jax
+    import numpy as np
+
+    import model_fns
+    from mesh import build_mesh_layout
+    from models import gpt2
+
+    layout = build_mesh_layout(config, jax.devices()[:1])
+    # random weights of the right shapes (only their shapes matter to the timing): gpt2.init_params'
+    # own random draws would take longer than the probe itself
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda leaf: jax.numpy.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype),
+                          jax.eval_shape(lambda: gpt2.init_params(config, jax.random.key(0))))
+    tokens = jax.numpy.asarray(rng.integers(0, config.n_vocab, (1, config.n_ctx + 1)), jax.numpy.int32)
+
+    def loss(p):
+        return model_fns.lm_loss(p, tokens[:, :-1], tokens[:, 1:], config, layout)[0]
+
+    step = jax.jit(jax.grad(loss))
+    jax.block_until_ready(step(params))
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        jax.block_until_ready(step(params))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def choose_kernels(config) -> dict:
+    """{"attention_kernel": ..., "why": ...} for the keys left at auto: each
+    alternative timed on a short train step of the config's width and context (kernel_probe_config) (both alternatives
+    compute the same thing); cached per machine and shape class."""
+    probe_config = kernel_probe_config(config)
+    # cpu_backward is not probed: a short step cannot show its residual-gradient boundary's gain,
+    # which grows with depth (a 2-layer step timed plain 16% faster, the 12-layer 125M step ran
+    # 1.45x faster written); auto stays written on a CPU
+    open_keys = [key for key in ("attention_kernel",) if getattr(config, key) == "auto"]
+    if not open_keys:
+        return {"why": "attention_kernel set in the config"}
+    key = machine_key("kernels", open_keys, probe_config.n_layer, config.n_embd, config.n_head, config.n_ctx,
+                      config.precision)
+    cached = read_cache().get(key)
+    if cached is not None:
+        return cached | {"why": cached["why"] + " (cached)"}
+    start = time.perf_counter()
+    alternatives = {"attention_kernel": ("blocked", "plain")}
+    choice = {name: alternatives[name][0] for name in open_keys}  # what auto means unprobed
+    measured, timings = {}, []
+
+    def seconds_with(**changes) -> float:
+        settings = tuple(sorted((choice | changes).items()))
+        if settings not in measured:  # the previous key's winner is this key's first alternative
+            measured[settings] = time_train_step(probe_config.replace(**dict(settings)))
+        return measured[settings]
+
+    for name in open_keys:
+        seconds = {value: seconds_with(**{name: value}) for value in alternatives[name]}
+        choice[name] = min(seconds, key=seconds.get)
+        timings.append(f"{name} " + " vs ".join(f"{value} {s * 1e3:.1f} ms" for value, s in seconds.items()))
+    choice["why"] = (f"{probe_config.n_layer}-layer train step at n_embd {config.n_embd}, n_ctx {config.n_ctx}: " + "; ".join(timings)
+                     + f" (probed in {time.perf_counter() - start:.1f} s)")
+    write_cache(key, choice)
+    return choice
+
+
+def user_sets_dot_flags() -> bool:
+    return any(flag in os.environ.get("XLA_FLAGS", "") for flag in PROBED_FLAGS)
+
+
+def set_xla_dot_option(config, decoding: bool) -> dict | None:
+    """Before JAX starts its backend: the probed XLA:CPU dot option into XLA_FLAGS (unless the
+    config says cpu_probe off, the run is not on a CPU, or XLA_FLAGS already chooses one)."""
+    from main import runs_on_accelerator
+
+    if config.cpu_probe == "off" or runs_on_accelerator() or user_sets_dot_flags():
+        return None
+    choice = choose_xla_dot_option(config, decoding)
+    if choice["flags"]:
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), choice["flags"]]))
+    log.info("cpu probe: XLA dots by %s; %s", choice["option"], choice["why"])
+    return choice
+
+
+def tune(config, decoding: bool = False):
+    """The config with attention_kernel chosen for this machine where it is
+    auto (cpu_probe auto, on a CPU), each choice logged with its reason. Call after
+    set_xla_dot_option and before the first compile."""
+    import jax
+
+    if config.cpu_probe == "off" or jax.default_backend() != "cpu" or decoding:
+        return config
+    choice = choose_kernels(config)
+    chosen = {key: value for key, value in choice.items() if key != "why"}
+    log.info("cpu probe: %s; %s", ", ".join(f"{k} {v}" for k, v in chosen.items()) or "nothing to choose",
+             choice["why"])
+    return config.replace(**chosen)
+
+
+def xla_below_torch_warning(xla_rate: float, torch_rate: float | None) -> str | None:
+    """A note for the log and the benchmarks where XLA's float32 matmul trails PyTorch's by over 20%."""
+    if torch_rate and xla_rate < 0.8 * torch_rate:
+        return (f"XLA:CPU's float32 matmul runs at {xla_rate / 1e9:.0f} GFLOP/s here, {xla_rate / torch_rate:.0%} of "
+                f"PyTorch's {torch_rate / 1e9:.0f}: on this CPU neomesh is bounded by XLA's kernels")
+    return None
+
+
+if __name__ == "__main__":
+    print(json.dumps(describe(rates=True)))

@@ -1,0 +1,138 @@
+"""machine.py: the CPU's description, the hardware-peak estimate, and the start-up probe that picks
+XLA:CPU's dot library and neomesh's CPU kernels per machine, cached; decode_precision bfloat16."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import machine
+from configs import validate
+from errors import ConfigError
+from models import gpt2
+from sample import generate
+
+
+def tiny_config(**overrides):
+    values = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_ctx": 32, "n_vocab": 64, "train_batch_size": 2}
+    return validate(values | overrides, "tests/test_machine.py")
+
+
+@pytest.fixture
+def probe_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEOMESH_CACHE", str(tmp_path))
+    return tmp_path / "cpu_probe.json"
+
+
+def test_the_cpu_description_names_the_model_flags_and_usable_cores():
+    info = machine.cpu_info()
+    assert info["cpu_model"] and info["cores"] == len(os.sched_getaffinity(0))
+    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+    assert info["flags"]["avx2"] == ("avx2" in flags) and info["flags"]["avx512f"] == ("avx512f" in flags)
+    described = machine.describe()
+    assert described["jax"] == jax.__version__ and "float32_peak_gflops" in described
+
+
+def test_the_float32_peak_estimate_follows_the_documented_formula():
+    # the 2-core 2.6 GHz Ice Lake of issue 18: 2 x 2.6 GHz x 2 AVX-512 FMA units x 16 lanes x 2 = 332.8 GFLOP/s
+    ice_lake = {"cores": 2, "ghz": 2.6, "flags": dict.fromkeys(machine.FLAGS_OF_INTEREST, True)}
+    peak, formula = machine.float32_peak(ice_lake)
+    assert peak == pytest.approx(332.8e9) and "estimate" in formula
+    avx2_only = dict(ice_lake, flags=dict(ice_lake["flags"], avx512f=False))
+    assert machine.float32_peak(avx2_only)[0] == pytest.approx(2 * 2.6e9 * 2 * 8 * 2)
+    assert machine.float32_peak(dict(ice_lake, ghz=None))[0] is None
+
+
+def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(probe_cache, caplog):
+    config = tiny_config()
+    with caplog.at_level(logging.INFO, logger="neomesh"):
+        tuned = machine.tune(config)
+    assert tuned.attention_kernel in ("blocked", "plain") and tuned.cpu_backward == "auto"
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cpu probe:"))
+    assert f"attention_kernel {tuned.attention_kernel}" in line and "blocked" in line and "plain" in line
+    cached = json.loads(probe_cache.read_text())
+    (key, entry), = cached.items()
+    assert "jax " + jax.__version__ in key and machine.cpu_info()["cpu_model"] in key
+    assert entry["attention_kernel"] == tuned.attention_kernel and "cpu_backward" not in entry
+
+    # the cached choice is read back, not probed again: a planted choice comes back as it is
+    planted = {"plain": "blocked", "blocked": "plain"}[tuned.attention_kernel]
+    probe_cache.write_text(json.dumps({key: dict(entry, attention_kernel=planted)}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="neomesh"):
+        again = machine.tune(config)
+    assert again.attention_kernel == planted
+    assert any("(cached)" in r.getMessage() for r in caplog.records)
+
+
+def test_forced_keys_and_cpu_probe_off_skip_the_probe(probe_cache):
+    forced = tiny_config(attention_kernel="blocked")
+    assert machine.tune(forced).to_dict() == forced.to_dict()
+    off = tiny_config(cpu_probe="off")
+    assert machine.tune(off).to_dict() == off.to_dict()
+    assert machine.set_xla_dot_option(off, decoding=False) is None
+    assert not probe_cache.exists()
+
+
+def test_the_xla_dot_probe_sets_one_of_its_options_and_a_user_flag_wins(probe_cache, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    config = tiny_config(predict_batch_size=1)
+    choice = machine.set_xla_dot_option(config, decoding=True)
+    assert choice["option"] in machine.XLA_DOT_OPTIONS
+    assert os.environ["XLA_FLAGS"].strip() == machine.XLA_DOT_OPTIONS[choice["option"]][1]
+    assert choice["seconds"]["default"] is not None  # XLA's default always runs
+    assert json.loads(probe_cache.read_text())  # cached
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=false")
+    assert machine.set_xla_dot_option(config, decoding=True) is None
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=false"
+
+
+@pytest.mark.parametrize("key, value", [("cpu_probe", "on"), ("decode_precision", "float16"), ("cpu_backward", "cpu")])
+def test_bad_probe_and_decode_keys_are_clear_errors(key, value):
+    with pytest.raises(ConfigError, match=f"{key}.*{value}"):
+        tiny_config(**{key: value})
+
+
+def test_bfloat16_decoding_runs_in_bfloat16_and_its_logits_stay_close_to_float32s():
+    config = tiny_config(n_layer=2, n_ctx=32, n_vocab=128)
+    params = jax.jit(lambda key: gpt2.init_params(config, key))(jax.random.key(0))
+    prompt = np.random.default_rng(0).integers(0, config.n_vocab, (1, 24)).astype(np.int32)
+    # the reference: the float32 model's logits, and the same model with every weight rounded to
+    # bfloat16 and run as precision bfloat16 computes (what decode_precision bfloat16 decodes with)
+    reference = np.asarray(jax.jit(lambda p: gpt2.logits(p, prompt, config))(params), np.float64)
+    rounded = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+    bf16_config = config.replace(precision="bfloat16")
+    bf16_logits = np.asarray(jax.jit(lambda p: gpt2.logits(p, prompt, bf16_config))(rounded), np.float64)
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); two layers of rounded weights
+    # and activations compound a few dozen such roundings (measured: max 3%, mean 0.5% of the
+    # logits' spread): bounds of 10% and 2% leave room, and a wrong cast or layout would be off by
+    # the spread itself
+    spread = reference.std()
+    assert np.abs(bf16_logits - reference).max() < 0.1 * spread
+    assert np.abs(bf16_logits - reference).mean() < 0.02 * spread
+    assert np.abs(bf16_logits - reference).max() > 0  # it did round
+
+    bf16 = config.replace(decode_precision="bfloat16")
+    samples = generate(params, bf16, prompt.tolist(), max_new_tokens=8, temperature=0.0)
+    assert len(samples.tokens[0]) == 8 and all(0 <= t < config.n_vocab for t in samples.tokens[0])
+    # the first new token is the bfloat16 model's greedy choice after the prompt
+    assert samples.tokens[0][0] == int(np.argmax(bf16_logits[0, -1]))
+
+
+def test_main_probes_single_host_training_and_sampling_of_models_large_enough_to_gain():
+    import main
+
+    small_125m = tiny_config(n_layer=12, n_embd=768, n_head=12, n_ctx=2048, n_vocab=50257)
+    train_args = main.parse_args(["--model", "gpt3_small"])
+    assert main.probes_machine(train_args, small_125m)
+    assert main.probes_machine(main.parse_args(["--model", "gpt3_small", "--predict"]), small_125m)
+    assert not main.probes_machine(main.parse_args(["--model", "gpt3_small", "--eval"]), small_125m)
+    assert not main.probes_machine(main.parse_args(["--model", "gpt3_small", "--num_processes", "2"]), small_125m)
+    assert not main.probes_machine(train_args, small_125m.replace(cpu_probe="off"))
+    assert not main.probes_machine(train_args, tiny_config())  # start-up would outweigh the gain
