@@ -174,19 +174,22 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> dict[tuple[str, str], d
     return dict(found)
 
 
-def accelerator_estimate(config, layout, microbatches: int, state_bytes: dict) -> dict:
+def accelerator_estimate(config, layout, microbatches: int, state_bytes: dict, compiled_temporaries: int | None = None) -> dict:
     """Per-device bytes of the train step on an accelerator that keeps bf16 activations in bf16 and
     rematerialises each block when recompute_grad is on (README.md, dry-run section):
 
-        state (parameters + optimizer state, exact) + gradients (the parameters' bytes)
-        + saved activations: recompute_grad: one residual stream per layer (b s e a);
-          otherwise every layer's full activations (layer_activations below, n_layer times)
-        + one layer's full activations (recomputed, or the last layer's) + the logits and their
-          gradient (2 b s v 4, float32)
+        state (parameters + optimizer state, exact)
+        + min(the compiled step's temporaries,
+              gradients (the parameters' bytes)
+              + saved activations: recompute_grad: one residual stream per layer (b s e a),
+                otherwise every layer's activations (layer_activations below, n_layer times)
+              + one layer's activations (recomputed, or the last layer's)
+              + the logits and their gradient (2 b s v 4, float32))
 
-    with b, s, e, v the microbatch's rows, positions, width and vocab on one device (each divided by
-    its mesh axis per the layout), a = 2 bytes in bfloat16 else 4, and layer_activations
-    = a b s (12 e + 2 i) + 2 x 4 b h s m (attention scores and probabilities in float32)."""
+    with b, s, e, i, h, m, v the microbatch's rows, positions, width, MLP width, heads, key positions
+    and vocab on one device (each divided by its mesh axis per the layout), a = 2 bytes in bfloat16
+    else 4, and layer_activations = a b s (8 e + 2 i) + 2 x 4 b h s m (attention scores and
+    probabilities, float32). The compiled plan bounds it: an accelerator need not do worse than it."""
     sizes = config.dim_sizes
 
     def local(dim: str, size: int | None = None) -> int:
@@ -199,10 +202,12 @@ def accelerator_estimate(config, layout, microbatches: int, state_bytes: dict) -
     s, e, m = local("sequence"), local("embd"), local("memory_length")
     i, h, v = local("intermediate_expanded"), local("heads"), local("vocab")
     residual = rows * s * e * act
-    layer_activations = act * rows * s * (12 * e + 2 * i) + 2 * 4 * rows * h * s * m
+    layer_activations = act * rows * s * (8 * e + 2 * i) + 2 * 4 * rows * h * s * m
     saved = config.n_layer * (residual if config.recompute_grad else layer_activations)
     logits = 2 * rows * s * v * 4
     gradients = state_bytes["params"]
     activations = saved + layer_activations + logits
+    if compiled_temporaries is not None and compiled_temporaries < gradients + activations:
+        activations = max(compiled_temporaries - gradients, 0)
     total = state_bytes["params"] + state_bytes["opt_state"] + gradients + activations
     return {"gradients": gradients, "activations": activations, "total": total}

@@ -652,10 +652,11 @@ def compile_report(config, layout, device_memory: int | None = None, stand_in: b
                  ("compiled total (arguments + outputs + temporaries - donated)", total)]
     report["on_cpu"] = platform == "cpu"
     if report["on_cpu"]:
-        estimate = step_report.accelerator_estimate(config, layout, microbatches, per_device)
+        estimate = step_report.accelerator_estimate(config, layout, microbatches, per_device,
+                                                   report.get("per_device_temporary_bytes"))
         report["accelerator_estimate"] = estimate
         rows += [("accelerator estimate: gradients", estimate["gradients"]),
-                 ("accelerator estimate: activations (remat, bf16)", estimate["activations"]),
+                 ("accelerator estimate: activations", estimate["activations"]),
                  ("accelerator estimate: total", estimate["total"])]
     print("per-device memory:")
     for what, size in rows:
@@ -668,7 +669,7 @@ def compile_report(config, layout, device_memory: int | None = None, stand_in: b
     print("collectives per step (kind over mesh axes: ops, bytes on one device):" if found else
           "collectives per step: none")
     for what, figures in report["collectives"].items():
-        print(f"  {what:<40} {figures['count']:6d} ops {figures['bytes'] / gib:9.3f} GiB")
+        print(f"  {what:<40} {figures['count']:6d} ops {figures['bytes'] / gib:9.3f} GiB ({figures['bytes']:,} B)")
     needed = report["accelerator_estimate"]["total"] if report["on_cpu"] else report.get("per_device_bytes")
     if device_memory is None and not stand_in and needed is not None:
         device_memory, what = device_memory_bytes(layout)
