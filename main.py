@@ -100,8 +100,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="resume although seed, train_batch_size, n_ctx or datasets changed since the checkpoint "
                              "(the data order then differs from an uninterrupted run's)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="validate, check that the datasets' shards exist, compile the train and eval steps, print parameter "
-                             "count and per-device memory (refused beyond a device's memory), exit")
+                        help="validate, check that the datasets' shards exist, compile the train and eval steps for the whole "
+                             "mesh (on a CPU machine: as many simulated devices), print parameters, per-device memory, "
+                             "collectives and, on XLA:CPU, an accelerator estimate (refused beyond a device's memory), exit")
     parser.add_argument("--device_memory", metavar="SIZE",
                         help="--dry_run: whether the step fits a device of this memory, e.g. 16GiB (a v3 core), 80GB "
                              "(default: the detected device's)")
@@ -432,7 +433,7 @@ def run(args, config, sinks=()) -> int:
         from step_report import parse_memory
 
         device_memory = parse_memory(args.device_memory) if args.device_memory is not None else None
-        train.dry_run(config, layout, device_memory, stand_in=bool(SIMULATED["devices"]))
+        train.dry_run(config, layout, device_memory, stand_in=bool(SIMULATED["devices"] or args.topology))
         return 0
     train.run(config, new=args.new, assume_yes=args.yes, allow_data_change=args.allow_data_change, layout=layout,
               sinks=sinks)

@@ -592,8 +592,8 @@ def optimizer_state_report(config, state_shapes) -> dict:
 def dry_run(config, layout, device_memory: int | None = None, stand_in: bool = False) -> dict:
     """Validate, check that every dataset's shards exist, compile the train step for the real shapes,
     and report what one device holds and sends (`compile_report`); refuse a step that does not fit
-    `device_memory` (bytes; default: the detected device's). stand_in: simulated CPU devices stand in
-    for the mesh's accelerators, so their host's memory says nothing about the fit."""
+    `device_memory` (bytes; default: the detected device's). stand_in: the devices compiled for are not
+    this machine's (simulated CPU devices, a --topology), so only `device_memory` says what fits."""
     import inputs
 
     for line in inputs.check_shards_exist(config):  # before the compile: a missing dataset fails fast

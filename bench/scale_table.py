@@ -14,7 +14,7 @@ XLA:CPU's temporaries; the collectives' bytes per step on one device; the accele
 GPT-Neo's 256-core slices) and a v2 core (8 GiB). The FSDP column is what the same devices would
 need with the weights and optimizer state also sharded over the batch axis (MaxText-style FSDP):
 compiled with `fsdp_axes` where configs.KEYS has that key, otherwise the estimate with the state
-divided by the batch axis (marked "est."). The last line printed is one JSON object with every figure.
+divided by the batch axis, plus one block's weights and gradient gathered whole (marked "est."). The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def one(name: str, overrides: list[str]) -> dict:
     from mesh import build_mesh_layout
 
     config = load_config(str(CONFIG_DIR / f"{name}.json"), ["eval_steps=0", *overrides])
-    return train.compile_report(config, build_mesh_layout(config), stand_in=True)
+    return train.compile_report(config, build_mesh_layout(config), stand_in=True) | {"parameters_layers": config.n_layer}
 
 
 def devices_of(name: str) -> int:
@@ -86,7 +86,9 @@ def fsdp_figure(name: str, report: dict, timeout: float) -> tuple[str, dict | No
         return f"{fsdp['accelerator_estimate']['total'] / GIB:.1f}", fsdp
     estimate = report["accelerator_estimate"]
     state = report["per_device_parameter_bytes"] + report["per_device_optimizer_state_bytes"] + estimate["gradients"]
-    total = state / report["mesh_shape"][batch_axis] + estimate["activations"]
+    # plus one block's weights and their gradient gathered whole over the batch axis while it runs
+    gathered = 2 * report["per_device_parameter_bytes"] / report["parameters_layers"]
+    total = state / report["mesh_shape"][batch_axis] + gathered + estimate["activations"]
     return f"{total / GIB:.1f} est.", {"estimated_total": total}
 
 
