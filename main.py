@@ -55,6 +55,38 @@ def runs_on_accelerator() -> bool:
     return plugins is not None and any(pkgutil.iter_modules(plugins.submodule_search_locations))
 
 
+SIMULATED = {"devices": 0}  # how many CPU devices simulate_mesh_devices set up for this process
+
+
+def simulate_mesh_devices(args) -> None:
+    """--dry_run / --auto_layout on a CPU machine: compile for the config's whole mesh with as many
+    simulated CPU devices, set before JAX starts. Left alone when JAX will run on an accelerator,
+    devices are chosen (--gpu_ids, --tpu, --topology), the user set a device count, or mesh_shape is
+    empty (data parallel over the devices there are). A config that does not parse is left to
+    load_config's error."""
+    import math
+    import re
+
+    from configs import parse_override, read_json, resolve_model_path
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not (args.dry_run or args.auto_layout) or args.gpu_ids or args.tpu or args.topology or runs_on_accelerator() \
+            or "xla_force_host_platform_device_count" in flags or "jax" in sys.modules:
+        return
+    try:
+        values = read_json(resolve_model_path(args.model))
+        for override in args.set:
+            key, value = parse_override(override)
+            values[key] = value
+        sizes = re.findall(r":\s*([0-9]{1,6})\s*(?:,|$)", str(values.get("mesh_shape") or ""))
+    except Exception:  # noqa: BLE001 - load_config reports it, naming its file
+        return
+    devices = math.prod(int(size) for size in sizes) if sizes else 0
+    if devices > 1:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+        SIMULATED["devices"] = devices
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """main.py's arguments; run_experiment.py takes the same ones (and adds its own)."""
     parser = argparse.ArgumentParser(description="neomesh: GPT-3-style models on a named device mesh", add_help=add_help)
@@ -68,8 +100,15 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="resume although seed, train_batch_size, n_ctx or datasets changed since the checkpoint "
                              "(the data order then differs from an uninterrupted run's)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="validate, check that the datasets' shards exist, compile the train and eval steps, print parameter "
-                             "count and per-device memory (refused beyond a device's memory), exit")
+                        help="validate, check that the datasets' shards exist, compile the train and eval steps for the whole "
+                             "mesh (on a CPU machine: as many simulated devices), print parameters, per-device memory, "
+                             "collectives and, on XLA:CPU, an accelerator estimate (refused beyond a device's memory), exit")
+    parser.add_argument("--device_memory", metavar="SIZE",
+                        help="--dry_run: whether the step fits a device of this memory, e.g. 16GiB (a v3 core), 80GB "
+                             "(default: the detected device's)")
+    parser.add_argument("--topology", metavar="NAME",
+                        help="--dry_run: compile for this TPU topology ahead of time with the TPU compiler (needs "
+                             "libtpu), e.g. v3-256 or v4:4x4x4")
     parser.add_argument("--eval", action="store_true", help="evaluate the newest checkpoint on eval_path")
     parser.add_argument("--predict", action="store_true", help="sample from the newest checkpoint")
     parser.add_argument("--prompt", help="text file holding the prompt for --predict, or one Firefly-format "
@@ -166,6 +205,25 @@ def select_devices(args) -> None:
         where = "a Colab TPU runtime" if args.tpu == "colab" else "a TPU"
         raise ConfigError(f"--tpu {args.tpu}: JAX finds no TPU here (it would run on {jax.default_backend()}); run in "
                           f"{where}, or leave out --tpu")
+
+
+def topology_devices(name: str) -> list:
+    """--topology NAME: the devices of a TPU topology, for compiling ahead of time without the
+    hardware (JAX's AOT topology API, which needs libtpu's compiler)."""
+    from errors import ConfigError
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--topology {name}: compiling for a TPU topology needs the TPU compiler (the libtpu "
+                          "package, e.g. pip install 'jax[tpu]'), which is not installed here; leave out --topology "
+                          "to compile for simulated CPU devices")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as err:  # noqa: BLE001 - libtpu's errors name no type of their own
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--topology {name}: libtpu does not know this topology ({reason[:200]}); e.g. v3-256 "
+                          "or v4:4x4x4") from None
 
 
 def accelerators(platform: str) -> list:
@@ -295,6 +353,8 @@ def probes_machine(args, config) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ENDED.update(failed=False, ending=False)
+    SIMULATED["devices"] = 0
+    simulate_mesh_devices(args)  # before anything imports JAX
     import storage  # noqa: F401  (first: translates STORAGE_EMULATOR_HOST before any storage library starts)
     import train
 
@@ -313,6 +373,9 @@ def main(argv=None) -> int:
             import machine
 
             machine.set_xla_dot_option(config, decoding=args.predict)  # XLA reads its flags when JAX starts
+        if SIMULATED["devices"]:
+            log.info("--dry_run: %d simulated CPU devices stand in for mesh_shape %s's devices (XLA:CPU compiles; "
+                     "see the accelerator estimate)", SIMULATED["devices"], config.mesh_shape)
         select_devices(args)
         if probes:
             config = machine.tune(config, decoding=args.predict)
@@ -361,7 +424,11 @@ def run(args, config, sinks=()) -> int:
 
         print(inputs.check_dataset(config))
         return 0
-    layout = build_mesh_layout(config)
+    if args.topology and not args.dry_run:
+        from errors import ConfigError
+
+        raise ConfigError(f"--topology {args.topology}: only --dry_run compiles for a topology it does not run on")
+    layout = build_mesh_layout(config, topology_devices(args.topology) if args.topology else None)
     if args.predict:
         import sample
 
@@ -388,7 +455,10 @@ def run(args, config, sinks=()) -> int:
             sink(result["step"], figures)
         return 0
     if args.dry_run:
-        train.dry_run(config, layout)
+        from step_report import parse_memory
+
+        device_memory = parse_memory(args.device_memory) if args.device_memory is not None else None
+        train.dry_run(config, layout, device_memory, stand_in=bool(SIMULATED["devices"] or args.topology))
         return 0
     train.run(config, new=args.new, assume_yes=args.yes, allow_data_change=args.allow_data_change, layout=layout,
               sinks=sinks)

@@ -592,19 +592,32 @@ def optimizer_state_report(config, state_shapes) -> dict:
     return report
 
 
-def dry_run(config, layout) -> dict:
+def dry_run(config, layout, device_memory: int | None = None, stand_in: bool = False) -> dict:
     """Validate, check that every dataset's shards exist, compile the train step for the real shapes,
-    and report its memory, refusing a step that cannot fit in a device's memory; train nothing."""
-    import jax
-
+    and report what one device holds and sends (`compile_report`); refuse a step that does not fit
+    `device_memory` (bytes; default: the detected device's). stand_in: the devices compiled for are not
+    this machine's (simulated CPU devices, a --topology), so only `device_memory` says what fits."""
     import inputs
-    import model_fns
-    from mesh import check_fits_in_memory
-    from models import gpt2
-    from optimizers import make_optimizer
 
     for line in inputs.check_shards_exist(config):  # before the compile: a missing dataset fails fast
         print(line)
+    return compile_report(config, layout, device_memory, stand_in)
+
+
+def compile_report(config, layout, device_memory: int | None = None, stand_in: bool = False) -> dict:
+    """Compile the train step (and the eval step) from shapes alone and print one table: parameters
+    (dense / expert), per-device bytes of parameters, optimizer state and temporaries, the
+    collectives per step by kind and mesh axis, and whether it fits `device_memory`. On XLA:CPU,
+    beside the compiled figure, an estimate for a bf16, rematerialising accelerator. Returns the
+    figures as a dict; a ConfigError when the step does not fit."""
+    import jax
+
+    import model_fns
+    import step_report
+    from mesh import device_memory_bytes
+    from models import gpt2
+    from optimizers import make_optimizer
+
     optimizer = make_optimizer(config)
     shardings = model_fns.state_shardings(config, layout, optimizer)
     state_shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
@@ -614,27 +627,71 @@ def dry_run(config, layout) -> dict:
     compiled = step.lower(state_shapes, batch, batch).compile()
     seconds = time.perf_counter() - start
     count = gpt2.parameter_count(config)
+    experts = gpt2.parameter_count(config, experts=True)
+    microbatches = model_fns.microbatch_count(config, layout)
+    mesh_shape = dict(layout.mesh.shape)
     print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
     if config.moe_layers:
-        experts = gpt2.parameter_count(config, experts=True)
         active = gpt2.parameter_count(config, matmul_only=True)
         print(f"  dense {count - experts:,}, experts {experts:,} ({len(config.moe_layers)} MoE layers x "
               f"{config.moe.num_experts} experts); a token's matmuls meet {active:,} (MFU counts these)")
     fsdp = f" fsdp_axes: {','.join(layout.fsdp_axes)}" if layout.fsdp_axes else ""
-    print(f"mesh: {dict(layout.mesh.shape)} layout: {layout.layout or '{}'}{fsdp}; "
-          f"microbatches per step: {model_fns.microbatch_count(config, layout)}")
+    print(f"mesh: {mesh_shape} layout: {layout.layout or '{}'}{fsdp}; microbatches per step: {microbatches}")
+    report = {"parameters": count, "compile_seconds": seconds, "expert_parameters": experts,
+              "dense_parameters": count - experts,
+              "mesh_shape": mesh_shape, "layout": dict(layout.layout),
+              "fsdp_axes": list(layout.fsdp_axes)} | optimizer_state_report(config, state_shapes)
+    per_device = {part: step_report.sharded_bytes(state_shapes[part], shardings[part])
+                  for part in ("params", "opt_state")}
+    report["per_device_parameter_bytes"] = per_device["params"]
+    report["per_device_optimizer_state_bytes"] = per_device["opt_state"]
     memory = compiled.memory_analysis()
-    report = {"parameters": count, "compile_seconds": seconds,
-              "expert_parameters": gpt2.parameter_count(config, experts=True)} | optimizer_state_report(config, state_shapes)
+    gib = 2**30
+    platform = layout.mesh.devices.flat[0].platform
+    rows = [("parameters", per_device["params"]), ("optimizer state", per_device["opt_state"])]
     if memory is not None:
-        gib = 2**30
         total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                  - memory.alias_size_in_bytes)
-        print(f"per-device memory: {total / gib:.2f} GiB (arguments {memory.argument_size_in_bytes / gib:.2f}, "
-              f"outputs {memory.output_size_in_bytes / gib:.2f}, temporaries {memory.temp_size_in_bytes / gib:.2f}, "
-              f"donated {memory.alias_size_in_bytes / gib:.2f})")
-        report["per_device_bytes"] = total
-        check_fits_in_memory(compiled, layout, config.source)
+        report |= {"per_device_bytes": total, "per_device_temporary_bytes": memory.temp_size_in_bytes}
+        rows += [("activations + temporaries", memory.temp_size_in_bytes),
+                 ("compiled total (arguments + outputs + temporaries - donated)", total)]
+    report["on_cpu"] = platform == "cpu"
+    if report["on_cpu"]:
+        estimate = step_report.accelerator_estimate(config, layout, microbatches, per_device,
+                                                   report.get("per_device_temporary_bytes"))
+        report["accelerator_estimate"] = estimate
+        rows += [("accelerator estimate: gradients", estimate["gradients"]),
+                 ("accelerator estimate: activations", estimate["activations"]),
+                 ("accelerator estimate: total", estimate["total"])]
+    print("per-device memory:")
+    for what, size in rows:
+        print(f"  {what:<62} {size / gib:9.3f} GiB ({size:,} B)")
+    if report["on_cpu"]:
+        print("  (XLA:CPU compiled this step: it does not rematerialise recompute_grad's blocks nor keep bf16 dots in "
+              "bf16, so its temporaries overstate an accelerator's; the estimate is README.md's formula)")
+    found = step_report.collectives(compiled.as_text(), mesh_shape)
+    report["collectives"] = {f"{kind} over {axes}": figures for (kind, axes), figures in sorted(found.items())}
+    print("collectives per step (kind over mesh axes: ops, bytes on one device):" if found else
+          "collectives per step: none")
+    for what, figures in report["collectives"].items():
+        print(f"  {what:<40} {figures['count']:6d} ops {figures['bytes'] / gib:9.3f} GiB ({figures['bytes']:,} B)")
+    needed = report["accelerator_estimate"]["total"] if report["on_cpu"] else report.get("per_device_bytes")
+    if device_memory is None and not stand_in and needed is not None:
+        device_memory, what = device_memory_bytes(layout)
+        needed = report.get("per_device_bytes")  # this machine runs it: the compiled figure is the one
+    else:
+        what = "--device_memory"
+    if device_memory is not None and needed is not None:
+        fits = needed <= device_memory
+        report |= {"device_memory": device_memory, "fits": fits}
+        print(f"{'fits' if fits else 'does NOT fit'}: {needed / gib:.2f} GiB per device "
+              f"{'within' if fits else 'beyond'} {what} ({device_memory / gib:.2f} GiB)")
+        if not fits:
+            raise ConfigError(f"{config.source}: the train step needs {needed / gib:.2f} GiB per device, beyond "
+                              f"{what} ({device_memory / gib:.2f} GiB): shard it over more devices (mesh_shape, "
+                              "layout), use tokens_per_mb_per_replica or recompute_grad, or make the model smaller")
+    elif stand_in:
+        print("fits: not checked (simulated devices; name one with --device_memory, e.g. 16GiB for a v3 core)")
     print(f"train step compiled in {seconds:.1f} s")
     if config.eval_steps > 0 and has_eval_data(config):
         # what training will run at every checkpoint: a batch that would fail there fails here instead
