@@ -59,8 +59,9 @@ SIMULATED = {"devices": 0}  # how many CPU devices simulate_mesh_devices set up 
 
 
 def simulate_mesh_devices(args) -> None:
-    """--dry_run / --auto_layout on a CPU machine: compile for the config's whole mesh with as many
-    simulated CPU devices, set before JAX starts. Left alone when JAX will run on an accelerator,
+    """--dry_run / --auto_layout* on a CPU machine: compile for the config's whole mesh with as many
+    simulated CPU devices, set before JAX starts (--auto_layout_and_mesh_shape searches meshes of
+    that many devices). Left alone when JAX will run on an accelerator,
     devices are chosen (--gpu_ids, --tpu, --topology), the user set a device count, or mesh_shape is
     empty (data parallel over the devices there are). A config that does not parse is left to
     load_config's error."""
@@ -70,7 +71,7 @@ def simulate_mesh_devices(args) -> None:
     from configs import parse_override, read_json, resolve_model_path
 
     flags = os.environ.get("XLA_FLAGS", "")
-    if not (args.dry_run or args.auto_layout) or args.gpu_ids or args.tpu or args.topology or runs_on_accelerator() \
+    if not (args.dry_run or args.auto_layout or args.auto_layout_and_mesh_shape) or args.gpu_ids or args.tpu or args.topology or runs_on_accelerator() \
             or "xla_force_host_platform_device_count" in flags or "jax" in sys.modules:
         return
     try:
@@ -120,9 +121,20 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
                         help="write the newest checkpoint as a Hugging Face GPTNeo folder (default <model_path>/hf)")
     parser.add_argument("--check_dataset", action="store_true", help="print decoded samples and the token id range")
-    parser.add_argument("--auto_layout", action="store_true", help="print a layout for mesh_shape, then exit")
+    parser.add_argument("--auto_layout", action="store_true",
+                        help="search layouts (and fsdp_axes) for mesh_shape: compile the promising ones ahead of time, "
+                             "rank those that fit --device_memory by estimated step time, print them and the --set "
+                             "line of the best, then exit")
     parser.add_argument("--auto_layout_and_mesh_shape", action="store_true",
-                        help="print a mesh_shape and layout for the devices here, then exit")
+                        help="the same over every mesh of up to 4 axes of the devices here (on a CPU machine: as many "
+                             "simulated devices as the config's mesh_shape has, e.g. --set mesh_shape=x:64)")
+    parser.add_argument("--search_seconds", type=float, default=300,
+                        help="--auto_layout*: start no compile after this many seconds (default 300)")
+    parser.add_argument("--device_flops", type=float, metavar="FLOP/S",
+                        help="--auto_layout*: one device's FLOP/s for the step-time model (default: the detected "
+                             "device's peak; 1e14 for simulated devices)")
+    parser.add_argument("--link_bandwidth", type=float, metavar="BYTES/S",
+                        help="--auto_layout*: bytes per second one device sends in collectives (default 1e11)")
     parser.add_argument("--tpu", help="TPU name: run on the TPU VM / pod slice (every host runs this command)")
     parser.add_argument("--gpu_ids", nargs="+", help="use only these GPUs, e.g. --gpu_ids 0 1 2")
     parser.add_argument("--coordinator_address", default=os.environ.get("NEOMESH_COORDINATOR"),
@@ -374,7 +386,7 @@ def main(argv=None) -> int:
 
             machine.set_xla_dot_option(config, decoding=args.predict)  # XLA reads its flags when JAX starts
         if SIMULATED["devices"]:
-            log.info("--dry_run: %d simulated CPU devices stand in for mesh_shape %s's devices (XLA:CPU compiles; "
+            log.info("%d simulated CPU devices stand in for mesh_shape %s's devices (XLA:CPU compiles; "
                      "see the accelerator estimate)", SIMULATED["devices"], config.mesh_shape)
         select_devices(args)
         if probes:
@@ -411,13 +423,10 @@ def run(args, config, sinks=()) -> int:
     import jax
 
     import storage
-    from mesh import auto_layout, build_mesh_layout
+    from mesh import build_mesh_layout
 
     if args.auto_layout or args.auto_layout_and_mesh_shape:
-        device = jax.devices()[0]
-        memory = (device.memory_stats() or {}).get("bytes_limit", 16e9)
-        mesh_shape, layout = auto_layout(config, jax.device_count(), memory, args.auto_layout_and_mesh_shape)
-        print(f'"mesh_shape": "{mesh_shape}",\n"layout": "{layout}"')
+        search_layouts(args, config)
         return 0
     if args.check_dataset:
         import inputs
@@ -463,6 +472,47 @@ def run(args, config, sinks=()) -> int:
     train.run(config, new=args.new, assume_yes=args.yes, allow_data_change=args.allow_data_change, layout=layout,
               sinks=sinks)
     return 0
+
+
+STAND_IN_DEVICE_MEMORY = 16 * 2**30  # a TPU v3 core, the generation of GPT-Neo's published configs
+STAND_IN_DEVICE_FLOPS = 1e14
+DEFAULT_LINK_BANDWIDTH = 1e11
+
+
+def search_layouts(args, config) -> None:
+    """--auto_layout / --auto_layout_and_mesh_shape (layout_search.py)."""
+    import math
+
+    import jax
+
+    import layout_search
+    from errors import ConfigError
+    from metrics import peak_flops_per_device
+    from step_report import parse_memory
+
+    devices = topology_devices(args.topology) if args.topology else jax.devices()
+    stand_in = bool(SIMULATED["devices"] or args.topology)
+    for flag, value in (("--search_seconds", args.search_seconds), ("--device_flops", args.device_flops),
+                        ("--link_bandwidth", args.link_bandwidth)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} {value}: expected a positive number")
+    if args.device_memory is not None:
+        device_memory = parse_memory(args.device_memory)
+    elif stand_in:
+        device_memory = STAND_IN_DEVICE_MEMORY
+        log.info("--auto_layout: simulated devices; fitting %.0f GiB per device (a TPU v3 core; set --device_memory)",
+                 device_memory / 2**30)
+    else:
+        limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+        device_memory = int(limit) if limit else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
+    device_flops = args.device_flops
+    if device_flops is None:
+        device_flops = STAND_IN_DEVICE_FLOPS if stand_in else peak_flops_per_device(config.precision)[0]
+        if not math.isfinite(device_flops):
+            device_flops = STAND_IN_DEVICE_FLOPS
+    layout_search.search(config, devices, device_memory, choose_mesh=args.auto_layout_and_mesh_shape,
+                         seconds=args.search_seconds, device_flops=device_flops,
+                         link_bandwidth=args.link_bandwidth or DEFAULT_LINK_BANDWIDTH, stand_in=stand_in)
 
 
 if __name__ == "__main__":

@@ -325,36 +325,3 @@ def check_fits_in_memory(compiled, layout: MeshLayout, where: str) -> int:
                           f"({limit / gib:.2f} GiB): shard it over more devices (mesh_shape, layout), use "
                           "tokens_per_mb_per_replica or recompute_grad, or make the model smaller")
     return total
-
-
-def auto_layout(config, device_count: int, device_memory_bytes: float, choose_mesh: bool) -> tuple[str, str]:
-    """A mesh_shape and layout for this many devices: data parallel, plus a model-parallel axis
-    over heads / vocab / intermediate_expanded when the training state would not fit in memory."""
-    sizes = config.dim_sizes
-    params = 12 * config.n_layer * config.n_embd**2 + config.n_vocab * config.n_embd
-    state_bytes = 16 * params  # float32 weights, gradients and two Adam moments
-    if choose_mesh:
-        model = 1
-        while (
-            state_bytes / model > 0.4 * device_memory_bytes
-            and device_count % (model * 2) == 0
-            and all(sizes[d] % (model * 2) == 0 for d in ("heads", "intermediate_expanded"))
-        ):
-            model *= 2
-        data = device_count // model
-        mesh_shape = f"x:{data},y:{model}"
-    else:
-        axes = parse_mesh_shape(config.mesh_shape, config.source)
-        if len(axes) != 2:
-            raise ConfigError(f"{config.source}: --auto_layout needs a two-axis mesh_shape (data, model); got {config.mesh_shape!r}")
-        mesh_shape = config.mesh_shape
-    axes = parse_mesh_shape(mesh_shape)
-    (data_axis, data), (model_axis, model) = axes.items()
-    parts = []
-    if data > 1 and config.train_batch_size % data == 0:
-        parts.append(f"batch:{data_axis}")
-    if model > 1:
-        for dim in ("heads", "vocab", "intermediate_expanded"):
-            if sizes[dim] % model == 0:
-                parts.append(f"{dim}:{model_axis}")
-    return mesh_shape, ",".join(parts)

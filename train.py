@@ -604,6 +604,24 @@ def dry_run(config, layout, device_memory: int | None = None, stand_in: bool = F
     return compile_report(config, layout, device_memory, stand_in)
 
 
+def compile_train_step(config, layout):
+    """The train step compiled ahead of time from shapes alone (nothing allocated): (compiled,
+    (state shapes, state shardings), seconds the lowering and compile took)."""
+    import jax
+
+    import model_fns
+    from optimizers import make_optimizer
+
+    optimizer = make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    state_shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
+    batch = jax.ShapeDtypeStruct((config.train_batch_size, config.n_ctx), jax.numpy.int32)
+    start = time.perf_counter()
+    step = model_fns.make_train_step(config, layout, optimizer, shardings)
+    compiled = step.lower(state_shapes, batch, batch).compile()
+    return compiled, (state_shapes, shardings), time.perf_counter() - start
+
+
 def compile_report(config, layout, device_memory: int | None = None, stand_in: bool = False) -> dict:
     """Compile the train step (and the eval step) from shapes alone and print one table: parameters
     (dense / expert), per-device bytes of parameters, optimizer state and temporaries, the
@@ -616,16 +634,8 @@ def compile_report(config, layout, device_memory: int | None = None, stand_in: b
     import step_report
     from mesh import device_memory_bytes
     from models import gpt2
-    from optimizers import make_optimizer
 
-    optimizer = make_optimizer(config)
-    shardings = model_fns.state_shardings(config, layout, optimizer)
-    state_shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
-    batch = jax.ShapeDtypeStruct((config.train_batch_size, config.n_ctx), jax.numpy.int32)
-    start = time.perf_counter()
-    step = model_fns.make_train_step(config, layout, optimizer, shardings)
-    compiled = step.lower(state_shapes, batch, batch).compile()
-    seconds = time.perf_counter() - start
+    compiled, (state_shapes, shardings), seconds = compile_train_step(config, layout)
     count = gpt2.parameter_count(config)
     experts = gpt2.parameter_count(config, experts=True)
     microbatches = model_fns.microbatch_count(config, layout)

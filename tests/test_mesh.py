@@ -7,7 +7,7 @@ import pytest
 
 from configs import validate
 from errors import ConfigError
-from mesh import DATA_AXIS, auto_layout, build_mesh_layout, parse_layout, parse_mesh_shape
+from mesh import DATA_AXIS, build_mesh_layout, parse_layout, parse_mesh_shape
 from model_fns import param_shardings
 
 SMALL = {"n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2, "n_vocab": 64, "train_batch_size": 8}
@@ -117,19 +117,6 @@ def test_devices_this_machine_lacks_are_one_clear_line(flags, expected, capsys, 
     assert main.main(["--model", "demo", "--dry_run", *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
-
-
-def test_auto_layout_and_mesh_shape_fits_the_devices_and_validates():
-    cfg = config(n_embd=64, n_head=8)
-    for memory in (1e12, 1e5):  # plenty: data parallel only; scarce: a model-parallel axis too
-        mesh_shape, layout_text = auto_layout(cfg, 8, memory, choose_mesh=True)
-        chosen = cfg.replace(mesh_shape=mesh_shape, layout=layout_text)
-        layout = build_mesh_layout(chosen)
-        param_shardings(chosen, layout)  # every dimension divides its axis
-        if memory < 1e6:
-            assert layout.mesh.shape["y"] > 1 and "heads:y" in layout_text
-        else:
-            assert layout.mesh.shape["x"] == 8 and layout_text == "batch:x"
 
 
 def test_dry_run_compiles_the_eval_step_too_unsplit_when_its_batch_does_not_divide(tmp_path, capsys):
