@@ -116,6 +116,7 @@ KEYS: dict[str, Key] = {
     "model": Key("GPT", "str", 'model family: only "GPT"', "GPT"),
     "seed": Key(0, "int", "seed of the initialisation, dropout and data order", "[0, 2^63)"),
     "log_grads": Key(False, "bool", "true: also log each parameter's gradient norm (grad_norm/<path>, e.g. grad_norm/blocks.0.attn.q) with the metrics; the global norm is always logged"),
+    "peak_flops": Key(0.0, "float", "FLOP/s of ONE device that MFU is measured against, e.g. 989e12 for an H100 in bfloat16; 0: the device's datasheet figure, else on a CPU its measured matmul roofline (MFU is NaN on an accelerator with no datasheet figure)", "[0, inf)"),
     # --- optimizer -----------------------------------------------------------------------------
     "opt_name": Key("adam", "str", "adam (decoupled weight decay, skipping norms and biases) | adafactor", "adam | adafactor"),
     "lr": Key(6e-4, "float", "peak learning rate", "[0, inf)"),

@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import storage
 from errors import StorageError
@@ -60,7 +61,23 @@ def peak_flops_per_device(precision: str) -> tuple[float, str]:
         # percent of 2048's rate (bench/ measures at 2048) at an eighth of the time, which every run
         # would otherwise spend before its first step
         return matmul_roofline(1024, repeats=4) / jax.local_device_count(), "measured matmul roofline"
-    return float("nan"), f"unknown peak for {device.device_kind}"
+    return float("nan"), f"unknown peak for {device.device_kind} (set peak_flops)"
+
+
+def mesh_peak_flops(mesh, precision: str, configured: float) -> tuple[float, str]:
+    """(peak FLOP/s of all the mesh's devices together, where the figure comes from). `configured`
+    above 0 is one device's; else each host looks up or measures its own per-device peak, times
+    its devices in the mesh, and the hosts' figures are summed once, as hosts may differ."""
+    if configured > 0:
+        return configured * mesh.size, "peak_flops from the config"
+    per_device, source = peak_flops_per_device(precision)
+    here = sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
+    if jax.process_count() == 1:
+        return per_device * here, source
+    from jax.experimental import multihost_utils
+
+    hosts = [float(p) for p in multihost_utils.process_allgather(np.float32(per_device * here))]
+    return math.fsum(hosts), f"{source} of each host, summed ({' + '.join(f'{p:.7g}' for p in hosts)} FLOP/s)"
 
 
 def setup_logging() -> None:

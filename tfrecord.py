@@ -22,14 +22,16 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple, TypeVar
 
 import fsspec
 import google_crc32c
 import numpy as np
 
 from errors import DataError
+
+T = TypeVar("T")
 
 HEADER_BYTES = 12  # length + length_crc
 FOOTER_BYTES = 4  # data_crc
@@ -370,29 +372,28 @@ class ShardReader:
             raise DataError(f"{self.path}: corrupt shard: bad data checksum of the record at byte offset {offset}")
         return data
 
-    def read_ids(self, index: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Token ids [start:stop] of record `index` (int64)."""
+    def _decoded(self, index: int, decode: Callable[[bytes], T], expected: str) -> T:
+        """decode(data of record `index`); a malformed record is a DataError naming the shard, the
+        record's byte offset and what `expected` it to be."""
         data = self.read_record(index)
         try:
-            return decode_example(data, start, stop)
+            return decode(data)
         except ValueError as err:
-            offset = int(self.offsets[index])
             raise DataError(
-                f"{self.path}: record at byte offset {offset} is not a tf.train.Example with an int64 "
-                f"feature 'text': {err}"
+                f"{self.path}: record at byte offset {int(self.offsets[index])} is not {expected}: {err}"
             ) from None
+
+    def read_ids(self, index: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Token ids [start:stop] of record `index` (int64)."""
+        return self._decoded(index, lambda data: decode_example(data, start, stop),
+                             "a tf.train.Example with an int64 feature 'text'")
 
     def read_conversation(self, index: int) -> MaskedRecord:
         """Token ids and target mask (int64) of record `index`, a conversation's, read once."""
-        data = self.read_record(index)
-        try:
-            record = MaskedRecord(decode_example(data), decode_example(data, name=TARGET_MASK))
-        except ValueError as err:
-            offset = int(self.offsets[index])
-            raise DataError(
-                f"{self.path}: record at byte offset {offset} is not a conversation's tf.train.Example (int64 "
-                f"features 'text' and 'target_mask', as data/create_tfrecords.py --mode conversations writes): {err}"
-            ) from None
+        record = self._decoded(
+            index, lambda data: MaskedRecord(decode_example(data), decode_example(data, name=TARGET_MASK)),
+            "a conversation's tf.train.Example (int64 features 'text' and 'target_mask', "
+            "as data/create_tfrecords.py --mode conversations writes)")
         if len(record.text) != len(record.target_mask):
             raise DataError(f"{self.path}: record at byte offset {int(self.offsets[index])} holds "
                             f"{len(record.text)} tokens but {len(record.target_mask)} target-mask values")

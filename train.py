@@ -124,7 +124,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
     import inputs
     import model_fns
     from checkpoints import CheckpointMeta, Checkpoints
-    from metrics import RunLog, peak_flops_per_device, plot_loss_curve, progress_line
+    from metrics import RunLog, mesh_peak_flops, plot_loss_curve, progress_line
     from models import gpt2
     from optimizers import learning_rate, make_optimizer
 
@@ -166,7 +166,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
 
     schedule = learning_rate(config)
     tokens_per_step = config.train_batch_size * config.n_ctx
-    peak, peak_source = peak_flops_per_device(config.precision)
+    mesh_peak, peak_source = mesh_peak_flops(layout.mesh, config.precision, config.peak_flops)
     flops_per_step = model_fns.flops_per_token(config) * tokens_per_step
     log.info("training %s: %s parameters, %d devices (mesh %s, layout %s), steps %d..%d; MFU against %s",
              config.source, f"{gpt2.parameter_count(config):,}", layout.mesh.size, dict(layout.mesh.shape),
@@ -235,7 +235,7 @@ def train_loop(config, layout, new, assume_yes, allow_data_change, sinks) -> Tra
                     values["skipped_steps"] = skipped["steps"]
                 seconds = (time.perf_counter() - window_start) / window_steps
                 values |= {"lr": float(schedule(step - 1)), "tokens_per_sec": tokens_per_step / seconds,
-                           "mfu": flops_per_step / seconds / (peak * layout.mesh.size)}
+                           "mfu": flops_per_step / seconds / mesh_peak}
                 if main_process:
                     print(progress_line(step, config.train_steps, values, seconds), flush=True)
                 emit(step, values)

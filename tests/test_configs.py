@@ -286,6 +286,7 @@ OUT_OF_RANGE = [  # (key, value, what the message must say is accepted)
     ("weight_decay", NAN, "finite"), ("top_p", NAN, "finite"), ("top_p", 0, "(0, 1]"),
     ("repetition_penalty", INF, "finite"), ("attn_dropout", NAN, "finite"), ("res_dropout", 1.0, "[0, 1)"),
     ("mlm_mask_prob", 1.5, "[0, 1]"), ("z_loss", 10**400, "beyond the range of a float"),
+    ("peak_flops", -1e12, "[0, inf)"), ("peak_flops", "989e12", "takes a float"), ("peak_flops", NAN, "finite"),
     ("lr_decay_end", -1, "[1, 2^31"), ("seed", 2**63, "2^63 = 9223372036854775808"), ("seed", -1, "[0, 2^63"),
     ("sampling_seed", 2**64, "2^63"), ("n_vocab", 2**31, "2^31 = 2147483648"), ("n_ctx", 10**30, "2^31"),
     ("train_steps", 10**30, "2^31"), ("warmup_steps", 2**31, "2^31"), ("local_attention_radius", 10**30, "2^31"),

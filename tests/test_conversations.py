@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_data import _read_varint, _submessages, independent_read
+from test_data import independent_feature, independent_read
 from test_train import final_params, logged, train_in_process
 
 import model_fns
@@ -92,20 +92,6 @@ def test_the_target_mask_decodes_back_to_exactly_the_assistant_turns(chat, token
             # the tokenizer adds a prefix space to every piece it encodes
             assert tokenizer.decode(ids[answer]) == f" {assistant}<|endoftext|>"
             assert tokenizer.decode(ids[context]) == f" Human: {human}\nAssistant:"
-
-
-def independent_feature(example: bytes, name: bytes) -> list[int]:
-    """The int64 feature `name` of a serialized Example, parsed from the published protobuf layout."""
-    for entry in _submessages(_submessages(example)[1][0])[1]:
-        parts = _submessages(entry)
-        if parts[1][0] == name:
-            packed = _submessages(_submessages(parts[2][0])[3][0])[1][0]
-            values, pos = [], 0
-            while pos < len(packed):
-                value, pos = _read_varint(packed, pos)
-                values.append(value)
-            return values
-    raise AssertionError(f"no feature {name!r}")
 
 
 def test_a_conversation_record_keeps_text_for_plain_readers_and_its_mask_in_a_second_feature(chat):

@@ -85,7 +85,7 @@ def independent_read(path: Path) -> list[list[int]]:
         data = blob[pos + 12:pos + 12 + length]
         assert struct.unpack_from("<I", blob, pos + 12 + length)[0] == _masked(data)
         pos += 16 + length
-        examples.append(_parse_text_feature(data))
+        examples.append(independent_feature(data, b"text"))
     return examples
 
 
@@ -110,18 +110,18 @@ def _submessages(data: bytes) -> dict[int, list[bytes]]:
     return fields
 
 
-def _parse_text_feature(example: bytes) -> list[int]:
-    features = _submessages(example)[1][0]
-    for entry in _submessages(features)[1]:
+def independent_feature(example: bytes, name: bytes) -> list[int]:
+    """The int64 feature `name` of a serialized Example, parsed from the published protobuf layout."""
+    for entry in _submessages(_submessages(example)[1][0])[1]:
         parts = _submessages(entry)
-        if parts[1][0] == b"text":
+        if parts[1][0] == name:
             packed = _submessages(_submessages(parts[2][0])[3][0])[1][0]
-            ids, pos = [], 0
+            values, pos = [], 0
             while pos < len(packed):
                 value, pos = _read_varint(packed, pos)
-                ids.append(value)
-            return ids
-    raise AssertionError("no text feature")
+                values.append(value)
+            return values
+    raise AssertionError(f"no feature {name!r}")
 
 
 # --- fixtures: a corpus, a tokenizer trained on it, configs ------------------------------------

@@ -5,6 +5,7 @@ evaluation, and checkpoints that the other process count resumes."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import xla_flags
-from test_train import REPO, SHARED_COMPILATION, TINY, write_dataset
+from test_train import REPO, SHARED_COMPILATION, TINY, tiny_flops_per_token, write_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +81,18 @@ def test_two_processes_data_parallel_equal_one_process_and_checkpoints_resume_ac
         model_config, tmp_path):
     """Empty mesh_shape: data parallel over all four devices of both processes; and a one-process
     checkpoint continued by two processes with heads split between them (the mesh's first axis
-    runs across the processes, each holding two consecutive devices; the batch within each)."""
+    runs across the processes, each holding two consecutive devices; the batch within each).
+    MFU: against peak_flops per device, two processes' equals one's at equal speed; against the
+    measured rooflines, the two hosts' own are summed."""
     reference, two_then_one, one_then_two = tmp_path / "reference", tmp_path / "two_then_one", tmp_path / "one_then_two"
-    one_process("--model", str(model_config), *sets(reference, "train_steps=4"))
-    two_processes("--model", str(model_config), *sets(two_then_one, "train_steps=2"))
-    one_process("--model", str(model_config), *sets(two_then_one, "train_steps=4"))
+    one_process("--model", str(model_config), *sets(reference, "train_steps=4", "peak_flops=1e9"))
+    two_processes("--model", str(model_config), *sets(two_then_one, "train_steps=2", "peak_flops=1e9"))
+    one_process("--model", str(model_config), *sets(two_then_one, "train_steps=4", "peak_flops=1e9"))
     # one process's checkpoint at step 2 (its step 4 removed), continued by two processes
     shutil.copytree(reference, one_then_two)
     shutil.rmtree(one_then_two / "checkpoints" / "4")
-    two_processes("--model", str(model_config), *sets(one_then_two, "train_steps=4", "mesh_shape=x:2,y:2",
-                                                       "layout=batch:y,heads:x"))
+    (_, measured), _ = two_processes("--model", str(model_config), *sets(one_then_two, "train_steps=4",
+                                                                         "mesh_shape=x:2,y:2", "layout=batch:y,heads:x"))
 
     expected = metric(reference, "loss")
     assert sorted(expected) == [1, 2, 3, 4]
@@ -101,6 +104,20 @@ def test_two_processes_data_parallel_equal_one_process_and_checkpoints_resume_ac
         evals = metric(run, "eval_loss")
         for step, loss in metric(reference, "eval_loss").items():
             assert loss == pytest.approx(evals[step], rel=tolerance, abs=0), (run.name, "eval", step)
+
+    def mfu_over_speed(run: Path) -> dict[int, float]:  # mfu / tokens_per_sec = FLOPs per token / the peak
+        return {step: mfu / metric(run, "tokens_per_sec")[step] for step, mfu in metric(run, "mfu").items()}
+
+    one = mfu_over_speed(reference)
+    two = mfu_over_speed(two_then_one)
+    for step in (1, 2):  # two_then_one's steps on two processes
+        assert two[step] == pytest.approx(one[step], rel=1e-6, abs=0)
+        assert one[step] == pytest.approx(tiny_flops_per_token() / (1e9 * 4), rel=1e-6)
+    hosts = re.search(r"measured matmul roofline of each host, summed \(([0-9.e+]+) \+ ([0-9.e+]+) FLOP/s\)", measured)
+    assert hosts, measured[-3000:]
+    summed = float(hosts[1]) + float(hosts[2])
+    for step in (3, 4):  # one_then_two's steps on two processes
+        assert mfu_over_speed(one_then_two)[step] == pytest.approx(tiny_flops_per_token() / summed, rel=1e-6)
 
 
 def test_a_global_batch_the_processes_devices_do_not_divide_is_one_clear_error_on_each(model_config, tmp_path):

@@ -532,12 +532,34 @@ def saved_params_are_finite(model_path: Path, model_config: Path) -> dict[int, b
                       for leaf in jax.tree.leaves(restore_params(config, layout, step)[0])) for step in steps}
 
 
-def train_in_process(model_config: Path, model_path: Path, *overrides):
+def train_in_process(model_config: Path, model_path: Path, *overrides, devices: int = 1):
     import train
     from configs import load_config
 
     config = load_config(str(model_config), [f"model_path={model_path}", "eval_steps=0", *overrides])
-    return train.run(config, layout=build_mesh_layout(config, jax.devices()[:1]))
+    return train.run(config, layout=build_mesh_layout(config, jax.devices()[:devices]))
+
+
+def test_mfu_is_measured_against_peak_flops_per_device_times_the_devices(tmp_path, caplog):
+    model_config = write_dataset(tmp_path, TINY["n_vocab"])
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="neomesh"):
+        train_in_process(model_config, run, "train_steps=2", "iterations=1", "peak_flops=1e9", devices=2)
+    assert "MFU against peak_flops from the config" in caplog.text
+    tokens_per_sec, mfu = logged(run, "tokens_per_sec"), logged(run, "mfu")
+    assert sorted(mfu) == [1, 2]
+    for step, value in mfu.items():
+        assert value == pytest.approx(tokens_per_sec[step] * tiny_flops_per_token() / (1e9 * 2), rel=1e-9)
+
+
+def tiny_flops_per_token() -> float:
+    """A training token's FLOPs in TINY, written out: 6 per matmul weight (q, k, v, out and the
+    MLP's two 4 x n_embd projections in each layer; the tied embedding at the output), and 12 x
+    n_embd per key a query sees (q.k and probs.v, forward and backward) in its global and local layer."""
+    n_embd, positions = TINY["n_embd"], np.arange(TINY["n_ctx"])
+    weights = TINY["n_layer"] * 12 * n_embd**2 + TINY["n_vocab"] * n_embd
+    keys_seen = (positions + 1).mean() + np.minimum(positions + 1, TINY["local_attention_radius"]).mean()
+    return float(6 * weights + 12 * n_embd * keys_seen)
 
 
 def test_a_step_that_is_not_finite_stops_the_run_and_the_newest_checkpoint_stays_finite(tmp_path):
