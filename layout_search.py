@@ -275,12 +275,13 @@ def measure(config, candidate: Candidate, devices, stand_in: bool) -> dict:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         mesh_shape = dict(layout.mesh.shape)
-        traffic = {}
+        sent, traffic = {}, {}
         for (kind, axes), figures in step_report.collectives(compiled.as_text(), mesh_shape).items():
             group = math.prod(mesh_shape[axis] for axis in axes.split("+") if axis in mesh_shape)
             if group > 1:
+                sent[f"{kind} over {axes}"] = figures["bytes"]
                 traffic[f"{kind} over {axes}"] = figures["bytes"] * TRAFFIC[kind](group)
-        runs.append({"temporaries": memory.temp_size_in_bytes if memory else 0,
+        runs.append({"temporaries": memory.temp_size_in_bytes if memory else 0, "sent": sent,
                      "flops": float((cost or {}).get("flops", 0.0)), "traffic": traffic, "seconds": seconds})
 
     def at_n_layer(values: list[float]) -> float:
@@ -301,7 +302,9 @@ def measure(config, candidate: Candidate, devices, stand_in: bool) -> dict:
         total = state["params"] + state["opt_state"] + temporaries
     kinds = sorted({what for run in runs for what in run["traffic"]})
     traffic = {what: at_n_layer([run["traffic"].get(what, 0.0) for run in runs]) for what in kinds}
-    return {"per_device_bytes": total, "parameter_bytes": state["params"], "temporary_bytes": temporaries,
+    sent = {what: at_n_layer([run["sent"].get(what, 0.0) for run in runs]) for what in kinds}
+    return {"per_device_bytes": total, "parameter_bytes": state["params"], "optimizer_state_bytes": state["opt_state"],
+            "temporary_bytes": temporaries, "collective_bytes": sent,
             "microbatches": microbatches, "flops": at_n_layer([run["flops"] for run in runs]) * microbatches,
             "traffic_bytes": sum(traffic.values()), "traffic": traffic,
             "compile_seconds": sum(run["seconds"] for run in runs), "compiled_layers": counts}

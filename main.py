@@ -131,8 +131,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--search_seconds", type=float, default=300,
                         help="--auto_layout*: start no compile after this many seconds (default 300)")
     parser.add_argument("--device_flops", type=float, metavar="FLOP/S",
-                        help="--auto_layout*: one device's FLOP/s for the step-time model (default: the detected "
-                             "device's peak; 1e14 for simulated devices)")
+                        help="--auto_layout*: one device's FLOP/s for the step-time model (default: the config's "
+                             "peak_flops, else the detected device's peak; 1e14 for simulated devices)")
     parser.add_argument("--link_bandwidth", type=float, metavar="BYTES/S",
                         help="--auto_layout*: bytes per second one device sends in collectives (default 1e11)")
     parser.add_argument("--tpu", help="TPU name: run on the TPU VM / pod slice (every host runs this command)")
@@ -505,7 +505,7 @@ def search_layouts(args, config) -> None:
     else:
         limit = (devices[0].memory_stats() or {}).get("bytes_limit")
         device_memory = int(limit) if limit else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
-    device_flops = args.device_flops
+    device_flops = args.device_flops or (config.peak_flops if config.peak_flops > 0 else None)
     if device_flops is None:
         device_flops = STAND_IN_DEVICE_FLOPS if stand_in else peak_flops_per_device(config.precision)[0]
         if not math.isfinite(device_flops):
