@@ -354,8 +354,9 @@ def search(config, devices, device_memory: int, *, choose_mesh: bool, seconds: f
     if not promising:  # all look too big: compile the smallest few, to say by how much
         promising = sorted(candidates, key=lambda c: c.estimate["per_device_bytes"])[:workers or 2]
     print(f"auto layout: {len(candidates)} layouts on {len(mesh_shapes)} mesh shape(s) of {device_count} devices "
-          f"({refused} more refused by tokens_per_mb_per_replica); compiling the {len(promising)} estimated to come "
-          f"near {device_memory / GIB:.2f} GiB, fastest first, for at most {seconds:.0f} s", file=progress, flush=True)
+          f"({refused} more refused by tokens_per_mb_per_replica); compiling, of the {len(promising)} estimated "
+          f"within {ESTIMATE_MARGIN:g}x {device_memory / GIB:.2f} GiB, those estimated to fit first, fastest first, "
+          f"for at most {seconds:.0f} s", file=progress, flush=True)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     compiled: list[Candidate] = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -376,6 +377,8 @@ def search(config, devices, device_memory: int, *, choose_mesh: bool, seconds: f
                     candidate.compiled = future.result()
                 except ConfigError as err:
                     candidate.error = str(err)
+                except Exception as err:  # noqa: BLE001 - a layout the compiler cannot partition is one bad candidate
+                    candidate.error = f"the compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 compiled.append(candidate)
                 print(_progress_line(candidate, len(compiled), len(promising), time.perf_counter() - start, seconds,
                                      device_memory, device_flops, link_bandwidth), file=progress, flush=True)
@@ -395,8 +398,8 @@ def search(config, devices, device_memory: int, *, choose_mesh: bool, seconds: f
         compute, comms = step_seconds(candidate.compiled, device_flops, link_bandwidth)
         fits = "" if candidate in fitting else "  (does not fit)"
         print(f"{rank:>4}  {texts['mesh_shape']:<16} {texts['layout']:<52} {texts['fsdp_axes'] or '-':<9} "
-              f"{candidate.compiled['per_device_bytes'] / GIB:10.2f} {compute * 1e3:10.1f} {comms * 1e3:9.1f} "
-              f"{(compute + comms) * 1e3:8.1f}{fits}", file=out)
+              f"{candidate.compiled['per_device_bytes'] / GIB:10.2f} {compute * 1e3:10.4g} {comms * 1e3:9.4g} "
+              f"{(compute + comms) * 1e3:8.4g}{fits}", file=out)
     if not fitting:
         smallest = f"; the smallest compiled needs {others[0].compiled['per_device_bytes'] / GIB:.2f} GiB" if others else ""
         raise ConfigError(f"{config.source}: no layout compiled within {seconds:.0f} s fits {device_memory / GIB:.2f} "
@@ -421,6 +424,6 @@ def _progress_line(candidate, done: int, total: int, elapsed: float, budget: flo
         figures = candidate.compiled
         fits = "fits" if figures["per_device_bytes"] <= device_memory else "too big"
         result = (f"{figures['per_device_bytes'] / GIB:.2f} GiB ({fits}), "
-                  f"{sum(step_seconds(figures, device_flops, link_bandwidth)) * 1e3:.1f} ms, "
+                  f"{sum(step_seconds(figures, device_flops, link_bandwidth)) * 1e3:.4g} ms, "
                   f"compiled in {figures['compile_seconds']:.1f} s")
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:4.0f} s  {what}: {result}"

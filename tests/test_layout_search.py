@@ -54,13 +54,11 @@ def test_every_candidate_layout_builds_uses_each_axis_and_appears_once_up_to_swa
         signature = frozenset((frozenset(d for d, a in layout.items() if a == axis), axis in fsdp) for axis in mesh_shape)
         assert signature not in signatures
         signatures.add(signature)
-    texts = {(",".join(f"{d}:{a}" for d, a in sorted(layout.items())), fsdp) for layout, fsdp in found}
-    # a layout a user would write, up to the axes' names, is there with and without FSDP
-    wanted = [{frozenset({"batch"}), frozenset({"heads", "intermediate_expanded"}), frozenset({"embd"})}]
-    for groups in wanted:
-        assert any({frozenset(d for d, a in layout.items() if a == axis) for axis in mesh_shape} == groups
-                   for layout, _ in found)
-    assert any(fsdp for _, fsdp in texts) and any(not fsdp for _, fsdp in texts)
+    # a layout a user would write is there (up to the axes' names), with and without FSDP
+    megatron = {frozenset({"batch"}), frozenset({"heads", "intermediate_expanded"}), frozenset({"embd"})}
+    fsdp_choices = {bool(fsdp) for layout, fsdp in found
+                    if {frozenset(d for d, a in layout.items() if a == axis) for axis in mesh_shape} == megatron}
+    assert fsdp_choices == {True, False}
 
 
 def test_a_dimension_that_does_not_divide_its_axis_is_never_proposed():
@@ -119,3 +117,18 @@ def test_auto_layout_without_a_mesh_shape_says_to_search_meshes_too(capsys):
     assert main.main(["--model", "demo", "--auto_layout"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--auto_layout_and_mesh_shape" in err[0], err
+
+
+def test_auto_layout_keeps_the_configs_mesh_and_prints_a_layout_that_trains_on_it(tmp_path, capsys):
+    model = write_dataset(tmp_path, 96)
+    values = json.loads(model.read_text()) | {"n_layer": 1, "attention_types": [[["global"], 1]],
+                                              "model_path": str(tmp_path / "run"), "eval_steps": 0}
+    model.write_text(json.dumps(values))
+    assert main.main(["--model", str(model), "--set", "mesh_shape=a:4,b:2", "--auto_layout",
+                      "--search_seconds", "3"]) == 0
+    printed = capsys.readouterr().out
+    settings = re.search(r"^use: (.*)$", printed, re.M).group(1).split()
+    assert "mesh_shape=a:4,b:2" in settings  # the user's mesh, axis names and all
+    layout = dict(part.split(":") for part in dict(s.split("=", 1) for s in settings if s != "--set")["layout"].split(","))
+    assert set(layout.values()) == {"a", "b"}
+    assert main.main(["--model", str(model), "--dry_run", "--device_memory", "1GiB", *settings]) == 0
