@@ -14,8 +14,8 @@
    (`ESTIMATE_MARGIN`) beyond the memory budget.
 3. **Compile** the most promising train steps ahead of time, in that order, until the time budget is
    spent, `workers` at a time. A model whose layers repeat (GPT-Neo's global/local pattern)
-   compiles with one and with two periods of its layers, and every figure is extrapolated linearly
-   to n_layer: the compile time of a 24-layer model for the cost of a 2- and a 4-layer one.
+   compiles with k and 2k of its layers (k: whole periods, at least MIN_CUT_LAYERS), and every
+   figure is extrapolated linearly to n_layer: a 24-layer model for the cost of a 2- and a 4-layer one.
 4. **Rank** those that fit the device memory by step time:
 
        FLOPs per device / device_flops + sum over collectives of traffic / link_bandwidth
@@ -53,6 +53,10 @@ TRAFFIC = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n -
 # backward: heads and the MLP's width one each way; embd every projection that contracts it
 ACTIVATION_REDUCTIONS = {"heads": 2, "intermediate_expanded": 2, "embd": 8, "vocab": 2, "memory_length": 2,
                          "experts": 2}
+# the cut-down compiles hold at least this many layers: a one-layer step's temporaries do not grow as
+# a deeper one's do (gpt3_XL_256_Pile's extrapolated from 1 and 2 layers: 17.0 GiB; from 2 and 4:
+# 23.5; compiled whole: 24.5)
+MIN_CUT_LAYERS = 2
 GIB = 2**30
 
 
@@ -265,7 +269,8 @@ def measure(config, candidate: Candidate, devices, stand_in: bool) -> dict:
 
     chosen = config.replace(**candidate.texts)
     period = repeating_period(chosen)
-    counts = [period, 2 * period] if period and 2 * period < chosen.n_layer else [chosen.n_layer]
+    cut = period and period * -(-MIN_CUT_LAYERS // period)  # whole periods, at least MIN_CUT_LAYERS layers
+    counts = [cut, 2 * cut] if cut and 2 * cut < chosen.n_layer else [chosen.n_layer]
     runs = []
     for count in counts:
         cut = chosen if count == chosen.n_layer else with_layers(chosen, count)
@@ -287,7 +292,7 @@ def measure(config, candidate: Candidate, devices, stand_in: bool) -> dict:
     def at_n_layer(values: list[float]) -> float:
         if len(values) == 1:
             return values[0]
-        return max(values[0] + (values[1] - values[0]) * (chosen.n_layer // period - 1), 0.0)
+        return max(values[0] + (values[1] - values[0]) * (chosen.n_layer / counts[0] - 1), 0.0)
 
     layout = build_mesh_layout(chosen, devices)
     optimizer = make_optimizer(chosen)

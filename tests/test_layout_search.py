@@ -100,7 +100,7 @@ def test_the_chosen_layout_fits_a_budget_that_data_parallelism_does_not(tmp_path
                       "--set", "mesh_shape=x:8", "--set", "layout=batch:x"]) == 2
     assert "does NOT fit" in capsys.readouterr().out
     assert main.main(["--model", str(model), "--auto_layout_and_mesh_shape", "--device_memory", budget,
-                      "--search_seconds", "20"]) == 0
+                      "--search_seconds", "10"]) == 0
     printed = capsys.readouterr().out
     settings = re.search(r"^use: (.*)$", printed, re.M).group(1).split()
     chosen = dict(s.split("=", 1) for s in settings if s != "--set")
