@@ -403,8 +403,8 @@ def search(config, devices, device_memory: int, *, choose_mesh: bool, seconds: f
         compute, comms = step_seconds(candidate.compiled, device_flops, link_bandwidth)
         fits = "" if candidate in fitting else "  (does not fit)"
         print(f"{rank:>4}  {texts['mesh_shape']:<16} {texts['layout']:<52} {texts['fsdp_axes'] or '-':<9} "
-              f"{candidate.compiled['per_device_bytes'] / GIB:10.2f} {compute * 1e3:10.4g} {comms * 1e3:9.4g} "
-              f"{(compute + comms) * 1e3:8.4g}{fits}", file=out)
+              f"{candidate.compiled['per_device_bytes'] / GIB:10.2f} {_ms(compute):>10} {_ms(comms):>9} "
+              f"{_ms(compute + comms):>8}{fits}", file=out)
     if not fitting:
         smallest = f"; the smallest compiled needs {others[0].compiled['per_device_bytes'] / GIB:.2f} GiB" if others else ""
         raise ConfigError(f"{config.source}: no layout compiled within {seconds:.0f} s fits {device_memory / GIB:.2f} "
@@ -415,6 +415,12 @@ def search(config, devices, device_memory: int, *, choose_mesh: bool, seconds: f
     print(",\n".join(f'"{key}": "{value}"' for key, value in best.texts.items()), file=out)
     print(f"use: {best.settings()}", file=out)
     return ranked
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds to one decimal, or to three figures when under 10 ms (a tiny model's step)."""
+    milliseconds = seconds * 1e3
+    return f"{milliseconds:.1f}" if milliseconds >= 10 else f"{milliseconds:.3g}"
 
 
 def _progress_line(candidate, done: int, total: int, elapsed: float, budget: float, device_memory: int,
@@ -429,6 +435,6 @@ def _progress_line(candidate, done: int, total: int, elapsed: float, budget: flo
         figures = candidate.compiled
         fits = "fits" if figures["per_device_bytes"] <= device_memory else "too big"
         result = (f"{figures['per_device_bytes'] / GIB:.2f} GiB ({fits}), "
-                  f"{sum(step_seconds(figures, device_flops, link_bandwidth)) * 1e3:.4g} ms, "
+                  f"{_ms(sum(step_seconds(figures, device_flops, link_bandwidth)))} ms, "
                   f"compiled in {figures['compile_seconds']:.1f} s")
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:4.0f} s  {what}: {result}"
