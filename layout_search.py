@@ -402,7 +402,7 @@ def search(config, devices, device_memory: int, *, choose_mesh: bool, seconds: f
         texts = candidate.texts
         compute, comms = step_seconds(candidate.compiled, device_flops, link_bandwidth)
         fits = "" if candidate in fitting else "  (does not fit)"
-        print(f"{rank:>4}  {texts['mesh_shape']:<16} {texts['layout']:<52} {texts['fsdp_axes'] or '-':<9} "
+        print(f"{rank:>4}  {texts['mesh_shape'] or '-':<16} {texts['layout'] or '-':<52} {texts['fsdp_axes'] or '-':<9} "
               f"{candidate.compiled['per_device_bytes'] / GIB:10.2f} {_ms(compute):>10} {_ms(comms):>9} "
               f"{_ms(compute + comms):>8}{fits}", file=out)
     if not fitting:
