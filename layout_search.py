@@ -79,9 +79,6 @@ class Candidate:
         """The `--set` arguments that train with this candidate."""
         return " ".join(f"--set {key}={value}" for key, value in self.texts.items() if value or key != "fsdp_axes")
 
-    def figures(self) -> dict:
-        return self.compiled if self.compiled is not None else self.estimate
-
 
 def meshes(device_count: int, max_axes: int = 4) -> list[dict[str, int]]:
     """Every mesh of up to `max_axes` axes, each of size 2 or more and no larger than the one
@@ -224,8 +221,7 @@ def estimate(config, shapes: _Shapes, candidate: Candidate) -> dict:
             n = candidate.mesh_shape[axis]
             layers = 1 if dim == "vocab" else config.n_layer
             traffic += ACTIVATION_REDUCTIONS.get(dim, 2) * layers * activation * 2 * (n - 1) / n
-    return {"per_device_bytes": memory, "parameter_bytes": parameters, "flops": flops,
-            "traffic_bytes": traffic, "microbatches": microbatches}
+    return {"per_device_bytes": memory, "flops": flops, "traffic_bytes": traffic}
 
 
 def _shards(spec, mesh_shape: dict[str, int]) -> int:
@@ -259,13 +255,10 @@ def with_layers(config, count: int):
 def measure(config, candidate: Candidate, devices, stand_in: bool) -> dict:
     """Steps 3 and 4 for one candidate: compile its train step (or two cut-down ones, extrapolated
     to n_layer) and return its per-device bytes, FLOPs and collective traffic."""
-    import jax
-
     import model_fns
     import step_report
     import train
     from mesh import build_mesh_layout
-    from optimizers import make_optimizer
 
     chosen = config.replace(**candidate.texts)
     period = repeating_period(chosen)
@@ -279,15 +272,10 @@ def measure(config, candidate: Candidate, devices, stand_in: bool) -> dict:
         memory = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        mesh_shape = dict(layout.mesh.shape)
-        sent, traffic = {}, {}
-        for (kind, axes), figures in step_report.collectives(compiled.as_text(), mesh_shape).items():
-            group = math.prod(mesh_shape[axis] for axis in axes.split("+") if axis in mesh_shape)
-            if group > 1:
-                sent[f"{kind} over {axes}"] = figures["bytes"]
-                traffic[f"{kind} over {axes}"] = figures["bytes"] * TRAFFIC[kind](group)
-        runs.append({"temporaries": memory.temp_size_in_bytes if memory else 0, "sent": sent,
-                     "flops": float((cost or {}).get("flops", 0.0)), "traffic": traffic, "seconds": seconds})
+        found = step_report.collectives(compiled.as_text(), dict(layout.mesh.shape))
+        runs.append({"temporaries": memory.temp_size_in_bytes if memory else 0,
+                     "sent": {kind_axes: figures["bytes"] for kind_axes, figures in found.items()},
+                     "flops": float((cost or {}).get("flops", 0.0)), "seconds": seconds})
 
     def at_n_layer(values: list[float]) -> float:
         if len(values) == 1:
@@ -295,9 +283,7 @@ def measure(config, candidate: Candidate, devices, stand_in: bool) -> dict:
         return max(values[0] + (values[1] - values[0]) * (chosen.n_layer / counts[0] - 1), 0.0)
 
     layout = build_mesh_layout(chosen, devices)
-    optimizer = make_optimizer(chosen)
-    shardings = model_fns.state_shardings(chosen, layout, optimizer)
-    state_shapes = jax.eval_shape(lambda: model_fns.init_state(chosen, layout, optimizer, shardings))
+    _, shardings, state_shapes = train.abstract_state(chosen, layout)
     state = {part: step_report.sharded_bytes(state_shapes[part], shardings[part]) for part in ("params", "opt_state")}
     microbatches = model_fns.microbatch_count(chosen, layout)
     temporaries = at_n_layer([run["temporaries"] for run in runs])
@@ -305,9 +291,13 @@ def measure(config, candidate: Candidate, devices, stand_in: bool) -> dict:
         total = step_report.accelerator_estimate(chosen, layout, microbatches, state, int(temporaries))["total"]
     else:
         total = state["params"] + state["opt_state"] + temporaries
-    kinds = sorted({what for run in runs for what in run["traffic"]})
-    traffic = {what: at_n_layer([run["traffic"].get(what, 0.0) for run in runs]) for what in kinds}
-    sent = {what: at_n_layer([run["sent"].get(what, 0.0) for run in runs]) for what in kinds}
+    mesh_shape = dict(layout.mesh.shape)
+    sent, traffic = {}, {}
+    for kind, axes in sorted({kind_axes for run in runs for kind_axes in run["sent"]}):
+        group = math.prod(mesh_shape[axis] for axis in axes.split("+") if axis in mesh_shape)
+        if group > 1:  # "-": a collective within one device sends nothing
+            sent[f"{kind} over {axes}"] = at_n_layer([run["sent"].get((kind, axes), 0.0) for run in runs])
+            traffic[f"{kind} over {axes}"] = sent[f"{kind} over {axes}"] * TRAFFIC[kind](group)
     return {"per_device_bytes": total, "parameter_bytes": state["params"], "optimizer_state_bytes": state["opt_state"],
             "temporary_bytes": temporaries, "collective_bytes": sent,
             "microbatches": microbatches, "flops": at_n_layer([run["flops"] for run in runs]) * microbatches,
@@ -356,13 +346,13 @@ def search(config, devices, device_memory: int, *, choose_mesh: bool, seconds: f
     # those estimated to fit, fastest first, then those within the margin (the estimate is rough)
     promising = sorted((c for c in candidates if c.estimate["per_device_bytes"] <= ESTIMATE_MARGIN * device_memory),
                        key=lambda c: (c.estimate["per_device_bytes"] > device_memory, estimated_seconds(c)))
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
     if not promising:  # all look too big: compile the smallest few, to say by how much
-        promising = sorted(candidates, key=lambda c: c.estimate["per_device_bytes"])[:workers or 2]
+        promising = sorted(candidates, key=lambda c: c.estimate["per_device_bytes"])[:workers]
     print(f"auto layout: {len(candidates)} layouts on {len(mesh_shapes)} mesh shape(s) of {device_count} devices "
           f"({refused} more refused by tokens_per_mb_per_replica); compiling, of the {len(promising)} estimated "
           f"within {ESTIMATE_MARGIN:g}x {device_memory / GIB:.2f} GiB, those estimated to fit first, fastest first, "
           f"for at most {seconds:.0f} s", file=progress, flush=True)
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
     compiled: list[Candidate] = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         pending: dict = {}

@@ -487,6 +487,7 @@ def search_layouts(args, config) -> None:
 
     import layout_search
     from errors import ConfigError
+    from mesh import device_memory_bytes
     from metrics import peak_flops_per_device
     from step_report import parse_memory
 
@@ -503,8 +504,7 @@ def search_layouts(args, config) -> None:
         log.info("--auto_layout: simulated devices; fitting %.0f GiB per device (a TPU v3 core; set --device_memory)",
                  device_memory / 2**30)
     else:
-        limit = (devices[0].memory_stats() or {}).get("bytes_limit")
-        device_memory = int(limit) if limit else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
+        device_memory = device_memory_bytes(devices)[0]
     device_flops = args.device_flops or (config.peak_flops if config.peak_flops > 0 else None)
     if device_flops is None:
         device_flops = STAND_IN_DEVICE_FLOPS if stand_in else peak_flops_per_device(config.precision)[0]

@@ -296,32 +296,42 @@ def build_mesh_layout(config, devices: Sequence[jax.Device] | None = None) -> Me
     return mesh_layout
 
 
-def device_memory_bytes(layout: MeshLayout) -> tuple[int, str]:
-    """(bytes, what they are) one device of the layout's mesh can hold: its bytes_limit, or on a CPU,
-    which reports none, the host's memory shared by the mesh's devices."""
+def device_memory_bytes(devices: Sequence[jax.Device]) -> tuple[int, str]:
+    """(bytes, what they are) one of these devices can hold: its bytes_limit, or on a CPU, which
+    reports none, the host's memory shared by the devices."""
     import os
 
-    device = layout.mesh.devices.flat[0]
-    limit = (device.memory_stats() or {}).get("bytes_limit")
+    devices = list(devices)
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit")
     if limit is not None:
-        return int(limit), f"a {device.platform} device's memory"
+        return int(limit), f"a {devices[0].platform} device's memory"
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // layout.mesh.devices.size, "this host's memory per CPU device"
+    return host // len(devices), "this host's memory per CPU device"
+
+
+def compiled_total_bytes(memory) -> int:
+    """A compiled step's per-device bytes from its memory_analysis(): arguments, outputs and
+    temporaries, less what is donated (aliased)."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes)
+
+
+def refuse_beyond(needed: int, limit: int, what: str, where: str) -> None:
+    """A ConfigError naming both figures when a train step needs more than a device holds, so that
+    a model too large for its mesh is refused before any of it is allocated."""
+    if needed > limit:
+        gib = 2**30
+        raise ConfigError(f"{where}: the train step needs {needed / gib:.2f} GiB per device, beyond {what} "
+                          f"({limit / gib:.2f} GiB): shard it over more devices (mesh_shape, layout), use "
+                          "tokens_per_mb_per_replica or recompute_grad, or make the model smaller")
 
 
 def check_fits_in_memory(compiled, layout: MeshLayout, where: str) -> int:
-    """The per-device bytes of a compiled step (arguments, outputs and temporaries, less what is
-    donated); a ConfigError naming both figures when they exceed what a device holds, so that a
-    model too large for its mesh is refused before any of it is allocated."""
+    """The per-device bytes of a compiled step (`compiled_total_bytes`), refused (`refuse_beyond`)
+    when they exceed what one of the layout's devices holds."""
     memory = compiled.memory_analysis()
     if memory is None:  # a backend that does not say: nothing to check against
         return 0
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-             - memory.alias_size_in_bytes)
-    limit, what = device_memory_bytes(layout)
-    if total > limit:
-        gib = 2**30
-        raise ConfigError(f"{where}: the train step needs {total / gib:.2f} GiB per device, beyond {what} "
-                          f"({limit / gib:.2f} GiB): shard it over more devices (mesh_shape, layout), use "
-                          "tokens_per_mb_per_replica or recompute_grad, or make the model smaller")
+    total = compiled_total_bytes(memory)
+    refuse_beyond(total, *device_memory_bytes(layout.mesh.devices.flat), where)
     return total

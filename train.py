@@ -604,9 +604,9 @@ def dry_run(config, layout, device_memory: int | None = None, stand_in: bool = F
     return compile_report(config, layout, device_memory, stand_in)
 
 
-def compile_train_step(config, layout):
-    """The train step compiled ahead of time from shapes alone (nothing allocated): (compiled,
-    (state shapes, state shardings), seconds the lowering and compile took)."""
+def abstract_state(config, layout):
+    """(optimizer, state shardings, state shapes) of a fresh training state on `layout`, from
+    shapes alone: nothing is allocated."""
     import jax
 
     import model_fns
@@ -614,7 +614,17 @@ def compile_train_step(config, layout):
 
     optimizer = make_optimizer(config)
     shardings = model_fns.state_shardings(config, layout, optimizer)
-    state_shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
+    return optimizer, shardings, jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
+
+
+def compile_train_step(config, layout):
+    """The train step compiled ahead of time from shapes alone (nothing allocated): (compiled,
+    (state shapes, state shardings), seconds the lowering and compile took)."""
+    import jax
+
+    import model_fns
+
+    optimizer, shardings, state_shapes = abstract_state(config, layout)
     batch = jax.ShapeDtypeStruct((config.train_batch_size, config.n_ctx), jax.numpy.int32)
     start = time.perf_counter()
     step = model_fns.make_train_step(config, layout, optimizer, shardings)
@@ -632,7 +642,7 @@ def compile_report(config, layout, device_memory: int | None = None, stand_in: b
 
     import model_fns
     import step_report
-    from mesh import device_memory_bytes
+    from mesh import compiled_total_bytes, device_memory_bytes, refuse_beyond
     from models import gpt2
 
     compiled, (state_shapes, shardings), seconds = compile_train_step(config, layout)
@@ -660,8 +670,7 @@ def compile_report(config, layout, device_memory: int | None = None, stand_in: b
     platform = layout.mesh.devices.flat[0].platform
     rows = [("parameters", per_device["params"]), ("optimizer state", per_device["opt_state"])]
     if memory is not None:
-        total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                 - memory.alias_size_in_bytes)
+        total = compiled_total_bytes(memory)
         report |= {"per_device_bytes": total, "per_device_temporary_bytes": memory.temp_size_in_bytes}
         rows += [("activations + temporaries", memory.temp_size_in_bytes),
                  ("compiled total (arguments + outputs + temporaries - donated)", total)]
@@ -687,7 +696,7 @@ def compile_report(config, layout, device_memory: int | None = None, stand_in: b
         print(f"  {what:<40} {figures['count']:6d} ops {figures['bytes'] / gib:9.3f} GiB ({figures['bytes']:,} B)")
     needed = report["accelerator_estimate"]["total"] if report["on_cpu"] else report.get("per_device_bytes")
     if device_memory is None and not stand_in and needed is not None:
-        device_memory, what = device_memory_bytes(layout)
+        device_memory, what = device_memory_bytes(layout.mesh.devices.flat)
         needed = report.get("per_device_bytes")  # this machine runs it: the compiled figure is the one
     else:
         what = "--device_memory"
@@ -696,10 +705,7 @@ def compile_report(config, layout, device_memory: int | None = None, stand_in: b
         report |= {"device_memory": device_memory, "fits": fits}
         print(f"{'fits' if fits else 'does NOT fit'}: {needed / gib:.2f} GiB per device "
               f"{'within' if fits else 'beyond'} {what} ({device_memory / gib:.2f} GiB)")
-        if not fits:
-            raise ConfigError(f"{config.source}: the train step needs {needed / gib:.2f} GiB per device, beyond "
-                              f"{what} ({device_memory / gib:.2f} GiB): shard it over more devices (mesh_shape, "
-                              "layout), use tokens_per_mb_per_replica or recompute_grad, or make the model smaller")
+        refuse_beyond(needed, device_memory, what, config.source)
     elif stand_in:
         print("fits: not checked (simulated devices; name one with --device_memory, e.g. 16GiB for a v3 core)")
     print(f"train step compiled in {seconds:.1f} s")

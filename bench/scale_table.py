@@ -42,7 +42,6 @@ QUICK = ("gpt3_small_256", "gpt3_XL_256_Pile")
 DEVICE_MEMORY = {"v3": 16 * 2**30, "v2": 8 * 2**30}  # HBM per TPU core
 GIB = 2**30
 MARK = "SCALE_TABLE_REPORT "
-WHOLE = {"on": False}  # --whole, for the subprocesses
 
 
 def one(name: str, overrides: list[str], whole: bool) -> dict:
@@ -81,11 +80,11 @@ def devices_of(name: str) -> int:
     return math.prod(int(part.split(":")[1]) for part in mesh_shape.split(","))
 
 
-def run_one(name: str, overrides: list[str], timeout: float) -> dict:
+def run_one(name: str, overrides: list[str], timeout: float, whole: bool) -> dict:
     environment = dict(os.environ, JAX_PLATFORMS="cpu",
                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_of(name)}")
     command = [sys.executable, __file__, "--one", name, *(a for o in overrides for a in ("--set", o)),
-               *(["--whole"] if WHOLE["on"] else [])]
+               *(["--whole"] if whole else [])]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
@@ -97,12 +96,12 @@ def run_one(name: str, overrides: list[str], timeout: float) -> dict:
     return json.loads(lines[-1][len(MARK):]) | {"wall_seconds": time.perf_counter() - start}
 
 
-def fsdp_figure(name: str, report: dict, overrides: list[str], timeout: float) -> tuple[str, dict | None]:
+def fsdp_figure(name: str, report: dict, overrides: list[str], timeout: float, whole: bool) -> tuple[str, dict | None]:
     """The FSDP column: the same config compiled with fsdp_axes over its batch axis."""
     batch_axis = report["layout"].get("batch")
     if batch_axis is None:
         return "-", None
-    fsdp = run_one(name, [*overrides, f"fsdp_axes={batch_axis}"], timeout)
+    fsdp = run_one(name, [*overrides, f"fsdp_axes={batch_axis}"], timeout, whole)
     if "error" in fsdp:
         return f"error: {fsdp['error'][:60]}", fsdp
     return f"{fsdp['accelerator_total'] / GIB:.1f}", fsdp
@@ -136,7 +135,6 @@ def main() -> int:
         report = one(args.one, args.set, args.whole)
         print(MARK + json.dumps(report, default=str), flush=True)
         return 0
-    WHOLE["on"] = args.whole
     names = QUICK if args.quick else args.configs or CONFIGS
     print("| config | params | mesh | layout | params GiB/dev | opt state GiB/dev | XLA:CPU temps GiB/dev | "
           "collectives GiB/step/dev | accelerator estimate GiB/dev | fits v3 / v2 core | FSDP estimate GiB/dev | "
@@ -144,8 +142,9 @@ def main() -> int:
     print("|" + "---|" * 12)
     figures = {}
     for name in names:
-        report = run_one(name, args.set, args.timeout)
-        fsdp_text, fsdp = ("-", None) if "error" in report else fsdp_figure(name, report, args.set, args.timeout)
+        report = run_one(name, args.set, args.timeout, args.whole)
+        fsdp_text, fsdp = (("-", None) if "error" in report else
+                           fsdp_figure(name, report, args.set, args.timeout, args.whole))
         print(row(name, report, fsdp_text), flush=True)
         figures[name] = report | {"fsdp": fsdp}
     print(json.dumps(figures, default=str))

@@ -233,17 +233,14 @@ def train_one_step(config: Config) -> float:
     against the device's memory first (as --dry_run does), so nothing too large is allocated."""
     import inputs
     import model_fns
+    import train
     from mesh import build_mesh_layout, check_fits_in_memory
     from optimizers import make_optimizer
 
     layout = build_mesh_layout(config, jax.devices()[:1])
-    optimizer = make_optimizer(config)
-    shardings = model_fns.state_shardings(config, layout, optimizer)
-    state_shapes = jax.eval_shape(lambda: model_fns.init_state(config, layout, optimizer, shardings))
-    batch = jax.ShapeDtypeStruct((config.train_batch_size, config.n_ctx), jax.numpy.int32)
-    step = model_fns.make_train_step(config, layout, optimizer, shardings).lower(state_shapes, batch, batch).compile()
+    step, (_, shardings), _ = train.compile_train_step(config, layout)
     check_fits_in_memory(step, layout, config.source)
-    state = model_fns.init_state(config, layout, optimizer, shardings)
+    state = model_fns.init_state(config, layout, make_optimizer(config), shardings)
     batch_inputs, batch_labels = inputs.global_batch(inputs.Sampler(config), 0, layout, config.train_batch_size)
     state, metrics = step(state, batch_inputs, batch_labels)
     return float(metrics["loss"])
