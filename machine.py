@@ -281,62 +281,66 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
     return choice
 
 
+# Layers in the kernel probe's step. cpu_backward's gain grows with depth (its residual-gradient
+# boundary stops each layer recomputing the gradient of every layer above it): on the 125M shape's
+# train step, plain over written was 0.88x at 2 layers, 1.23x at 4 (one row) and 1.53x at 12, so
+# two layers would choose wrongly and four already shows the sign.
+PROBE_LAYERS = 4
+
+
 def kernel_probe_config(config):
-    """A two-layer model of the config's width and context, one row, for timing a train step's
-    kernels (attention's cost does not depend on depth)."""
-    return config.replace(n_layer=min(config.n_layer, 2), train_batch_size=1, attention_types=None, n_vocab=min(config.n_vocab, 1024),
-                          mesh_shape="", layout="")
+    """The config's width and context at up to PROBE_LAYERS layers, one row and a small vocabulary,
+    for timing its train step's kernels."""
+    layers = min(config.n_layer, PROBE_LAYERS)
+    return config.replace(n_layer=layers, train_batch_size=1, attention_types=None, n_vocab=min(config.n_vocab, 1024),
+                          mesh_shape="", layout="", moe_layers=config.moe_layers and [i for i in config.moe_layers if i < layers])
 
 
 def time_train_step(config) -> float:
-    """Seconds of one compiled forward and backward pass of the config's model (the best of two)."""
+    """Seconds of one compiled train step of the config (forward, backward and the optimizer's
+    update, as training runs it; the best of two)."""
     import jax
     import numpy as np
 
     import model_fns
     from mesh import build_mesh_layout
-    from models import gpt2
+    from optimizers import make_optimizer
 
     layout = build_mesh_layout(config, jax.devices()[:1])
-    # random weights of the right shapes (only their shapes matter to the timing): gpt2.init_params'
-    # own random draws would take longer than the probe itself
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda leaf: jax.numpy.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype),
-                          jax.eval_shape(lambda: gpt2.init_params(config, jax.random.key(0))))
-    tokens = jax.numpy.asarray(rng.integers(0, config.n_vocab, (1, config.n_ctx + 1)), jax.numpy.int32)
-
-    def loss(p):
-        return model_fns.lm_loss(p, tokens[:, :-1], tokens[:, 1:], config, layout)[0]
-
-    step = jax.jit(jax.grad(loss))
-    jax.block_until_ready(step(params))
+    optimizer = make_optimizer(config)
+    shardings = model_fns.state_shardings(config, layout, optimizer)
+    state = model_fns.init_state(config, layout, optimizer, shardings)
+    tokens = np.random.default_rng(0).integers(0, config.n_vocab, (config.train_batch_size, config.n_ctx + 1), np.int32)
+    inputs, labels = jax.numpy.asarray(tokens[:, :-1]), jax.numpy.asarray(tokens[:, 1:])
+    step = model_fns.make_train_step(config, layout, optimizer, shardings).lower(state, inputs, labels).compile()
+    state, _ = jax.block_until_ready(step(state, inputs, labels))
     best = float("inf")
     for _ in range(2):
         start = time.perf_counter()
-        jax.block_until_ready(step(params))
+        state, _ = jax.block_until_ready(step(state, inputs, labels))
         best = min(best, time.perf_counter() - start)
     return best
 
 
+KERNEL_ALTERNATIVES = {"attention_kernel": ("blocked", "plain"), "cpu_backward": ("written", "plain")}
+
+
 def choose_kernels(config) -> dict:
-    """{"attention_kernel": ..., "why": ...} for the keys left at auto: each
-    alternative timed on a short train step of the config's width and context (kernel_probe_config) (both alternatives
-    compute the same thing); cached per machine and shape class."""
+    """{key: value, ..., "why": ...} for the keys of KERNEL_ALTERNATIVES left at auto: each
+    alternative timed on a short train step (kernel_probe_config; the alternatives compute the
+    same thing), one key after another, the first alternative being what auto means unprobed;
+    cached per machine and shape class."""
     probe_config = kernel_probe_config(config)
-    # cpu_backward is not probed: a short step cannot show its residual-gradient boundary's gain,
-    # which grows with depth (a 2-layer step timed plain 16% faster, the 12-layer 125M step ran
-    # 1.45x faster written); auto stays written on a CPU
-    open_keys = [key for key in ("attention_kernel",) if getattr(config, key) == "auto"]
+    open_keys = [key for key in KERNEL_ALTERNATIVES if getattr(config, key) == "auto"]
     if not open_keys:
-        return {"why": "attention_kernel set in the config"}
+        return {"why": " and ".join(KERNEL_ALTERNATIVES) + " set in the config"}
     key = machine_key("kernels", open_keys, probe_config.n_layer, config.n_embd, config.n_head, config.n_ctx,
                       config.precision)
     cached = read_cache().get(key)
     if cached is not None:
         return cached | {"why": cached["why"] + " (cached)"}
     start = time.perf_counter()
-    alternatives = {"attention_kernel": ("blocked", "plain")}
-    choice = {name: alternatives[name][0] for name in open_keys}  # what auto means unprobed
+    choice = {name: KERNEL_ALTERNATIVES[name][0] for name in open_keys}
     measured, timings = {}, []
 
     def seconds_with(**changes) -> float:
@@ -346,7 +350,7 @@ def choose_kernels(config) -> dict:
         return measured[settings]
 
     for name in open_keys:
-        seconds = {value: seconds_with(**{name: value}) for value in alternatives[name]}
+        seconds = {value: seconds_with(**{name: value}) for value in KERNEL_ALTERNATIVES[name]}
         choice[name] = min(seconds, key=seconds.get)
         timings.append(f"{name} " + " vs ".join(f"{value} {s * 1e3:.1f} ms" for value, s in seconds.items()))
     choice["why"] = (f"{probe_config.n_layer}-layer train step at n_embd {config.n_embd}, n_ctx {config.n_ctx}: " + "; ".join(timings)
@@ -374,7 +378,7 @@ def set_xla_dot_option(config, decoding: bool) -> dict | None:
 
 
 def tune(config, decoding: bool = False):
-    """The config with attention_kernel chosen for this machine where it is
+    """The config with attention_kernel and cpu_backward chosen for this machine where they are
     auto (cpu_probe auto, on a CPU), each choice logged with its reason. Call after
     set_xla_dot_option and before the first compile."""
     import jax

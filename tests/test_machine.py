@@ -53,13 +53,14 @@ def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(
     config = tiny_config()
     with caplog.at_level(logging.INFO, logger="neomesh"):
         tuned = machine.tune(config)
-    assert tuned.attention_kernel in ("blocked", "plain") and tuned.cpu_backward == "auto"
+    assert tuned.attention_kernel in ("blocked", "plain") and tuned.cpu_backward in ("written", "plain")
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cpu probe:"))
-    assert f"attention_kernel {tuned.attention_kernel}" in line and "blocked" in line and "plain" in line
+    assert f"attention_kernel {tuned.attention_kernel}," in line and "attention_kernel blocked " in line
+    assert f"cpu_backward {tuned.cpu_backward};" in line and "cpu_backward written " in line
     cached = json.loads(probe_cache.read_text())
     (key, entry), = cached.items()
     assert "jax " + jax.__version__ in key and machine.cpu_info()["cpu_model"] in key
-    assert entry["attention_kernel"] == tuned.attention_kernel and "cpu_backward" not in entry
+    assert entry["attention_kernel"] == tuned.attention_kernel and entry["cpu_backward"] == tuned.cpu_backward
 
     # the cached choice is read back, not probed again: a planted choice comes back as it is
     planted = {"plain": "blocked", "blocked": "plain"}[tuned.attention_kernel]
@@ -71,8 +72,19 @@ def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(
     assert any("(cached)" in r.getMessage() for r in caplog.records)
 
 
+def test_a_forced_key_is_kept_and_only_the_other_is_probed_on_a_short_step_of_the_config(probe_cache, caplog):
+    config = tiny_config(n_layer=6, cpu_backward="plain", moe_layers=[1, 5], moe_params={"moe_num_experts": 2})
+    probe = machine.kernel_probe_config(config)
+    assert (probe.n_layer, probe.moe_layers, probe.train_batch_size) == (machine.PROBE_LAYERS, [1], 1)
+    with caplog.at_level(logging.INFO, logger="neomesh"):
+        tuned = machine.tune(config)
+    assert tuned.cpu_backward == "plain" and tuned.attention_kernel in ("blocked", "plain")
+    (entry,) = json.loads(probe_cache.read_text()).values()
+    assert "cpu_backward" not in entry and "4-layer train step" in entry["why"]
+
+
 def test_forced_keys_and_cpu_probe_off_skip_the_probe(probe_cache):
-    forced = tiny_config(attention_kernel="blocked")
+    forced = tiny_config(attention_kernel="blocked", cpu_backward="written")
     assert machine.tune(forced).to_dict() == forced.to_dict()
     off = tiny_config(cpu_probe="off")
     assert machine.tune(off).to_dict() == off.to_dict()
