@@ -334,8 +334,10 @@ def choose_kernels(config) -> dict:
     open_keys = [key for key in KERNEL_ALTERNATIVES if getattr(config, key) == "auto"]
     if not open_keys:
         return {"why": " and ".join(KERNEL_ALTERNATIVES) + " set in the config"}
+    # the dot library in force changes what the kernels cost, so a choice is kept per library
+    dot_flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split() if any(p in flag for p in PROBED_FLAGS))
     key = machine_key("kernels", open_keys, probe_config.n_layer, config.n_embd, config.n_head, config.n_ctx,
-                      config.precision)
+                      config.precision, dot_flags or "default dots")
     cached = read_cache().get(key)
     if cached is not None:
         return cached | {"why": cached["why"] + " (cached)"}

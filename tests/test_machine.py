@@ -49,7 +49,7 @@ def test_the_float32_peak_estimate_follows_the_documented_formula():
     assert machine.float32_peak(dict(ice_lake, ghz=None))[0] is None
 
 
-def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(probe_cache, caplog):
+def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(probe_cache, caplog, monkeypatch):
     config = tiny_config()
     with caplog.at_level(logging.INFO, logger="neomesh"):
         tuned = machine.tune(config)
@@ -70,6 +70,11 @@ def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(
         again = machine.tune(config)
     assert again.attention_kernel == planted
     assert any("(cached)" in r.getMessage() for r in caplog.records)
+
+    # under another dot library the cached choice does not apply: it is probed again
+    monkeypatch.setenv("XLA_FLAGS", machine.XLA_DOT_OPTIONS["eigen"][1])
+    machine.tune(config)
+    assert len(json.loads(probe_cache.read_text())) == 2
 
 
 def test_a_forced_key_is_kept_and_only_the_other_is_probed_on_a_short_step_of_the_config(probe_cache, caplog):
