@@ -42,14 +42,14 @@ from mesh import einsum
 from models import kernels, kv_cache, lora
 from models.dropout import dropout
 from models.gau import gau_apply, gau_cache, gau_flops, gau_weights
-from models.kv_cache import CACHE_LETTERS, visible
+from models.kv_cache import KeyValues, visible
 from models.linear_attention import causal_linear_attention, constrained_state, empty_state, noncausal_linear_attention
 from models.params import Weight, bias
 from models.positions import rotate
 
 MASK_VALUE = -1e9  # finite: a row with every key masked (a padding slot's query) gets no NaN
 
-__all__ = ["KINDS", "CACHE_LETTERS", "visible", "probabilities", "attend", "softmax_weights"]
+__all__ = ["KINDS", "visible", "probabilities", "attend", "softmax_weights"]
 
 
 @dataclass(frozen=True)
@@ -70,25 +70,35 @@ def window(kind: str, config) -> int | None:
     return config.local_attention_radius if kind == "local" else None
 
 
-def probabilities(q, k, mask, layout=None, key_letters: str = "bmhk"):
-    """Float32 softmax over unscaled scores. q [batch, sequence, heads, kv], k [batch,
-    memory_length, heads, kv] (or a cache's [batch, heads, memory_length, kv]: key_letters "bhmk"),
-    mask broadcastable to [batch, heads, sequence, memory_length]."""
-    scores = einsum(f"bshk,{key_letters}->bhsm", q.astype(jnp.float32), k.astype(jnp.float32), layout=layout)
-    return jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
+def probabilities(q, parts: list[KeyValues], layout=None):
+    """Float32 softmax over the unscaled scores of q [batch, sequence, heads, kv] against the keys
+    of every part taken together -> [batch, heads, sequence, memory_length], the parts' keys one
+    after another along memory_length."""
+    scores = [jnp.where(part.mask[:, None], einsum(f"bshk,{part.key_letters}->bhsm", q.astype(jnp.float32),
+                                                   part.keys.astype(jnp.float32), layout=layout), MASK_VALUE)
+              for part in parts]
+    return jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
 
 
 def windowed_probabilities(q, k, query_slots, key_slots, window):
-    return probabilities(q, k, visible(query_slots, key_slots, window))
+    return probabilities(q, [KeyValues(k, None, visible(query_slots, key_slots, window)[None])])
 
 
-def attend(q, k, v, mask, layout=None, keep=None, key_letters: str = "bmhk"):
-    """Softmax attention of q over k and v -> [batch, sequence, heads, kv]; `keep`: dropout
-    multipliers on the probabilities, or None."""
-    probs = probabilities(q, k, mask, layout, key_letters)
+def attend(q, parts: list[KeyValues], layout=None, keep=None):
+    """Softmax attention of q [batch, sequence, heads, kv] over the keys and values of every part
+    taken together (a decoding cache and the new positions, the memory key/values: see
+    models/kv_cache.py) -> [batch, sequence, heads, kv]; `keep`: dropout multipliers on the
+    probabilities, or None."""
+    probs = probabilities(q, parts, layout)
     if keep is not None:
         probs = probs * keep
-    return einsum(f"bhsm,{key_letters}->bshk", probs.astype(v.dtype), v, layout=layout)
+    attended, start = None, 0
+    for part in parts:
+        size = part.mask.shape[-1]
+        term = einsum(f"bhsm,{part.value_letters}->bshk", probs[..., start:start + size].astype(part.values.dtype),
+                      part.values, layout=layout)
+        attended, start = term if attended is None else attended + term, start + size
+    return attended.astype(q.dtype)  # in the compute dtype, whatever the cache's (kernels.cache_dtype)
 
 
 def softmax_weights(config) -> dict[str, Weight]:
@@ -142,29 +152,21 @@ def softmax_attention(kind: str):
         if layer_cache is None:
             attended = self_attention(q, k, v, reach, memory, config, layout, rng)
         else:
-            keys, values, mask, layer_cache = kv_cache.store_and_view(k, v, slots, first_slot, layer_cache, reach, layout)
-            if memory is not None:
-                keys, values, mask = with_memory(keys, values, mask, memory, "bhmk")
-            attended = attend(q, keys, values, mask[:, None], layout, key_letters=CACHE_LETTERS)
+            attended = attend(q, memory_part(memory, q) + kv_cache.view(k, v, slots, first_slot, layer_cache, reach),
+                              layout)
+            layer_cache = kv_cache.store(k, v, slots, layer_cache, reach, layout, after=attended)
         return lora.project("bshk,hke->bse", attended, p, "out", config, layout) + p["out_bias"], layer_cache
 
     return apply
 
 
-def with_memory(keys, values, mask, memory, key_letters: str):
-    """keys and values (batch first, then key_letters' order) with the memory [mem_kv, heads, kv]
-    prepended along memory_length, and mask [batch, sequence, memory_length] with the memory
-    visible to every query."""
-    axis = key_letters.index("m")
-
-    def prepend(entries, table):
-        table = jnp.einsum(f"mhk->{key_letters[1:]}", table)
-        table = jnp.broadcast_to(table[None], (entries.shape[0], *table.shape)).astype(entries.dtype)
-        return jnp.concatenate([table, entries], axis=axis)
-
+def memory_part(memory, q) -> list[KeyValues]:
+    """The memory key/values [mem_kv, heads, kv] as the first part every query sees (none
+    without num_mem_kv)."""
+    if memory is None:
+        return []
     mem_k, mem_v = memory
-    mask = jnp.concatenate([jnp.ones((*mask.shape[:-1], mem_k.shape[0]), bool), mask], axis=-1)
-    return prepend(keys, mem_k), prepend(values, mem_v), mask
+    return [KeyValues(mem_k, mem_v, jnp.ones((1, q.shape[1], mem_k.shape[0]), bool), "mhk", "mhk")]
 
 
 def self_attention(q, k, v, reach, memory, config, layout, rng):
@@ -178,13 +180,12 @@ def self_attention(q, k, v, reach, memory, config, layout, rng):
     batch, heads = q.shape[0], q.shape[2]
     if kernel == "plain":
         slots = jnp.arange(length)
-        mask = jnp.broadcast_to(visible(slots, slots, reach, causal=not config.mlm_training), (batch, length, length))
-        if memory is not None:
-            k, v, mask = with_memory(k, v, mask, memory, "bmhk")
+        parts = memory_part(memory, q) + [KeyValues(k, v, visible(slots, slots, reach, causal=not config.mlm_training)[None])]
         keep = None
         if attention_dropout:
-            keep = dropout(rng, jnp.ones((batch, heads, length, mask.shape[-1]), q.dtype), config.attn_dropout)
-        return attend(q, k, v, mask[:, None], layout, keep)
+            keys = sum(part.mask.shape[-1] for part in parts)
+            keep = dropout(rng, jnp.ones((batch, heads, length, keys), q.dtype), config.attn_dropout)
+        return attend(q, parts, layout, keep)
     blocks = kernels.attention_blocks(length, reach)
     keep = None
     if attention_dropout:  # one multiplier per probability: 0 where dropped, 1/(1-rate) where kept

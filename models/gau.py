@@ -26,7 +26,8 @@ from models.kernels import project
 from models.params import Weight, bias, projection_std
 from models.positions import rotate
 
-CACHE_DIMENSIONS = ("batch", None, "memory_length", "gau_key")  # one head: the heads entry stays whole
+# the cache's letters (models/kv_cache.py) named for gau: one head, whose entry stays whole
+CACHE_NAMES = {"b": "batch", "h": None, "m": "memory_length", "k": "gau_key"}
 
 
 def gau_weights(config) -> dict[str, Weight]:
@@ -52,23 +53,29 @@ def gau_apply(p, x, slots, first_slot, layer_cache, config, layout, rng, positio
             positions = jnp.broadcast_to(slots, x.shape[:2])
         q, k = (rotate(t[:, :, None, :], positions)[:, :, 0, :] for t in (q, k))
     if layer_cache is None:
-        keys, values = k, v
-        mask = jnp.broadcast_to(kv_cache.visible(slots, slots, None, causal=not config.mlm_training),
-                                (x.shape[0], len(slots), len(slots)))
-    else:
-        keys, values, mask, layer_cache = kv_cache.store_and_view(
-            k[:, :, None, :], v[:, :, None, :], slots, first_slot, layer_cache, None, layout, CACHE_DIMENSIONS)
-        keys, values = keys[:, 0], values[:, 0]
-    scores = einsum("bsg,bmg->bsm", q.astype(jnp.float32), keys.astype(jnp.float32)) / math.sqrt(config.gau_key_size)
-    seen = jnp.maximum(mask.sum(-1, keepdims=True), 1)  # a padding slot's query sees nothing
-    weights = jnp.where(mask, jnp.square(jax.nn.relu(scores)), 0.0) / seen
-    attended = einsum("bsm,bmg->bsg", weights.astype(values.dtype), values, layout=layout)
+        parts = [kv_cache.KeyValues(k, v, kv_cache.visible(slots, slots, None, causal=not config.mlm_training)[None],
+                                    "bmk", "bmk")]
+    else:  # the cache before these positions and their own keys and values (models/kv_cache.py)
+        parts = [kv_cache.one_head(part) for part in
+                 kv_cache.view(k[:, :, None, :], v[:, :, None, :], slots, first_slot, layer_cache, None)]
+    # n(t): the keys query t sees in all the parts together (a padding slot's query sees none)
+    seen = jnp.maximum(sum(jnp.broadcast_to(part.mask, (x.shape[0], *part.mask.shape[1:])).sum(-1, keepdims=True)
+                           for part in parts), 1)
+    attended = 0.0
+    for part in parts:
+        scores = einsum(f"bsk,{part.key_letters}->bsm", q.astype(jnp.float32), part.keys.astype(jnp.float32))
+        weights = jnp.where(part.mask, jnp.square(jax.nn.relu(scores / math.sqrt(config.gau_key_size))), 0.0) / seen
+        attended = attended + einsum(f"bsm,{part.value_letters}->bsk", weights.astype(part.values.dtype), part.values,
+                                     layout=layout)
+    if layer_cache is not None:
+        layer_cache = kv_cache.store(k[:, :, None, :], v[:, :, None, :], slots, layer_cache, None, layout,
+                                     after=attended[:, :, None, :], names=CACHE_NAMES)
     gated = project("bsg,gu->bsu", attended, p["gau_w"], config, layout) * u
     return project("bsu,ue->bse", gated, p["gau_out"], config, layout) + p["gau_out_bias"], layer_cache
 
 
 def gau_cache(config, batch: int, cache_slots: int, dtype, layout):
-    return kv_cache.empty(batch, 1, cache_slots, None, config.gau_key_size, dtype, layout, CACHE_DIMENSIONS)
+    return kv_cache.empty(batch, 1, cache_slots, None, config.gau_key_size, dtype, layout, CACHE_NAMES)
 
 
 def gau_flops(config) -> float:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_layout import computations
 
 import machine
+import sample
 from configs import validate
 from errors import ConfigError
 from models import gpt2
@@ -140,6 +143,26 @@ def test_bfloat16_decoding_runs_in_bfloat16_and_its_logits_stay_close_to_float32
     assert len(samples.tokens[0]) == 8 and all(0 <= t < config.n_vocab for t in samples.tokens[0])
     # the first new token is the bfloat16 model's greedy choice after the prompt
     assert samples.tokens[0][0] == int(np.argmax(bf16_logits[0, -1]))
+
+
+def test_bfloat16_decoding_of_several_rows_streams_bfloat16_weights_at_every_step():
+    """The decode loop carries the weights as cast once per generation. Each step's products take
+    them as bfloat16 (accumulating in float32); a product asked for in bfloat16, or fed a float32
+    activation, makes XLA:CPU convert the weights back to float32 before the loop, and every step
+    then streams twice the bytes. (One row is a matrix-vector product, which XLA:CPU only runs in
+    float32: there bfloat16 gains nothing; see the README.)"""
+    config = tiny_config(n_layer=2, n_embd=64, n_head=4, n_ctx=128, n_vocab=512, attention_types=[[["global", "local"], 1]],
+                         local_attention_radius=8, decode_precision="bfloat16")
+    shape = sample.DecodeShape(batch=4, prompt_slots=16, cache_slots=48)
+    run = sample.compiled_decode_loop(config.replace(precision="bfloat16"), sample.sampling_layout(None, 4), shape,
+                                      sample.SamplingSettings(temperature=0.0))
+    arguments = (gpt2.param_shapes(config), jax.ShapeDtypeStruct((4, 16), np.int32), jax.ShapeDtypeStruct((4,), np.int32),
+                 jax.ShapeDtypeStruct((), np.int32), jax.ShapeDtypeStruct((), np.int32), jax.ShapeDtypeStruct((), np.uint32))
+    hlo = run.lower(*arguments).compile().as_text()
+    body = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)[0]
+    carried = computations(hlo)[body].splitlines()[0]  # the body's parameter: what each step reads
+    for weight in ("[64,256]", "[256,64]", "[64,64]", "[64,512]"):  # fc, proj, q/k/v/out (as XLA reshapes them), unembed
+        assert f"bf16{weight}" in carried and f"f32{weight}" not in carried, weight
 
 
 def test_main_probes_single_host_training_and_sampling_of_models_large_enough_to_gain():

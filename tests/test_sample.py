@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from conftest import xla_flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from test_layout import called_from, computations
 
 from checkpoints import CheckpointMeta, Checkpoints
 from configs import load_config, validate
@@ -29,15 +31,18 @@ from errors import ConfigError
 from mesh import build_mesh_layout
 from models import gpt2
 from sample import (
+    DecodeShape,
     SamplingSettings,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
     choose_tokens,
+    compiled_decode_loop,
     generate,
     run_predict,
     sample_header,
+    sampling_layout,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +117,33 @@ def test_cached_greedy_decoding_equals_full_recompute_with_architecture_options(
     samples = generate(params, config, prompts, max_new_tokens=30, temperature=0.0)
     for prompt, tokens in zip(prompts, samples.tokens):
         assert tokens == full_recompute_greedy(params, config, prompt, 30)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_each_decoding_step_writes_the_cache_in_place_without_copying_it(batch):
+    """Every kind that caches keys and values (global, a local ring, gau, with memory key/values)
+    reads its cache once a step and updates it in place: the compiled loop body copies and
+    transposes nothing of a cache's size. (A copy per layer and step is what XLA:CPU makes of a
+    write that does not wait for the reads of what it overwrites, or of a cache whose order does
+    not suit the step's products: models/kv_cache.py.)"""
+    config = tiny_config(n_layer=4, n_ctx=256, attention_types=[[["global", "local", "gau", "none"], 1]],
+                         num_mem_kv=2, gau_key_size=16, local_attention_radius=8)
+    shape = DecodeShape(batch=batch, prompt_slots=16, cache_slots=208)  # no other array has 208 entries
+    layout = sampling_layout(None, batch)
+    run = compiled_decode_loop(config, layout, shape, SamplingSettings(temperature=0.0))
+    arguments = (gpt2.param_shapes(config), jax.ShapeDtypeStruct((batch, 16), np.int32),
+                 jax.ShapeDtypeStruct((batch,), np.int32), jax.ShapeDtypeStruct((), np.int32),
+                 jax.ShapeDtypeStruct((), np.int32), jax.ShapeDtypeStruct((), np.uint32))
+    hlo = run.lower(*arguments).compile().as_text()
+    comps = computations(hlo)
+    bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+    assert len(bodies) == 1, bodies
+    inside = "\n".join(comps[c] for c in called_from(bodies[0], comps))
+    cache_sized = [line.strip() for line in inside.splitlines()
+                   if re.search(r"= f32\[[\d,]*\b208\b[\d,]*\]\S* (copy|transpose)\(", line)]
+    assert not cache_sized, "\n".join(cache_sized[:4])
+    # the loop does write them: one update each of the global layer's and gau's keys and values
+    assert len(re.findall(r"f32\[[\d,]*\b208\b[\d,]*\]\S* dynamic-update-slice\(", inside)) == 4
 
 
 def test_generation_stops_at_n_ctx_and_a_long_prompt_is_left_truncated(caplog):
