@@ -69,13 +69,17 @@ def clock_ghz(fields: dict) -> float | None:
 def float32_peak(info: dict) -> tuple[float | None, str]:
     """(FLOP/s, how it was estimated): cores x GHz x FMA units x float32 lanes x 2 (an FMA is two
     flops). An estimate from the flags, not a datasheet: AVX-512 is taken as 16 lanes and two FMA
-    units (Intel's server parts since Skylake-SP; AMD's Zen 4 runs 512-bit FMAs as two 256-bit
-    halves, Zen 5 has full-width units, either way 32 lanes-per-cycle), AVX2 with FMA as 8 lanes and
-    two units, anything else 4 lanes and one unit. Turbo and AVX-512 clock offsets are ignored."""
+    units (Intel's server parts since Skylake-SP, AMD's Zen 5), except on AMD's Zen 4 (family 25
+    with AVX-512), whose two FMA units are 256 bits wide and run a 512-bit FMA in two halves: 16
+    lanes and one unit; AVX2 with FMA as 8 lanes and two units, anything else 4 lanes and one unit.
+    Turbo and AVX-512 clock offsets are ignored: a CPU that boosts above its reported clock
+    measures above the estimate."""
     flags, ghz, cores = info["flags"], info["ghz"], info["cores"]
     if not ghz or not cores:
         return None, "unknown clock: no estimate"
-    if flags["avx512f"]:
+    if flags["avx512f"] and info.get("vendor") == "AuthenticAMD" and info.get("family") == 25:
+        lanes, units, unit_words = 16, 1, "AVX-512 on Zen 4: 16 lanes x 1 FMA unit (two 256-bit halves)"
+    elif flags["avx512f"]:
         lanes, units, unit_words = 16, 2, "AVX-512: 16 lanes x 2 FMA units"
     elif flags["avx2"] and flags["fma"]:
         lanes, units, unit_words = 8, 2, "AVX2: 8 lanes x 2 FMA units"

@@ -50,6 +50,11 @@ def test_the_float32_peak_estimate_follows_the_documented_formula():
     avx2_only = dict(ice_lake, flags=dict(ice_lake["flags"], avx512f=False))
     assert machine.float32_peak(avx2_only)[0] == pytest.approx(2 * 2.6e9 * 2 * 8 * 2)
     assert machine.float32_peak(dict(ice_lake, ghz=None))[0] is None
+    # AMD's Zen 4 (family 25) runs AVX-512 on two 256-bit FMA units: half the lanes per cycle of
+    # Zen 5 (family 26), whose units are 512 bits wide
+    zen = dict(ice_lake, vendor="AuthenticAMD", flags=dict(ice_lake["flags"], amx_tile=False, amx_bf16=False))
+    assert machine.float32_peak(dict(zen, family=25))[0] == pytest.approx(2 * 2.6e9 * 1 * 16 * 2)
+    assert machine.float32_peak(dict(zen, family=26))[0] == pytest.approx(332.8e9)
 
 
 def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(probe_cache, caplog, monkeypatch):
