@@ -177,14 +177,17 @@ def cache_path() -> Path:
     return Path(root) / "cpu_probe.json"
 
 
+PROBE_VERSION = 2  # a probe that measures differently does not reuse what an older one chose
+
+
 def machine_key(*parts) -> str:
-    """This CPU, its flags, its cores and the JAX version, with `parts` (the shape class)."""
+    """This CPU, its flags, its cores, the JAX version and the probe's, with `parts` (the shape class)."""
     import jax
 
     info = cpu_info()
     flags = ",".join(flag for flag, present in info["flags"].items() if present)
     text = "|".join(map(str, (info["cpu_model"], info["family"], info["model"], flags, info["cores"],
-                              f"jax {jax.__version__}", *parts)))
+                              f"jax {jax.__version__}", f"probe {PROBE_VERSION}", *parts)))
     return hashlib.sha1(text.encode()).hexdigest()[:16] + " " + text
 
 
@@ -222,40 +225,41 @@ def projection_shapes(config, decoding: bool) -> list[tuple[int, int, int]]:
 
 
 _DOT_PROBE = """
-import json, sys, time
+import json, statistics, sys, time
 import jax, jax.numpy as jnp
-shapes, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-operands = [(jnp.ones((rows, inner), jnp.float32) / inner, jnp.ones((inner, out), jnp.float32))
-            for rows, inner, out in shapes]
-matmul = jax.jit(lambda a, b: a @ b)
-seconds = {}
+shapes, options, rounds, dtype = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
+# as models/kernels.py asks for each product: in the operands' dtype, accumulating in float32
+matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
+compiled = {}
 for name, compiler_options in options.items():
     try:
-        compiled = [matmul.lower(x, w).compile(compiler_options=compiler_options) for x, w in operands]
+        compiled[name] = [matmul.lower(x, w).compile(compiler_options=compiler_options) for x, w in operands]
     except Exception:  # an XLA build without that library
-        seconds[name] = None
         continue
-    total = 0.0
-    for run, (x, w) in zip(compiled, operands):
+    for run, (x, w) in zip(compiled[name], operands):
         run(x, w).block_until_ready()
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
+passes = {name: [] for name in compiled}
+for _ in range(rounds):  # round-robin: a busy spell of a shared machine falls on every option alike
+    for name, runs in compiled.items():
+        start = time.perf_counter()
+        for run, (x, w) in zip(runs, operands):
             run(x, w).block_until_ready()
-            best = min(best, time.perf_counter() - start)
-        total += best
-    seconds[name] = total
-print(json.dumps(seconds))
+        passes[name].append(time.perf_counter() - start)
+print(json.dumps({name: statistics.median(passes[name]) if name in passes else None for name in options}))
 """
+PROBE_ROUNDS = 9  # the median of 9 round-robin passes: best-of-3 per option swung 30% on a 2-core VM
 
 
-def time_dot_options(shapes) -> dict:
-    """{option: seconds of one pass over `shapes`' products, or None where it fails}, all
-    measured in one fresh process: the options are given per compile there, so that this process's
-    JAX has not started and still reads the chosen one from XLA_FLAGS."""
+def time_dot_options(shapes, dtype: str = "float32") -> dict:
+    """{option: seconds of one pass over `shapes`' products in `dtype` (the median of PROBE_ROUNDS passes,
+    the options taking turns), or None where it fails}, all measured in one fresh process: the
+    options are given per compile there, so that this process's JAX has not started and still
+    reads the chosen one from XLA_FLAGS."""
     options = {name: compiler_options for name, (compiler_options, _) in XLA_DOT_OPTIONS.items()}
     try:
-        done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(shapes), json.dumps(options)],
+        done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(shapes), json.dumps(options), str(PROBE_ROUNDS),
+                               dtype],
                               env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, ValueError, IndexError):
@@ -264,14 +268,17 @@ def time_dot_options(shapes) -> dict:
 
 def choose_xla_dot_option(config, decoding: bool) -> dict:
     """{"option": name, "flags": XLA_FLAGS text, "seconds": {name: s}, "why": text}: the fastest
-    of XLA_DOT_OPTIONS on the run's products; cached per machine and shape class."""
+    of XLA_DOT_OPTIONS on the run's products, in the dtype the run computes them in (the dot
+    libraries differ most in bfloat16: XLA's own kernels convert it to float32); cached per
+    machine and shape class."""
     shapes = projection_shapes(config, decoding)
-    key = machine_key("xla dots", "decode" if decoding else "train", shapes)
+    dtype = config.decode_precision if decoding else config.precision
+    key = machine_key("xla dots", "decode" if decoding else "train", shapes, dtype)
     cached = read_cache().get(key)
     if cached is not None:
         return cached | {"why": cached["why"] + " (cached)"}
     start = time.perf_counter()
-    seconds = time_dot_options(shapes)
+    seconds = time_dot_options(shapes, dtype)
     working = {name: s for name, s in seconds.items() if s is not None}
     best = min(working, key=working.get) if working else "default"
     # another library must win clearly: within the noise of a shared machine, keep XLA's default
@@ -279,7 +286,7 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
         best = "default"
     rates = ", ".join(f"{name} {s * 1e3:.1f} ms" if s is not None else f"{name} failed" for name, s in seconds.items())
     choice = {"option": best, "flags": XLA_DOT_OPTIONS[best][1], "seconds": seconds,
-              "why": f"{'decoding' if decoding else 'training'} products {shapes}: {rates} "
+              "why": f"{'decoding' if decoding else 'training'} products {shapes} in {dtype}: {rates} "
                      f"(probed in {time.perf_counter() - start:.1f} s)"}
     write_cache(key, choice)
     return choice

@@ -169,8 +169,9 @@ def main() -> None:
     args = parser.parse_args()
 
     shape = SHAPE_SMALL if args.small else SHAPE_125M
-    if not args.no_probe:  # as main.py --predict does, before JAX starts its backend
-        machine.set_xla_dot_option(validate(dict(shape, predict_batch_size=1), "bench/generate_throughput.py"),
+    if not args.no_probe:  # as main.py --predict does, before JAX starts its backend; for the largest batch
+        largest = max(args.batches, default=1)
+        machine.set_xla_dot_option(validate(dict(shape, predict_batch_size=largest), "bench/generate_throughput.py"),
                                    decoding=True)
     hf_model, config, params = build_models(shape)
     described = machine.describe(rates=True)

@@ -105,6 +105,19 @@ def test_forced_keys_and_cpu_probe_off_skip_the_probe(probe_cache):
     assert not probe_cache.exists()
 
 
+def test_the_xla_dot_probe_times_the_products_in_the_dtype_the_run_computes_them_in(probe_cache):
+    """bfloat16 products are where the dot libraries differ most (XLA's own kernels convert them to
+    float32 first), so a bfloat16 decode is probed on bfloat16 products and keeps its own choice."""
+    float32 = machine.choose_xla_dot_option(tiny_config(predict_batch_size=4), decoding=True)
+    bfloat16 = machine.choose_xla_dot_option(tiny_config(predict_batch_size=4, decode_precision="bfloat16"), decoding=True)
+    assert "in float32" in float32["why"] and "in bfloat16" in bfloat16["why"]
+    assert len(json.loads(probe_cache.read_text())) == 2
+    assert all(seconds is None or seconds > 0 for seconds in bfloat16["seconds"].values())
+    # and the probe runs the products as the model asks for them: in bfloat16, accumulating in float32
+    shapes = [[4, 32, 128]]
+    assert machine.time_dot_options(shapes, "bfloat16")["default"] is not None
+
+
 def test_the_xla_dot_probe_sets_one_of_its_options_and_a_user_flag_wins(probe_cache, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     config = tiny_config(predict_batch_size=1)
