@@ -1,6 +1,7 @@
 """Training throughput: neomesh's train step against Hugging Face transformers' GPTNeoForCausalLM
-(PyTorch, AdamW, float32, same shape and batch) in the same run, the two taking turns step by
-step, and MFU against a float32 matrix-multiply roofline measured on the same machine (XLA's own
+(PyTorch, AdamW, float32, same shape and batch; with --precision bfloat16 both compute in
+bfloat16 over float32 weights, Hugging Face under torch.autocast) in the same run, the two taking
+turns step by step, and MFU against a float32 matrix-multiply roofline measured on the same machine (XLA's own
 rate) and against the CPU's float32 peak estimated from its flags (machine.py). The JSON line's
 "machine" names the CPU, its cores and flags, and PyTorch's matmul rate and the memory bandwidth
 measured in the same run, so that figures from different machines can be told apart.
@@ -102,7 +103,7 @@ def hf_runner(config):
     shape = {key: getattr(config, key) for key in ("n_vocab", "n_ctx", "n_embd", "n_layer", "n_head", "train_batch_size")}
     spawn = multiprocessing.get_context("spawn")
     ours, theirs = spawn.Pipe()
-    worker = spawn.Process(target=_hf_worker, args=(theirs, shape), daemon=True)
+    worker = spawn.Process(target=_hf_worker, args=(theirs, shape, config.precision), daemon=True)
     worker.start()
     theirs.close()
     if ours.recv() != "ready":
@@ -115,7 +116,10 @@ def hf_runner(config):
     return run_step
 
 
-def _hf_worker(connection, shape: dict) -> None:
+def _hf_worker(connection, shape: dict, precision: str) -> None:
+    """precision bfloat16: the forward and backward under torch.autocast(bfloat16) with float32
+    weights, as Hugging Face's Trainer trains with bf16=True on a CPU, and as neomesh's precision
+    bfloat16 computes (bfloat16 products, float32 master weights)."""
     import torch
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
@@ -133,7 +137,8 @@ def _hf_worker(connection, shape: dict) -> None:
     try:
         while connection.recv() == "step":
             optimizer.zero_grad(set_to_none=True)
-            loss = model(input_ids=tokens, labels=tokens).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                loss = model(input_ids=tokens, labels=tokens).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -284,7 +284,7 @@ def with_virtual_tokens(x, positions, prompt, padding, layout):
 def init_cache(config, batch: int, cache_slots: int, first_slot=None, layout=None) -> dict:
     """An empty decoding cache of `cache_slots` slots per row; row b's text starts at slot
     first_slot[b] (its left padding; default 0)."""
-    dtype = kernels.cache_dtype(config)
+    dtype = kernels.cache_dtype(compute_dtype(config))
     cache_slots += config.prompt_tuning_tokens  # the virtual tokens take slots too
     layers = [KINDS[kind].init_cache(config, batch, cache_slots, dtype, layout) for kind in config.layer_kinds]
     first_slot = jnp.zeros((batch,), jnp.int32) if first_slot is None else jnp.asarray(first_slot, jnp.int32)

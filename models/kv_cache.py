@@ -12,10 +12,9 @@ attention), so that every row's newest token is in the same slot. A layer's cach
 New positions attend to two parts (`KeyValues`, `view`): the cache as it is, and their own keys
 and values; then `store` writes them for the steps after, in place. (Reading the cache after
 writing into it made XLA:CPU copy every layer's cache twice a step: at 125M and 160 slots 4 of
-26 ms a token, and more as the cache grows.) The orders are
-those of the step's two products, scores = q @ keys and out = probabilities @ values, each
-[rows, contracted] @ [contracted, columns] per (batch, head): in another order XLA:CPU copies a
-transposed cache every step.
+26 ms a token, and more as the cache grows.) The orders are those of the step's two products,
+scores = q @ keys and out = probabilities @ values, each [rows, contracted] @ [contracted,
+columns] per (batch, head): in another order XLA:CPU copies a transposed cache every step.
 """
 
 from __future__ import annotations
