@@ -1,8 +1,11 @@
 """Every test process sees 8 simulated CPU devices, so sharded and single-device runs can be compared."""
 
+import logging
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 # The tests' models are tiny, so compiling them costs more than running them: LLVM's optimisation
 # passes are skipped (about half the suite's CPU time). Only code generation changes, not the
@@ -18,3 +21,14 @@ def xla_flags(devices: int) -> str:
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@pytest.fixture(autouse=True)
+def no_log_handler_on_a_closed_stream():
+    """A test that runs main.py or export.py in this process (main.main) leaves metrics.setup_logging's
+    root handler writing to that test's captured stdout, closed once it ends; a later test in the
+    same process whose code logs through the root handler (run_experiment.run) would print a
+    "Logging error" traceback to its stderr. Such handlers are removed before each test."""
+    for handler in logging.root.handlers[:]:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            logging.root.removeHandler(handler)
