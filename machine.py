@@ -226,11 +226,12 @@ def projection_shapes(config, decoding: bool) -> list[tuple[int, int, int]]:
 
 _DOT_PROBE = """
 import json, statistics, sys, time
+shapes, options, rounds, dtype, repository = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+sys.path.insert(0, repository)
 import jax, jax.numpy as jnp
-shapes, options, rounds, dtype = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+from models.kernels import product  # each product as the model asks for it
 operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
-# as models/kernels.py asks for each product: in the operands' dtype, accumulating in float32
-matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
+matmul = jax.jit(product)
 compiled = {}
 for name, compiler_options in options.items():
     try:
@@ -259,7 +260,7 @@ def time_dot_options(shapes, dtype: str = "float32") -> dict:
     options = {name: compiler_options for name, (compiler_options, _) in XLA_DOT_OPTIONS.items()}
     try:
         done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(shapes), json.dumps(options), str(PROBE_ROUNDS),
-                               dtype],
+                               dtype, str(Path(__file__).resolve().parent)],
                               env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, ValueError, IndexError):
@@ -346,9 +347,8 @@ def choose_kernels(config) -> dict:
     if not open_keys:
         return {"why": " and ".join(KERNEL_ALTERNATIVES) + " set in the config"}
     # the dot library in force changes what the kernels cost, so a choice is kept per library
-    dot_flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split() if any(p in flag for p in PROBED_FLAGS))
     key = machine_key("kernels", open_keys, probe_config.n_layer, config.n_embd, config.n_head, config.n_ctx,
-                      config.precision, dot_flags or "default dots")
+                      config.precision, dot_flags_in_force() or "default dots")
     cached = read_cache().get(key)
     if cached is not None:
         return cached | {"why": cached["why"] + " (cached)"}
@@ -372,8 +372,13 @@ def choose_kernels(config) -> dict:
     return choice
 
 
+def dot_flags_in_force() -> str:
+    """The XLA_FLAGS that choose a dot library (PROBED_FLAGS), as set now; empty: XLA's default."""
+    return " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split() if any(p in flag for p in PROBED_FLAGS))
+
+
 def user_sets_dot_flags() -> bool:
-    return any(flag in os.environ.get("XLA_FLAGS", "") for flag in PROBED_FLAGS)
+    return bool(dot_flags_in_force())
 
 
 def set_xla_dot_option(config, decoding: bool) -> dict | None:

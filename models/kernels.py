@@ -55,9 +55,9 @@ def _cpu_projection(x, w, contracted: int):
     recomputes its producer (one such 25 MB transpose took 112 ms). Here each product gets its
     operands transposed once, behind an optimization barrier so that XLA keeps the plain copy; and
     the weight gradient transposes whichever side is smaller: x, or g and the weight-sized result.
-    Each product accumulates in float32 (`_product`).
+    Each product accumulates in float32 (`product`).
     """
-    return _product(x, w, contracted)
+    return product(x, w, contracted)
 
 
 def _cpu_projection_forward(x, w, contracted):
@@ -67,18 +67,19 @@ def _cpu_projection_forward(x, w, contracted):
 def _cpu_projection_backward(contracted, residuals, g):
     x, w = residuals
     row_dims, out_dims = x.ndim - contracted, w.ndim - contracted
-    d_x = _product(g, _leading_swapped(w, contracted), out_dims)
+    d_x = product(g, _leading_swapped(w, contracted), out_dims)
     rows, out_size = math.prod(x.shape[:row_dims]), math.prod(w.shape[contracted:])
     in_size = w.size // out_size
     if rows * in_size <= rows * out_size + w.size:
-        d_w = _product(_leading_swapped(x, row_dims), g, row_dims)
+        d_w = product(_leading_swapped(x, row_dims), g, row_dims)
     else:
-        d_w = _leading_swapped(_product(_leading_swapped(g, row_dims), x, row_dims), out_dims)
+        d_w = _leading_swapped(product(_leading_swapped(g, row_dims), x, row_dims), out_dims)
     return d_x.astype(x.dtype), d_w.astype(w.dtype)
 
 
-def _product(a, b, contracted: int):
-    """tensordot accumulating in float32, in the operands' dtype. The same result as XLA:CPU's
+def product(a, b, contracted: int = 1):
+    """tensordot accumulating in float32, in the operands' dtype: how every projection asks for its
+    products on a CPU, and so how metrics.matmul_roofline and machine.py's dot probe time theirs. The same result as XLA:CPU's
     own handling of a bfloat16 product (it computes it in float32 and rounds the output), but
     asked for this way XLA:CPU passes bfloat16 operands to its dot library, which reads half the
     bytes, instead of converting them to float32 first (or, for weights in a decoding loop,
