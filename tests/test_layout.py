@@ -80,18 +80,20 @@ def test_memory_length_changes_the_compiled_step():
     assert compiled_train_step("batch:x,memory_length:y") != compiled_train_step("batch:x")
 
 
+def compiled_decode_hlo(config, layout, shape) -> str:
+    """The optimized HLO of sample.py's greedy decode loop for `shape` (a sample.DecodeShape),
+    compiled from abstract parameters and prompts; `config` as the loop runs it."""
+    run = sample.compiled_decode_loop(config, layout, shape, sample.SamplingSettings(temperature=0.0))
+    scalar = jax.ShapeDtypeStruct((), np.int32)
+    return run.lower(gpt2.param_shapes(config), jax.ShapeDtypeStruct((shape.batch, shape.prompt_slots), np.int32),
+                     jax.ShapeDtypeStruct((shape.batch,), np.int32), scalar, scalar,
+                     jax.ShapeDtypeStruct((), np.uint32)).compile().as_text()
+
+
 def test_the_decoding_cache_is_split_as_the_layout_names_memory_length_and_heads():
     for layout_text, expected in (("batch:x,memory_length:y", "[4,4,16,16]"), ("batch:x,heads:y", "[4,1,64,16]")):
         config = validate(BASE | {"layout": layout_text}, "test")
-        layout = build_mesh_layout(config)
-        shape = sample.DecodeShape(batch=8, prompt_slots=16, cache_slots=64)
-        settings = sample.SamplingSettings(temperature=0.0)
-        run = sample.compiled_decode_loop(config, layout, shape, settings)
-        params = gpt2.param_shapes(config)
-        tokens = jax.ShapeDtypeStruct((8, 16), np.int32)
-        pad = jax.ShapeDtypeStruct((8,), np.int32)
-        scalar = jax.ShapeDtypeStruct((), np.int32)
-        hlo = run.lower(params, tokens, pad, scalar, scalar, jax.ShapeDtypeStruct((), np.uint32)).compile().as_text()
+        hlo = compiled_decode_hlo(config, build_mesh_layout(config), sample.DecodeShape(batch=8, prompt_slots=16, cache_slots=64))
         assert f"f32{expected}" in hlo, f"cache [batch, heads, memory_length, kv] not split as {layout_text}"
 
 

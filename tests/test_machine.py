@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_layout import computations
+from test_layout import compiled_decode_hlo, computations
 
 import machine
 import sample
@@ -172,11 +172,8 @@ def test_bfloat16_decoding_of_several_rows_streams_bfloat16_weights_at_every_ste
     config = tiny_config(n_layer=2, n_embd=64, n_head=4, n_ctx=128, n_vocab=512, attention_types=[[["global", "local"], 1]],
                          local_attention_radius=8, decode_precision="bfloat16")
     shape = sample.DecodeShape(batch=4, prompt_slots=16, cache_slots=48)
-    run = sample.compiled_decode_loop(config.replace(precision="bfloat16"), sample.sampling_layout(None, 4), shape,
-                                      sample.SamplingSettings(temperature=0.0))
-    arguments = (gpt2.param_shapes(config), jax.ShapeDtypeStruct((4, 16), np.int32), jax.ShapeDtypeStruct((4,), np.int32),
-                 jax.ShapeDtypeStruct((), np.int32), jax.ShapeDtypeStruct((), np.int32), jax.ShapeDtypeStruct((), np.uint32))
-    hlo = run.lower(*arguments).compile().as_text()
+    # sample.generate runs a decode_precision bfloat16 loop as precision bfloat16
+    hlo = compiled_decode_hlo(config.replace(precision="bfloat16"), sample.sampling_layout(None, 4), shape)
     body = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)[0]
     carried = computations(hlo)[body].splitlines()[0]  # the body's parameter: what each step reads
     for weight in ("[64,256]", "[256,64]", "[64,64]", "[64,512]"):  # fc, proj, q/k/v/out (as XLA reshapes them), unembed

@@ -22,7 +22,7 @@ from conftest import xla_flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from test_layout import called_from, computations
+from test_layout import called_from, compiled_decode_hlo, computations
 
 from checkpoints import CheckpointMeta, Checkpoints
 from configs import load_config, validate
@@ -38,7 +38,6 @@ from sample import (
     apply_top_k,
     apply_top_p,
     choose_tokens,
-    compiled_decode_loop,
     generate,
     run_predict,
     sample_header,
@@ -129,12 +128,7 @@ def test_each_decoding_step_writes_the_cache_in_place_without_copying_it(batch):
     config = tiny_config(n_layer=4, n_ctx=256, attention_types=[[["global", "local", "gau", "none"], 1]],
                          num_mem_kv=2, gau_key_size=16, local_attention_radius=8)
     shape = DecodeShape(batch=batch, prompt_slots=16, cache_slots=208)  # no other array has 208 entries
-    layout = sampling_layout(None, batch)
-    run = compiled_decode_loop(config, layout, shape, SamplingSettings(temperature=0.0))
-    arguments = (gpt2.param_shapes(config), jax.ShapeDtypeStruct((batch, 16), np.int32),
-                 jax.ShapeDtypeStruct((batch,), np.int32), jax.ShapeDtypeStruct((), np.int32),
-                 jax.ShapeDtypeStruct((), np.int32), jax.ShapeDtypeStruct((), np.uint32))
-    hlo = run.lower(*arguments).compile().as_text()
+    hlo = compiled_decode_hlo(config, sampling_layout(None, batch), shape)
     comps = computations(hlo)
     bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
     assert len(bodies) == 1, bodies
