@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -224,32 +225,41 @@ def projection_shapes(config, decoding: bool) -> list[tuple[int, int, int]]:
     return [(rows, config.n_embd, hidden), (rows, hidden, config.n_embd), (config.n_embd, rows, hidden)]
 
 
+def time_round_robin(passes: dict, rounds: int) -> dict:
+    """{name: median seconds of one call of passes[name]}, after one untimed call each, over
+    `rounds` rounds in which every pass runs once in turn: a busy spell of a shared machine falls
+    on every option alike (best-of-3 per option swung 30% on a 2-core VM)."""
+    for run in passes.values():
+        run()
+    seconds = {name: [] for name in passes}
+    for _ in range(rounds):
+        for name, run in passes.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(taken) for name, taken in seconds.items()}
+
+
 _DOT_PROBE = """
-import json, statistics, sys, time
+import json, sys
 shapes, options, rounds, dtype, repository = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 sys.path.insert(0, repository)
 import jax, jax.numpy as jnp
+from machine import time_round_robin
 from models.kernels import product  # each product as the model asks for it
 operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
 matmul = jax.jit(product)
-compiled = {}
+passes = {}
 for name, compiler_options in options.items():
     try:
-        compiled[name] = [matmul.lower(x, w).compile(compiler_options=compiler_options) for x, w in operands]
+        runs = [matmul.lower(x, w).compile(compiler_options=compiler_options) for x, w in operands]
     except Exception:  # an XLA build without that library
         continue
-    for run, (x, w) in zip(compiled[name], operands):
-        run(x, w).block_until_ready()
-passes = {name: [] for name in compiled}
-for _ in range(rounds):  # round-robin: a busy spell of a shared machine falls on every option alike
-    for name, runs in compiled.items():
-        start = time.perf_counter()
-        for run, (x, w) in zip(runs, operands):
-            run(x, w).block_until_ready()
-        passes[name].append(time.perf_counter() - start)
-print(json.dumps({name: statistics.median(passes[name]) if name in passes else None for name in options}))
+    passes[name] = lambda runs=runs: [run(x, w).block_until_ready() for run, (x, w) in zip(runs, operands)]
+seconds = time_round_robin(passes, rounds)
+print(json.dumps({name: seconds.get(name) for name in options}))
 """
-PROBE_ROUNDS = 9  # the median of 9 round-robin passes: best-of-3 per option swung 30% on a 2-core VM
+PROBE_ROUNDS = 9
 
 
 def time_dot_options(shapes, dtype: str = "float32") -> dict:
@@ -334,6 +344,37 @@ def time_train_step(config) -> float:
     return best
 
 
+def choose_decode_product(config) -> dict:
+    """{"decode_product": rows_first | weights_first, "why": ...}: the faster order of a decoding
+    step's products (models/kernels.py `weights_first`) on the config's decoding products at
+    predict_batch_size rows, in decode_precision, under the dot library in force; weights first
+    must win by 10%, as it keeps a second copy of the weights while sampling. Cached per machine,
+    shapes, dtype and dot library."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.kernels import product, weights_first
+
+    shapes = projection_shapes(config, decoding=True)
+    dtype = config.decode_precision
+    key = machine_key("decode product", shapes, dtype, dot_flags_in_force() or "default dots")
+    cached = read_cache().get(key)
+    if cached is not None:
+        return cached | {"why": cached["why"] + " (cached)"}
+    start = time.perf_counter()
+    operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
+    forms = {"rows_first": (jax.jit(product), operands),
+             "weights_first": (jax.jit(weights_first), [(x, jnp.transpose(w)) for x, w in operands])}
+    seconds = time_round_robin({name: lambda f=f, args=args: [f(x, w).block_until_ready() for x, w in args]
+                                for name, (f, args) in forms.items()}, PROBE_ROUNDS)
+    chosen = "weights_first" if seconds["weights_first"] < 0.9 * seconds["rows_first"] else "rows_first"
+    choice = {"decode_product": chosen,
+              "why": f"decoding products {shapes} in {dtype}: " + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in seconds.items())
+                     + f" (probed in {time.perf_counter() - start:.1f} s)"}
+    write_cache(key, choice)
+    return choice
+
+
 KERNEL_ALTERNATIVES = {"attention_kernel": ("blocked", "plain"), "cpu_backward": ("written", "plain")}
 
 
@@ -396,13 +437,19 @@ def set_xla_dot_option(config, decoding: bool) -> dict | None:
 
 
 def tune(config, decoding: bool = False):
-    """The config with attention_kernel and cpu_backward chosen for this machine where they are
-    auto (cpu_probe auto, on a CPU), each choice logged with its reason. Call after
-    set_xla_dot_option and before the first compile."""
+    """The config with attention_kernel and cpu_backward (training) or decode_product (`decoding`)
+    chosen for this machine where they are auto (cpu_probe auto, on a CPU), each choice logged
+    with its reason. Call after set_xla_dot_option and before the first compile."""
     import jax
 
-    if config.cpu_probe == "off" or jax.default_backend() != "cpu" or decoding:
+    if config.cpu_probe == "off" or jax.default_backend() != "cpu":
         return config
+    if decoding:
+        if config.decode_product != "auto":
+            return config
+        choice = choose_decode_product(config)
+        log.info("cpu probe: decode_product %s; %s", choice["decode_product"], choice["why"])
+        return config.replace(decode_product=choice["decode_product"])
     choice = choose_kernels(config)
     chosen = {key: value for key, value in choice.items() if key != "why"}
     log.info("cpu probe: %s; %s", ", ".join(f"{k} {v}" for k, v in chosen.items()) or "nothing to choose",

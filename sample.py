@@ -127,20 +127,21 @@ class DecodeShape:
     prompt_slots: int  # the prompt bucket: prompts are left-padded to this many slots
     cache_slots: int  # prompt_slots + room for the new tokens, rounded up
 
-    @property
-    def transpose_unembed(self) -> bool:
-        """Whether to transpose the output embedding to [embd, vocab] once per call. With several
-        rows the CPU's matrix multiply reads that order faster (125M, batch 8: each ~45 ms step
-        ~10 ms faster); for one row both orders read equally fast, and the copy (~0.1 s at 125M)
-        would only delay the first token."""
-        return self.batch > 1
+
+def transposes_unembed(config, shape: DecodeShape) -> bool:
+    """Whether the decode loop transposes the output embedding to [embd, vocab] once per call.
+    A decoding step that multiplies rows first (decode_product) reads that order faster from two
+    rows (125M, batch 8: each ~45 ms step ~10 ms faster on a Zen 5); for one row both orders read
+    about equally fast, and the copy (~0.1 s at 125M) would only delay the first token. Weights
+    first reads the table as stored, [vocab, embd]."""
+    return shape.batch > 1 and config.decode_product != "weights_first"
 
 
 def last_logits(hidden, output, shape: DecodeShape, config, layout):
     """hidden [batch, embd] (after ln_f) -> float32 logits [batch, vocab] through the model's output
     projection; `output` is gpt2.output_weights(...), its table [embd, vocab] when
-    shape.transpose_unembed."""
-    return gpt2.unembed(hidden[:, None], output, config, layout, transposed=shape.transpose_unembed)[:, 0]
+    transposes_unembed."""
+    return gpt2.unembed(hidden[:, None], output, config, layout, transposed=transposes_unembed(config, shape))[:, 0]
 
 
 def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout, shape, settings):
@@ -154,7 +155,7 @@ def decode_loop(params, prompt, pad, new_tokens, eos_id, seed, *, config, layout
     # with fsdp_axes, every weight gathered once for the whole generation, not at every token
     params = gpt2.gathered(params, gpt2.weights(config), layout)
     output = gpt2.output_weights(params, config)  # table [vocab, embd]
-    if shape.transpose_unembed:
+    if transposes_unembed(config, shape):
         output = (layout.constrain(output[0].T, ("embd", "vocab")), output[1])
     batch_rows = jnp.arange(shape.batch)
     capacity = shape.cache_slots - shape.prompt_slots

@@ -46,7 +46,7 @@ RUN_KEYS = ("train_steps", "model_path", "steps_per_checkpoint", "keep_checkpoin
 MAY_CHANGE_ON_RESUME = RUN_KEYS + (
     "lr", "lr_decay", "lr_decay_end", "warmup_steps", "beta1", "beta2", "epsilon", "ada_epsilon1", "ada_epsilon2",
     "z_loss", "embed_dropout", "attn_dropout", "res_dropout", "recompute_grad", "tokens_per_mb_per_replica",
-    "attention_kernel", "cpu_backward", "cpu_probe", "decode_precision", "mesh_shape", "layout", "log_grads", "skip_nonfinite_steps", "temperature",
+    "attention_kernel", "cpu_backward", "cpu_probe", "decode_precision", "decode_product", "mesh_shape", "layout", "log_grads", "skip_nonfinite_steps", "temperature",
     "top_k", "top_p", "repetition_penalty", "sampling_seed", "predict_steps", "eval_tasks", "lambada_path", "model")
 
 

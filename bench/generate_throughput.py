@@ -185,12 +185,18 @@ def main() -> None:
     rng = np.random.default_rng(0)
     results = {"model": "125M" if not args.small else "small", "prompt_tokens": args.prompt_tokens,
                "new_tokens": args.new_tokens, "machine": described, "weight_bytes_per_token": weight_bytes}
+    def tuned(config, batch: int):
+        """The config as main.py --predict runs it at this batch: decode_product probed (machine.tune)."""
+        config = config.replace(predict_batch_size=batch)
+        return config if args.no_probe else machine.tune(config, decoding=True)
+
     for batch in args.batches:
         prompt = rng.integers(0, shape["n_vocab"], (batch, args.prompt_tokens)).tolist()
-        ours_s, ours_tokens = time_ours(params, config, prompt, args.new_tokens, args.repeats)
+        batch_config = tuned(config, batch)
+        ours_s, ours_tokens = time_ours(params, batch_config, prompt, args.new_tokens, args.repeats)
         hf_threads = fastest_torch_threads(hf_model, prompt)
         hf_s, hf_tokens = time_hf(hf_model, prompt, args.new_tokens, args.repeats)
-        ours_ttft, _ = time_ours(params, config, prompt, 1, args.repeats)
+        ours_ttft, _ = time_ours(params, batch_config, prompt, 1, args.repeats)
         hf_ttft, _ = time_hf(hf_model, prompt, 1, args.repeats)
         ours_rate = batch * args.new_tokens / ours_s
         hf_rate = batch * args.new_tokens / hf_s
@@ -198,13 +204,13 @@ def main() -> None:
         print(f"batch {batch}: neomesh {ours_rate:8.1f} new tokens/s, first token {ours_ttft * 1e3:7.1f} ms | "
               f"HF ({hf_threads} thread(s)) {hf_rate:8.1f} new tokens/s, first token {hf_ttft * 1e3:7.1f} ms | "
               f"ratio {ours_rate / hf_rate:.2f}x tokens/s, {hf_ttft / ours_ttft:.2f}x first token | "
-              f"greedy tokens agree for the first {agree} of {args.new_tokens}")
+              f"greedy tokens agree for the first {agree} of {args.new_tokens}; decode_product {batch_config.decode_product}")
         results[f"batch_{batch}"] = {
             "neomesh_tokens_per_s": round(ours_rate, 2), "hf_tokens_per_s": round(hf_rate, 2),
             "tokens_per_s_ratio": round(ours_rate / hf_rate, 3),
             "neomesh_first_token_ms": round(ours_ttft * 1e3, 2), "hf_first_token_ms": round(hf_ttft * 1e3, 2),
             "first_token_speedup": round(hf_ttft / ours_ttft, 3), "greedy_agreeing_prefix": agree,
-            "hf_torch_threads": hf_threads,
+            "hf_torch_threads": hf_threads, "decode_product": batch_config.decode_product,
         }
         if batch == 1:
             reached = ours_rate * weight_bytes / bandwidth
@@ -212,7 +218,7 @@ def main() -> None:
             print(f"  batch 1 streams {weight_bytes / 1e6:.0f} MB of float32 weights per token: "
                   f"{ours_rate * weight_bytes / 1e9:.1f} GB/s, {reached:.0%} of the {bandwidth / 1e9:.1f} GB/s measured")
         if args.bfloat16:
-            bf16_config = config.replace(decode_precision="bfloat16")
+            bf16_config = tuned(config.replace(decode_precision="bfloat16"), batch)
             bf16_s, bf16_tokens = time_ours(params, bf16_config, prompt, args.new_tokens, args.repeats)
             bf16_rate = batch * args.new_tokens / bf16_s
             agreeing = sum(agreeing_prefix(a, b) for a, b in zip(bf16_tokens, ours_tokens))
@@ -221,12 +227,14 @@ def main() -> None:
             note = "" if flags["avx512_bf16"] or flags["amx_bf16"] else " (this CPU has neither AVX512-BF16 nor AMX)"
             print(f"  decode_precision bfloat16: {bf16_rate:8.1f} new tokens/s ({bf16_rate / ours_rate:.2f}x float32's); "
                   f"greedy tokens agree with float32's for the first {agreeing / batch:.0f} of {args.new_tokens} "
-                  f"on average, {same / (batch * args.new_tokens):.0%} of positions equal{note}")
+                  f"on average, {same / (batch * args.new_tokens):.0%} of positions equal{note}; "
+                  f"decode_product {bf16_config.decode_product}")
             results[f"batch_{batch}"] |= {
                 "bfloat16_tokens_per_s": round(bf16_rate, 2), "bfloat16_vs_float32": round(bf16_rate / ours_rate, 3),
                 "bfloat16_vs_hf": round(bf16_rate / hf_rate, 3),
                 "bfloat16_agreeing_prefix_mean": agreeing / batch,
-                "bfloat16_positions_equal": round(same / (batch * args.new_tokens), 3)}
+                "bfloat16_positions_equal": round(same / (batch * args.new_tokens), 3),
+                "bfloat16_decode_product": bf16_config.decode_product}
     if args.position_prompts:
         print(f"per-token time by position, {POSITION_SHAPE}, batch 1, 192 new tokens after 64, neomesh only:")
         results["ms_per_token_by_prompt_length"] = per_token_by_position(args.position_prompts, 192, max(args.repeats, 5))

@@ -131,7 +131,33 @@ def test_the_xla_dot_probe_sets_one_of_its_options_and_a_user_flag_wins(probe_ca
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=false"
 
 
-@pytest.mark.parametrize("key, value", [("cpu_probe", "on"), ("decode_precision", "float16"), ("cpu_backward", "cpu")])
+def test_the_decode_probe_times_both_orders_of_the_decoding_products_caches_and_logs_the_choice(probe_cache, caplog):
+    config = tiny_config(predict_batch_size=4)
+    with caplog.at_level(logging.INFO, logger="neomesh"):
+        tuned = machine.tune(config, decoding=True)
+    assert tuned.decode_product in ("rows_first", "weights_first")
+    assert tuned.replace(decode_product="auto").to_dict() == config.to_dict()  # nothing else changes
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cpu probe: decode_product"))
+    assert f"decode_product {tuned.decode_product};" in line
+    timed = dict(re.findall(r"(rows_first|weights_first) ([\d.]+) ms", line))
+    assert set(timed) == {"rows_first", "weights_first"} and all(float(ms) > 0 for ms in timed.values())
+    assert "[(4, 32, 128), (4, 128, 32), (4, 32, 64)] in float32" in line  # the config's decoding products
+    (key, entry), = json.loads(probe_cache.read_text()).items()
+    # the planted opposite comes back from the cache; another batch or dtype is probed apart
+    planted = {"rows_first": "weights_first", "weights_first": "rows_first"}[tuned.decode_product]
+    probe_cache.write_text(json.dumps({key: dict(entry, decode_product=planted)}))
+    assert machine.tune(config, decoding=True).decode_product == planted
+    machine.tune(config.replace(predict_batch_size=1), decoding=True)
+    machine.tune(config.replace(decode_precision="bfloat16"), decoding=True)
+    assert len(json.loads(probe_cache.read_text())) == 3
+    # a value in the config is kept, and training leaves the key alone
+    forced = tiny_config(predict_batch_size=4, decode_product="weights_first")
+    assert machine.tune(forced, decoding=True).decode_product == "weights_first"
+    assert machine.tune(config).decode_product == "auto"
+
+
+@pytest.mark.parametrize("key, value", [("cpu_probe", "on"), ("decode_precision", "float16"), ("cpu_backward", "cpu"),
+                                        ("decode_product", "columns_first")])
 def test_bad_probe_and_decode_keys_are_clear_errors(key, value):
     with pytest.raises(ConfigError, match=f"{key}.*{value}"):
         tiny_config(**{key: value})

@@ -140,6 +140,44 @@ def test_each_decoding_step_writes_the_cache_in_place_without_copying_it(batch):
     assert len(re.findall(r"f32\[[\d,]*\b208\b[\d,]*\]\S* dynamic-update-slice\(", inside)) == 4
 
 
+@pytest.mark.parametrize("case", ["together", "every kind, rotary, mem-kv"])
+def test_decoding_with_the_weights_first_gives_the_tokens_of_full_recompute(case):
+    """decode_product weights_first (models/kernels.py) changes only the order of each decoding
+    step's products: rows of two prompt lengths (left padding) through every kind of layer and
+    the architecture options still decode as the uncached model does."""
+    config = tiny_config(**DECODING_OPTIONS[case], decode_product="weights_first")
+    params = peaked_params(config, scale=PEAKED_SCALE.get(case, 8.0))
+    params = jax.tree.map(lambda w: w + 0.7 if w.ndim == 0 else w, params)
+    prompts = [[5, 6, 7], list(range(1, 19))]
+    samples = generate(params, config, prompts, max_new_tokens=30, temperature=0.0)
+    for prompt, tokens in zip(prompts, samples.tokens):
+        assert tokens == full_recompute_greedy(params, config, prompt, 30)
+
+
+def test_decoding_with_the_weights_first_reads_out_first_copies_made_once_before_the_loop():
+    """Each step reads attention's q/k/v weights [embd, heads, kv] as [heads, kv, embd] and its
+    output weight [heads, kv, embd] as [embd, heads, kv]: copies that XLA makes once, before the
+    loop, not at every step (nothing of a weight's size is transposed or copied in the loop)."""
+    config = tiny_config(n_layer=2, n_embd=48, n_head=4, n_ctx=128, n_vocab=320, intermediate_size=176,
+                         attention_types=[[["global", "local"], 1]], local_attention_radius=8)
+    shape = DecodeShape(batch=3, prompt_slots=16, cache_slots=48)
+    carried = {}
+    for order in ("rows_first", "weights_first"):
+        hlo = compiled_decode_hlo(config.replace(decode_product=order), sampling_layout(None, 3), shape)
+        comps = computations(hlo)
+        body = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)[0]
+        parameter = comps[body].splitlines()[0].split("->")[0]  # what each step reads
+        carried[order] = (parameter.count("f32[48,4,12]"), parameter.count("f32[4,12,48]"))
+        inside = "\n".join(comps[c] for c in called_from(body, comps))
+        moved = [line.strip() for line in inside.splitlines()
+                 if (m := re.search(r"= f32\[([\d,]+)\]\S* (copy|transpose)\(", line))
+                 and np.prod([int(d) for d in m.group(1).split(",")]) >= 48 * 48]
+        assert not moved, (order, moved[:3])
+    layers = config.n_layer
+    assert carried["rows_first"] == (3 * layers, layers)  # q, k, v as stored; out as stored
+    assert carried["weights_first"] == (layers, 3 * layers)  # every one out-first
+
+
 def test_generation_stops_at_n_ctx_and_a_long_prompt_is_left_truncated(caplog):
     config = tiny_config()
     params = peaked_params(config)
@@ -302,6 +340,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     # fsdp_axes: the weights sharded over x too, gathered once for the whole generation
     fsdp = build_mesh_layout(config.replace(fsdp_axes="x"))
     result["fsdp"] = generate(params, config, prompts, layout=fsdp, max_new_tokens=30, temperature=0.0).tokens
+    # each decoding step's products the other way round (models/kernels.py weights_first), sharded
+    weights_first = config.replace(decode_product="weights_first")
+    result["weights_first"] = generate(params, weights_first, prompts, layout=layout, max_new_tokens=30,
+                                       temperature=0.0).tokens
     print(json.dumps(result))
 """)
 
@@ -314,6 +356,7 @@ def test_sharded_decoding_on_8_devices_gives_the_tokens_of_one_device():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["sharded"] == result["one_device"]
     assert result["fsdp"] == result["one_device"]["greedy"]
+    assert result["weights_first"] == result["one_device"]["greedy"]
     assert result["one_device"]["batch_of_one"][0] == result["one_device"]["greedy"][0]
 
 
