@@ -12,6 +12,7 @@ kernels (models/kernels.py) to use here, from a short probe cached per machine.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -178,7 +179,7 @@ def cache_path() -> Path:
     return Path(root) / "cpu_probe.json"
 
 
-PROBE_VERSION = 2  # a probe that measures differently does not reuse what an older one chose
+PROBE_VERSION = 3  # a probe that measures differently does not reuse what an older one chose
 
 
 def machine_key(*parts) -> str:
@@ -303,47 +304,6 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
     return choice
 
 
-# Layers in the kernel probe's step. cpu_backward's gain grows with depth (its residual-gradient
-# boundary stops each layer recomputing the gradient of every layer above it): on the 125M shape's
-# train step, plain over written was 0.88x at 2 layers, 1.23x at 4 (one row) and 1.53x at 12, so
-# two layers would choose wrongly and four already shows the sign.
-PROBE_LAYERS = 4
-
-
-def kernel_probe_config(config):
-    """The config's width and context at up to PROBE_LAYERS layers, one row and a small vocabulary,
-    for timing its train step's kernels."""
-    layers = min(config.n_layer, PROBE_LAYERS)
-    return config.replace(n_layer=layers, train_batch_size=1, attention_types=None, n_vocab=min(config.n_vocab, 1024),
-                          mesh_shape="", layout="", moe_layers=config.moe_layers and [i for i in config.moe_layers if i < layers])
-
-
-def time_train_step(config) -> float:
-    """Seconds of one compiled train step of the config (forward, backward and the optimizer's
-    update, as training runs it; the best of two)."""
-    import jax
-    import numpy as np
-
-    import model_fns
-    from mesh import build_mesh_layout
-    from optimizers import make_optimizer
-
-    layout = build_mesh_layout(config, jax.devices()[:1])
-    optimizer = make_optimizer(config)
-    shardings = model_fns.state_shardings(config, layout, optimizer)
-    state = model_fns.init_state(config, layout, optimizer, shardings)
-    tokens = np.random.default_rng(0).integers(0, config.n_vocab, (config.train_batch_size, config.n_ctx + 1), np.int32)
-    inputs, labels = jax.numpy.asarray(tokens[:, :-1]), jax.numpy.asarray(tokens[:, 1:])
-    step = model_fns.make_train_step(config, layout, optimizer, shardings).lower(state, inputs, labels).compile()
-    state, _ = jax.block_until_ready(step(state, inputs, labels))
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        state, _ = jax.block_until_ready(step(state, inputs, labels))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def choose_decode_product(config) -> dict:
     """{"decode_product": rows_first | weights_first, "why": ...}: the faster order of a decoding
     step's products (models/kernels.py `weights_first`) on the config's decoding products at
@@ -355,6 +315,8 @@ def choose_decode_product(config) -> dict:
 
     from models.kernels import product, weights_first
 
+    if config.decode_product != "auto":
+        return {"why": "decode_product set in the config"}
     shapes = projection_shapes(config, decoding=True)
     dtype = config.decode_precision
     key = machine_key("decode product", shapes, dtype, dot_flags_in_force() or "default dots")
@@ -375,40 +337,76 @@ def choose_decode_product(config) -> dict:
     return choice
 
 
-KERNEL_ALTERNATIVES = {"attention_kernel": ("blocked", "plain"), "cpu_backward": ("written", "plain")}
+ATTENTION_KERNELS = ("blocked", "plain")  # blocked first: what attention_kernel auto means on a CPU unprobed
+ATTENTION_PROBE_HEADS = 2  # heads are independent: more would only multiply both kernels' time
+ATTENTION_PROBE_ROUNDS = 5  # the kernels differ by 2x at n_ctx 2048 (not the dot libraries' 10%); each round ~0.5 s there
+
+
+def attention_kernel_layers(config) -> collections.Counter:
+    """{kind: layers} of the layers whose attention attention_kernel decides: global and local,
+    but not a global layer with num_mem_kv memory nor any layer under mlm_training (plain only)."""
+    if config.mlm_training:
+        return collections.Counter()
+    return collections.Counter(kind for kind in config.layer_kinds
+                               if kind == "local" or (kind == "global" and not config.num_mem_kv))
+
+
+def time_attention_kernels(config) -> dict | None:
+    """{kernel: seconds} of the forward and backward of the config's causal softmax attention
+    (models/attention.py `self_attention`, by each of ATTENTION_KERNELS) at one row of n_ctx and
+    up to ATTENTION_PROBE_HEADS heads, in `precision`: each softmax layer kind timed once and
+    counted once per layer of that kind (attention_kernel_layers). None where no layer takes the
+    choice."""
+    import jax
+
+    from models import attention
+    from models.gpt2 import compute_dtype
+
+    counts = attention_kernel_layers(config)
+    if not counts:
+        return None
+    shape = (1, config.n_ctx, min(config.n_head, ATTENTION_PROBE_HEADS), config.head_dim)
+    q, k, v, cotangent = (jax.random.normal(jax.random.key(i), shape, compute_dtype(config)) for i in range(4))
+
+    def forward_and_backward(kernel: str, kind: str):
+        attend = functools.partial(attention.self_attention, reach=attention.window(kind, config), memory=None,
+                                   config=config.replace(attention_kernel=kernel), layout=None, rng=None)
+        gradients = jax.jit(lambda q, k, v, g: jax.vjp(attend, q, k, v)[1](g)).lower(q, k, v, cotangent).compile()
+        return lambda: jax.block_until_ready(gradients(q, k, v, cotangent))
+
+    seconds = time_round_robin({(kernel, kind): forward_and_backward(kernel, kind)
+                                for kernel in ATTENTION_KERNELS for kind in counts}, ATTENTION_PROBE_ROUNDS)
+    return {kernel: sum(count * seconds[kernel, kind] for kind, count in counts.items()) for kernel in ATTENTION_KERNELS}
 
 
 def choose_kernels(config) -> dict:
-    """{key: value, ..., "why": ...} for the keys of KERNEL_ALTERNATIVES left at auto: each
-    alternative timed on a short train step (kernel_probe_config; the alternatives compute the
-    same thing), one key after another, the first alternative being what auto means unprobed;
-    cached per machine and shape class."""
-    probe_config = kernel_probe_config(config)
-    open_keys = [key for key in KERNEL_ALTERNATIVES if getattr(config, key) == "auto"]
-    if not open_keys:
-        return {"why": " and ".join(KERNEL_ALTERNATIVES) + " set in the config"}
+    """{"attention_kernel": blocked | plain, "why": ...} where the config leaves attention_kernel
+    auto: the faster on the attention alone at the config's shapes (time_attention_kernels; the
+    two compute the same thing). Cached per machine, shapes, dtype and dot library.
+
+    cpu_backward is not probed: what it changes shows only in a train step of several layers (on
+    a Zen 4 at the 125M shape a layer's projections alone took 166 ms written and 169 plain, a
+    4-layer step 1.57 s and 1.78 s: the written backward keeps fusions from transposing and
+    recomputing activations, and the residual stream's gradient from being recomputed in every
+    layer), and timing such steps took 20-60 s. Its written backward won by 13-30% on every
+    CPU measured (Zen 4, Zen 5, an AMX Xeon), so `auto` means written on a CPU."""
+    if config.attention_kernel != "auto":
+        return {"why": "attention_kernel set in the config"}
     # the dot library in force changes what the kernels cost, so a choice is kept per library
-    key = machine_key("kernels", open_keys, probe_config.n_layer, config.n_embd, config.n_head, config.n_ctx,
-                      config.precision, dot_flags_in_force() or "default dots")
+    key = machine_key("attention kernel", config.n_ctx, config.n_head, config.head_dim, sorted(set(config.layer_kinds)),
+                      config.local_attention_radius, config.num_mem_kv, config.mlm_training, config.precision,
+                      dot_flags_in_force() or "default dots")
     cached = read_cache().get(key)
     if cached is not None:
         return cached | {"why": cached["why"] + " (cached)"}
     start = time.perf_counter()
-    choice = {name: KERNEL_ALTERNATIVES[name][0] for name in open_keys}
-    measured, timings = {}, []
-
-    def seconds_with(**changes) -> float:
-        settings = tuple(sorted((choice | changes).items()))
-        if settings not in measured:  # the previous key's winner is this key's first alternative
-            measured[settings] = time_train_step(probe_config.replace(**dict(settings)))
-        return measured[settings]
-
-    for name in open_keys:
-        seconds = {value: seconds_with(**{name: value}) for value in KERNEL_ALTERNATIVES[name]}
-        choice[name] = min(seconds, key=seconds.get)
-        timings.append(f"{name} " + " vs ".join(f"{value} {s * 1e3:.1f} ms" for value, s in seconds.items()))
-    choice["why"] = (f"{probe_config.n_layer}-layer train step at n_embd {config.n_embd}, n_ctx {config.n_ctx}: " + "; ".join(timings)
-                     + f" (probed in {time.perf_counter() - start:.1f} s)")
+    seconds = time_attention_kernels(config)
+    if seconds is None:
+        return {"why": "no causal softmax attention layer takes the choice"}
+    choice = {"attention_kernel": min(seconds, key=seconds.get),
+              "why": f"attention_kernel {' vs '.join(f'{k} {s * 1e3:.1f} ms' for k, s in seconds.items())} (each softmax "
+                     f"layer's attention in {config.precision} at n_ctx {config.n_ctx}, {min(config.n_head, ATTENTION_PROBE_HEADS)} "
+                     f"heads, forward and backward; probed in {time.perf_counter() - start:.1f} s)"}
     write_cache(key, choice)
     return choice
 
@@ -437,20 +435,14 @@ def set_xla_dot_option(config, decoding: bool) -> dict | None:
 
 
 def tune(config, decoding: bool = False):
-    """The config with attention_kernel and cpu_backward (training) or decode_product (`decoding`)
-    chosen for this machine where they are auto (cpu_probe auto, on a CPU), each choice logged
-    with its reason. Call after set_xla_dot_option and before the first compile."""
+    """The config with attention_kernel (training) or decode_product (`decoding`) chosen for this
+    machine where it is auto (cpu_probe auto, on a CPU), the choice logged with its reason. Call
+    after set_xla_dot_option and before the first compile."""
     import jax
 
     if config.cpu_probe == "off" or jax.default_backend() != "cpu":
         return config
-    if decoding:
-        if config.decode_product != "auto":
-            return config
-        choice = choose_decode_product(config)
-        log.info("cpu probe: decode_product %s; %s", choice["decode_product"], choice["why"])
-        return config.replace(decode_product=choice["decode_product"])
-    choice = choose_kernels(config)
+    choice = choose_decode_product(config) if decoding else choose_kernels(config)
     chosen = {key: value for key, value in choice.items() if key != "why"}
     log.info("cpu probe: %s; %s", ", ".join(f"{k} {v}" for k, v in chosen.items()) or "nothing to choose",
              choice["why"])

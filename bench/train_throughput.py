@@ -166,6 +166,7 @@ def main() -> None:
 
     import model_fns
     from metrics import matmul_roofline
+    from models.kernels import uses_cpu_backward
 
     def measure_roofline():
         return matmul_roofline(2048 if jax.default_backend() == "cpu" else 8192,
@@ -198,7 +199,7 @@ def main() -> None:
         hf = tokens / median(step_seconds["hf"]) if "hf" in step_seconds else None
         mfu = ours * model_fns.flops_per_token(config) / roofline
         row = {"neomesh_tokens_per_sec": ours, "mfu_vs_roofline": mfu,
-               "cpu_backward": config.cpu_backward, "attention_kernel": config.attention_kernel,
+               "cpu_backward": "written" if uses_cpu_backward(config) else "plain", "attention_kernel": config.attention_kernel,
                "init_seconds": timings["init_seconds"], "compile_seconds": timings["compile_seconds"],
                "step_seconds": {runner: [round(t, 3) for t in times] for runner, times in step_seconds.items()}}
         peak_words = ""

@@ -57,18 +57,21 @@ def test_the_float32_peak_estimate_follows_the_documented_formula():
     assert machine.float32_peak(dict(zen, family=26))[0] == pytest.approx(332.8e9)
 
 
-def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(probe_cache, caplog, monkeypatch):
-    config = tiny_config()
+def test_the_kernel_probe_times_both_attention_kernels_caches_the_choice_and_logs_it(probe_cache, caplog, monkeypatch):
+    config = tiny_config(n_layer=3, attention_types=[[["global", "local", "local"], 1]], local_attention_radius=8)
     with caplog.at_level(logging.INFO, logger="neomesh"):
         tuned = machine.tune(config)
-    assert tuned.attention_kernel in ("blocked", "plain") and tuned.cpu_backward in ("written", "plain")
+    assert tuned.attention_kernel in machine.ATTENTION_KERNELS
+    assert tuned.replace(attention_kernel="auto").to_dict() == config.to_dict()  # nothing else changes
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cpu probe:"))
-    assert f"attention_kernel {tuned.attention_kernel}," in line and "attention_kernel blocked " in line
-    assert f"cpu_backward {tuned.cpu_backward};" in line and "cpu_backward written " in line
+    assert f"cpu probe: attention_kernel {tuned.attention_kernel};" in line
+    timed = dict(re.findall(r"(blocked|plain) ([\d.]+) ms", line))
+    assert set(timed) == {"blocked", "plain"} and all(float(ms) > 0 for ms in timed.values())
+    assert "at n_ctx 32, 2 heads" in line and "in float32" in line
     cached = json.loads(probe_cache.read_text())
     (key, entry), = cached.items()
     assert "jax " + jax.__version__ in key and machine.cpu_info()["cpu_model"] in key
-    assert entry["attention_kernel"] == tuned.attention_kernel and entry["cpu_backward"] == tuned.cpu_backward
+    assert entry["attention_kernel"] == tuned.attention_kernel
 
     # the cached choice is read back, not probed again: a planted choice comes back as it is
     planted = {"plain": "blocked", "blocked": "plain"}[tuned.attention_kernel]
@@ -79,21 +82,33 @@ def test_the_kernel_probe_chooses_valid_kernels_caches_them_and_logs_the_choice(
     assert again.attention_kernel == planted
     assert any("(cached)" in r.getMessage() for r in caplog.records)
 
-    # under another dot library the cached choice does not apply: it is probed again
+    # under another dot library, at another context or in another dtype the choice is probed again
+    machine.tune(config.replace(n_ctx=64))
+    machine.tune(config.replace(precision="bfloat16"))
     monkeypatch.setenv("XLA_FLAGS", machine.XLA_DOT_OPTIONS["eigen"][1])
     machine.tune(config)
-    assert len(json.loads(probe_cache.read_text())) == 2
+    assert len(json.loads(probe_cache.read_text())) == 4
 
 
-def test_a_forced_key_is_kept_and_only_the_other_is_probed_on_a_short_step_of_the_config(probe_cache, caplog):
-    config = tiny_config(n_layer=6, cpu_backward="plain", moe_layers=[1, 5], moe_params={"moe_num_experts": 2})
-    probe = machine.kernel_probe_config(config)
-    assert (probe.n_layer, probe.moe_layers, probe.train_batch_size) == (machine.PROBE_LAYERS, [1], 1)
-    with caplog.at_level(logging.INFO, logger="neomesh"):
-        tuned = machine.tune(config)
-    assert tuned.cpu_backward == "plain" and tuned.attention_kernel in ("blocked", "plain")
-    (entry,) = json.loads(probe_cache.read_text()).values()
-    assert "cpu_backward" not in entry and "4-layer train step" in entry["why"]
+def test_the_attention_probe_counts_the_layers_whose_attention_the_kernel_decides():
+    """global and local layers, not a global layer with memory key/values (plain only), nor linear,
+    gau or none layers, nor anything under mlm_training."""
+    mixed = tiny_config(n_layer=6, attention_types=[[["global", "local", "linear", "none", "local", "gau"], 1]],
+                        local_attention_radius=8, gau_key_size=16)
+    assert machine.attention_kernel_layers(mixed) == {"global": 1, "local": 2}
+    assert machine.attention_kernel_layers(mixed.replace(num_mem_kv=2)) == {"local": 2}
+    assert not machine.attention_kernel_layers(mixed.replace(mlm_training=True, mlm_mask_id=1))
+    assert machine.time_attention_kernels(tiny_config(attention_types=[[["linear"], 1]])) is None
+    seconds = machine.time_attention_kernels(mixed)
+    assert set(seconds) == set(machine.ATTENTION_KERNELS) and all(s > 0 for s in seconds.values())
+
+
+def test_a_config_without_a_choice_to_make_is_not_probed(probe_cache):
+    forced = tiny_config(attention_kernel="blocked", cpu_backward="plain")
+    assert machine.tune(forced).to_dict() == forced.to_dict()
+    linear_only = tiny_config(attention_types=[[["linear"], 1]])
+    assert machine.tune(linear_only).attention_kernel == "auto"
+    assert not probe_cache.exists()
 
 
 def test_forced_keys_and_cpu_probe_off_skip_the_probe(probe_cache):
@@ -101,6 +116,7 @@ def test_forced_keys_and_cpu_probe_off_skip_the_probe(probe_cache):
     assert machine.tune(forced).to_dict() == forced.to_dict()
     off = tiny_config(cpu_probe="off")
     assert machine.tune(off).to_dict() == off.to_dict()
+    assert machine.tune(off, decoding=True).to_dict() == off.to_dict()
     assert machine.set_xla_dot_option(off, decoding=False) is None
     assert not probe_cache.exists()
 
