@@ -241,38 +241,47 @@ def time_round_robin(passes: dict, rounds: int) -> dict:
     return {name: statistics.median(taken) for name, taken in seconds.items()}
 
 
+DECODE_ORDERS = ("rows_first", "weights_first")  # decode_product's values: models/kernels.py
+
 _DOT_PROBE = """
 import json, sys
-shapes, options, rounds, dtype, repository = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+shapes, options, orders, rounds, dtype, repository = (json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]),
+                                                      int(sys.argv[4]), sys.argv[5], sys.argv[6])
 sys.path.insert(0, repository)
 import jax, jax.numpy as jnp
 from machine import time_round_robin
-from models.kernels import product  # each product as the model asks for it
+from models.kernels import product, weights_first  # each product as the model asks for it, in each order
 operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
-matmul = jax.jit(product)
+forms = {"rows_first": (jax.jit(product), operands),
+         "weights_first": (jax.jit(weights_first), [(x, jnp.transpose(w)) for x, w in operands])}
 passes = {}
 for name, compiler_options in options.items():
     try:
-        runs = [matmul.lower(x, w).compile(compiler_options=compiler_options) for x, w in operands]
+        for order in orders:
+            function, arguments = forms[order]
+            runs = [function.lower(x, w).compile(compiler_options=compiler_options) for x, w in arguments]
+            passes[name, order] = lambda runs=runs, arguments=arguments: [run(x, w).block_until_ready()
+                                                                         for run, (x, w) in zip(runs, arguments)]
     except Exception:  # an XLA build without that library
         continue
-    passes[name] = lambda runs=runs: [run(x, w).block_until_ready() for run, (x, w) in zip(runs, operands)]
 seconds = time_round_robin(passes, rounds)
-print(json.dumps({name: seconds.get(name) for name in options}))
+print(json.dumps({name: {order: seconds[name, order] for order in orders} if (name, orders[-1]) in seconds else None
+                  for name in options}))
 """
 PROBE_ROUNDS = 9
 
 
-def time_dot_options(shapes, dtype: str = "float32") -> dict:
-    """{option: seconds of one pass over `shapes`' products in `dtype` (the median of PROBE_ROUNDS passes,
-    the options taking turns), or None where it fails}, all measured in one fresh process: the
-    options are given per compile there, so that this process's JAX has not started and still
-    reads the chosen one from XLA_FLAGS."""
+def time_dot_options(shapes, dtype: str = "float32", orders=("rows_first",)) -> dict:
+    """{option: {order: seconds of one pass over `shapes`' products in `dtype`, multiplied in that
+    order (DECODE_ORDERS)}, or None where the option fails}: the median of PROBE_ROUNDS passes,
+    every option and order taking turns, all measured in one fresh process: the options are given
+    per compile there, so that this process's JAX has not started and still reads the chosen one
+    from XLA_FLAGS."""
     options = {name: compiler_options for name, (compiler_options, _) in XLA_DOT_OPTIONS.items()}
     try:
-        done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(shapes), json.dumps(options), str(PROBE_ROUNDS),
-                               dtype, str(Path(__file__).resolve().parent)],
-                              env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(shapes), json.dumps(options), json.dumps(list(orders)),
+                               str(PROBE_ROUNDS), dtype, str(Path(__file__).resolve().parent)],
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=180)
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, ValueError, IndexError):
         return dict.fromkeys(XLA_DOT_OPTIONS)
@@ -281,24 +290,30 @@ def time_dot_options(shapes, dtype: str = "float32") -> dict:
 def choose_xla_dot_option(config, decoding: bool) -> dict:
     """{"option": name, "flags": XLA_FLAGS text, "seconds": {name: s}, "why": text}: the fastest
     of XLA_DOT_OPTIONS on the run's products, in the dtype the run computes them in (the dot
-    libraries differ most in bfloat16: XLA's own kernels convert it to float32); cached per
-    machine and shape class."""
+    libraries differ most in bfloat16: XLA's own kernels convert it to float32); for decoding each
+    library is timed in both of decode_product's orders and judged by its faster one (which
+    choose_decode_product then picks under it). Cached per machine and shape class."""
     shapes = projection_shapes(config, decoding)
     dtype = config.decode_precision if decoding else config.precision
+    orders = DECODE_ORDERS if decoding else DECODE_ORDERS[:1]
     key = machine_key("xla dots", "decode" if decoding else "train", shapes, dtype)
     cached = read_cache().get(key)
     if cached is not None:
         return cached | {"why": cached["why"] + " (cached)"}
     start = time.perf_counter()
-    seconds = time_dot_options(shapes, dtype)
+    measured = time_dot_options(shapes, dtype, orders)
+    seconds = {name: None if by_order is None else min(by_order.values()) for name, by_order in measured.items()}
     working = {name: s for name, s in seconds.items() if s is not None}
     best = min(working, key=working.get) if working else "default"
     # another library must win clearly: within the noise of a shared machine, keep XLA's default
     if best != "default" and seconds.get("default") and working[best] > 0.9 * seconds["default"]:
         best = "default"
-    rates = ", ".join(f"{name} {s * 1e3:.1f} ms" if s is not None else f"{name} failed" for name, s in seconds.items())
+    rates = ", ".join(f"{name} failed" if by_order is None else
+                      f"{name} " + " / ".join(f"{s * 1e3:.1f}" for s in by_order.values()) + " ms"
+                      for name, by_order in measured.items())
     choice = {"option": best, "flags": XLA_DOT_OPTIONS[best][1], "seconds": seconds,
-              "why": f"{'decoding' if decoding else 'training'} products {shapes} in {dtype}: {rates} "
+              "why": f"{'decoding' if decoding else 'training'} products {shapes} in {dtype}"
+                     + (f" ({' / '.join(orders)})" if decoding else "") + f": {rates} "
                      f"(probed in {time.perf_counter() - start:.1f} s)"}
     write_cache(key, choice)
     return choice

@@ -129,9 +129,15 @@ def test_the_xla_dot_probe_times_the_products_in_the_dtype_the_run_computes_them
     assert "in float32" in float32["why"] and "in bfloat16" in bfloat16["why"]
     assert len(json.loads(probe_cache.read_text())) == 2
     assert all(seconds is None or seconds > 0 for seconds in bfloat16["seconds"].values())
-    # and the probe runs the products as the model asks for them: in bfloat16, accumulating in float32
+    # and the probe runs the products as the model asks for them: in bfloat16, accumulating in float32,
+    # decoding's in both of decode_product's orders (a library is judged by its faster one)
     shapes = [[4, 32, 128]]
-    assert machine.time_dot_options(shapes, "bfloat16")["default"] is not None
+    assert set(machine.time_dot_options(shapes, "bfloat16")["default"]) == {"rows_first"}
+    both = machine.time_dot_options(shapes, "bfloat16", machine.DECODE_ORDERS)["default"]
+    assert set(both) == {"rows_first", "weights_first"} and all(s > 0 for s in both.values())
+    assert "(rows_first / weights_first)" in bfloat16["why"]
+    assert bfloat16["seconds"]["default"] == pytest.approx(min(float(ms) for ms in re.search(
+        r"default ([\d.]+) / ([\d.]+) ms", bfloat16["why"]).groups()) / 1e3, abs=1e-4)
 
 
 def test_the_xla_dot_probe_sets_one_of_its_options_and_a_user_flag_wins(probe_cache, monkeypatch):
