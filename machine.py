@@ -13,6 +13,7 @@ kernels (models/kernels.py) to use here, from a short probe cached per machine.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -354,7 +355,7 @@ def choose_decode_product(config) -> dict:
 
 ATTENTION_KERNELS = ("blocked", "plain")  # blocked first: what attention_kernel auto means on a CPU unprobed
 ATTENTION_PROBE_HEADS = 2  # heads are independent: more would only multiply both kernels' time
-ATTENTION_PROBE_ROUNDS = 5  # the kernels differ by 2x at n_ctx 2048 (not the dot libraries' 10%); each round ~0.5 s there
+ATTENTION_PROBE_ROUNDS = 3  # the kernels differ by 2-4x at n_ctx 2048 (not the dot libraries' 10%); a round ~0.4 s there
 
 
 def attention_kernel_layers(config) -> collections.Counter:
@@ -386,11 +387,13 @@ def time_attention_kernels(config) -> dict | None:
     def forward_and_backward(kernel: str, kind: str):
         attend = functools.partial(attention.self_attention, reach=attention.window(kind, config), memory=None,
                                    config=config.replace(attention_kernel=kernel), layout=None, rng=None)
-        gradients = jax.jit(lambda q, k, v, g: jax.vjp(attend, q, k, v)[1](g)).lower(q, k, v, cotangent).compile()
-        return lambda: jax.block_until_ready(gradients(q, k, v, cotangent))
+        return jax.jit(lambda q, k, v, g: jax.vjp(attend, q, k, v)[1](g)).lower(q, k, v, cotangent)
 
-    seconds = time_round_robin({(kernel, kind): forward_and_backward(kernel, kind)
-                                for kernel in ATTENTION_KERNELS for kind in counts}, ATTENTION_PROBE_ROUNDS)
+    programs = {(kernel, kind): forward_and_backward(kernel, kind) for kernel in ATTENTION_KERNELS for kind in counts}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=cpu_info()["cores"] or 1) as pool:  # XLA compiles off the GIL
+        compiled = dict(zip(programs, pool.map(lambda lowered: lowered.compile(), programs.values())))
+    seconds = time_round_robin({name: lambda run=run: jax.block_until_ready(run(q, k, v, cotangent))
+                                for name, run in compiled.items()}, ATTENTION_PROBE_ROUNDS)
     return {kernel: sum(count * seconds[kernel, kind] for kind, count in counts.items()) for kernel in ATTENTION_KERNELS}
 
 
