@@ -244,25 +244,43 @@ def time_round_robin(passes: dict, rounds: int) -> dict:
 
 DECODE_ORDERS = ("rows_first", "weights_first")  # decode_product's values: models/kernels.py
 
+
+def product_operands(shapes, dtype: str, orders) -> dict:
+    """{order: [(x, w), ...]}: operands of `shapes`' products ((rows, in, out)) for each of
+    `orders` (DECODE_ORDERS), the weight as that order reads it: [in, out], or out-first."""
+    import jax.numpy as jnp
+
+    operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
+    return {order: operands if order == "rows_first" else [(x, jnp.transpose(w)) for x, w in operands] for order in orders}
+
+
+def product_passes(operands: dict, orders, compiler_options=None) -> dict:
+    """{order: one pass over its products}, each product as the model asks for it
+    (models/kernels.py: `product`, `weights_first`), compiled with `compiler_options`."""
+    import jax
+
+    from models.kernels import product, weights_first
+
+    functions = {"rows_first": jax.jit(product), "weights_first": jax.jit(weights_first)}
+    passes = {}
+    for order in orders:
+        runs = [functions[order].lower(x, w).compile(compiler_options=compiler_options) for x, w in operands[order]]
+        passes[order] = lambda runs=runs, arguments=operands[order]: [run(x, w).block_until_ready()
+                                                                      for run, (x, w) in zip(runs, arguments)]
+    return passes
+
+
 _DOT_PROBE = """
 import json, sys
 shapes, options, orders, rounds, dtype, repository = (json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]),
                                                       int(sys.argv[4]), sys.argv[5], sys.argv[6])
 sys.path.insert(0, repository)
-import jax, jax.numpy as jnp
-from machine import time_round_robin
-from models.kernels import product, weights_first  # each product as the model asks for it, in each order
-operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
-forms = {"rows_first": (jax.jit(product), operands),
-         "weights_first": (jax.jit(weights_first), [(x, jnp.transpose(w)) for x, w in operands])}
+from machine import product_operands, product_passes, time_round_robin
+operands = product_operands(shapes, dtype, orders)
 passes = {}
 for name, compiler_options in options.items():
     try:
-        for order in orders:
-            function, arguments = forms[order]
-            runs = [function.lower(x, w).compile(compiler_options=compiler_options) for x, w in arguments]
-            passes[name, order] = lambda runs=runs, arguments=arguments: [run(x, w).block_until_ready()
-                                                                         for run, (x, w) in zip(runs, arguments)]
+        passes |= {(name, order): run for order, run in product_passes(operands, orders, compiler_options).items()}
     except Exception:  # an XLA build without that library
         continue
 seconds = time_round_robin(passes, rounds)
@@ -326,11 +344,6 @@ def choose_decode_product(config) -> dict:
     predict_batch_size rows, in decode_precision, under the dot library in force; weights first
     must win by 10%, as it keeps a second copy of the weights while sampling. Cached per machine,
     shapes, dtype and dot library."""
-    import jax
-    import jax.numpy as jnp
-
-    from models.kernels import product, weights_first
-
     if config.decode_product != "auto":
         return {"why": "decode_product set in the config"}
     shapes = projection_shapes(config, decoding=True)
@@ -340,11 +353,7 @@ def choose_decode_product(config) -> dict:
     if cached is not None:
         return cached | {"why": cached["why"] + " (cached)"}
     start = time.perf_counter()
-    operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
-    forms = {"rows_first": (jax.jit(product), operands),
-             "weights_first": (jax.jit(weights_first), [(x, jnp.transpose(w)) for x, w in operands])}
-    seconds = time_round_robin({name: lambda f=f, args=args: [f(x, w).block_until_ready() for x, w in args]
-                                for name, (f, args) in forms.items()}, PROBE_ROUNDS)
+    seconds = time_round_robin(product_passes(product_operands(shapes, dtype, DECODE_ORDERS), DECODE_ORDERS), PROBE_ROUNDS)
     chosen = "weights_first" if seconds["weights_first"] < 0.9 * seconds["rows_first"] else "rows_first"
     choice = {"decode_product": chosen,
               "why": f"decoding products {shapes} in {dtype}: " + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in seconds.items())
