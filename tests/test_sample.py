@@ -340,9 +340,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     # fsdp_axes: the weights sharded over x too, gathered once for the whole generation
     fsdp = build_mesh_layout(config.replace(fsdp_axes="x"))
     result["fsdp"] = generate(params, config, prompts, layout=fsdp, max_new_tokens=30, temperature=0.0).tokens
-    # each decoding step's products the other way round (models/kernels.py weights_first), sharded
+    # each decoding step's products the other way round (models/kernels.py weights_first), from
+    # weights split over heads and gathered from their fsdp shards
     weights_first = config.replace(decode_product="weights_first")
-    result["weights_first"] = generate(params, weights_first, prompts, layout=layout, max_new_tokens=30,
+    result["weights_first"] = generate(params, weights_first, prompts, layout=fsdp, max_new_tokens=30,
                                        temperature=0.0).tokens
     print(json.dumps(result))
 """)
