@@ -214,6 +214,19 @@ def write_cache(key: str, choice: dict) -> None:
         log.warning("cpu probe: could not cache the choice in %s (%s); the next run probes again", path, err)
 
 
+def cached_choice(key: str, probe) -> dict:
+    """The choice cached under `key` (its "why" marked cached), or else probe()'s, its "why" given
+    the probe's duration, cached for the next run."""
+    cached = read_cache().get(key)
+    if cached is not None:
+        return cached | {"why": cached["why"] + " (cached)"}
+    start = time.perf_counter()
+    choice = probe()
+    choice["why"] += f" (probed in {time.perf_counter() - start:.1f} s)"
+    write_cache(key, choice)
+    return choice
+
+
 def projection_shapes(config, decoding: bool) -> list[tuple[int, int, int]]:
     """(rows, in, out) of the products the run spends its time in: a training step's MLP
     projection and its two backward products at the config's tokens per step (capped so the probe
@@ -315,51 +328,56 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
     shapes = projection_shapes(config, decoding)
     dtype = config.decode_precision if decoding else config.precision
     orders = DECODE_ORDERS if decoding else DECODE_ORDERS[:1]
-    key = machine_key("xla dots", "decode" if decoding else "train", shapes, dtype)
-    cached = read_cache().get(key)
-    if cached is not None:
-        return cached | {"why": cached["why"] + " (cached)"}
-    start = time.perf_counter()
-    measured = time_dot_options(shapes, dtype, orders)
-    seconds = {name: None if by_order is None else min(by_order.values()) for name, by_order in measured.items()}
-    working = {name: s for name, s in seconds.items() if s is not None}
-    best = min(working, key=working.get) if working else "default"
-    # another library must win clearly: within the noise of a shared machine, keep XLA's default
-    if best != "default" and seconds.get("default") and working[best] > 0.9 * seconds["default"]:
-        best = "default"
-    rates = ", ".join(f"{name} failed" if by_order is None else
-                      f"{name} " + " / ".join(f"{s * 1e3:.1f}" for s in by_order.values()) + " ms"
-                      for name, by_order in measured.items())
-    choice = {"option": best, "flags": XLA_DOT_OPTIONS[best][1], "seconds": seconds,
-              "why": f"{'decoding' if decoding else 'training'} products {shapes} in {dtype}"
-                     + (f" ({' / '.join(orders)})" if decoding else "") + f": {rates} "
-                     f"(probed in {time.perf_counter() - start:.1f} s)"}
-    write_cache(key, choice)
-    return choice
+
+    def probe() -> dict:
+        measured = time_dot_options(shapes, dtype, orders)
+        seconds = {name: None if by_order is None else min(by_order.values()) for name, by_order in measured.items()}
+        working = {name: s for name, s in seconds.items() if s is not None}
+        best = min(working, key=working.get) if working else "default"
+        # another library must win clearly: within the noise of a shared machine, keep XLA's default
+        if best != "default" and seconds.get("default") and working[best] > 0.9 * seconds["default"]:
+            best = "default"
+        rates = ", ".join(f"{name} failed" if by_order is None else
+                          f"{name} " + " / ".join(f"{s * 1e3:.1f}" for s in by_order.values()) + " ms"
+                          for name, by_order in measured.items())
+        return {"option": best, "flags": XLA_DOT_OPTIONS[best][1], "seconds": seconds, "by_order": measured,
+                "why": f"{'decoding' if decoding else 'training'} products {shapes} in {dtype}"
+                       + (f" ({' / '.join(orders)})" if decoding else "") + f": {rates}"}
+
+    return cached_choice(dot_option_key(shapes, dtype, decoding), probe)
+
+
+def dot_option_key(shapes, dtype: str, decoding: bool) -> str:
+    return machine_key("xla dots", "decode" if decoding else "train", shapes, dtype)
 
 
 def choose_decode_product(config) -> dict:
     """{"decode_product": rows_first | weights_first, "why": ...}: the faster order of a decoding
     step's products (models/kernels.py `weights_first`) on the config's decoding products at
     predict_batch_size rows, in decode_precision, under the dot library in force; weights first
-    must win by 10%, as it keeps a second copy of the weights while sampling. Cached per machine,
-    shapes, dtype and dot library."""
+    must win by 10%, as it keeps a second copy of the weights while sampling. Where the dot probe
+    (choose_xla_dot_option) chose the library in force, its timings of the two orders under it
+    are taken rather than measured again. Cached per machine, shapes, dtype and dot library."""
     if config.decode_product != "auto":
         return {"why": "decode_product set in the config"}
     shapes = projection_shapes(config, decoding=True)
     dtype = config.decode_precision
-    key = machine_key("decode product", shapes, dtype, dot_flags_in_force() or "default dots")
-    cached = read_cache().get(key)
-    if cached is not None:
-        return cached | {"why": cached["why"] + " (cached)"}
-    start = time.perf_counter()
-    seconds = time_round_robin(product_passes(product_operands(shapes, dtype, DECODE_ORDERS), DECODE_ORDERS), PROBE_ROUNDS)
-    chosen = "weights_first" if seconds["weights_first"] < 0.9 * seconds["rows_first"] else "rows_first"
-    choice = {"decode_product": chosen,
-              "why": f"decoding products {shapes} in {dtype}: " + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in seconds.items())
-                     + f" (probed in {time.perf_counter() - start:.1f} s)"}
-    write_cache(key, choice)
-    return choice
+
+    def probe() -> dict:
+        dot_probe = read_cache().get(dot_option_key(shapes, dtype, decoding=True))
+        if dot_probe and dot_probe["flags"] == dot_flags_in_force() and "by_order" in dot_probe:
+            # the library in force is the one the dot probe chose, and it timed both orders under it
+            seconds, source = dot_probe["by_order"][dot_probe["option"]], f"the dot probe's, under {dot_probe['option']}"
+        else:
+            seconds = time_round_robin(product_passes(product_operands(shapes, dtype, DECODE_ORDERS), DECODE_ORDERS),
+                                       PROBE_ROUNDS)
+            source = "timed under the dot library in force"
+        chosen = "weights_first" if seconds["weights_first"] < 0.9 * seconds["rows_first"] else "rows_first"
+        return {"decode_product": chosen,
+                "why": f"decoding products {shapes} in {dtype}: "
+                       + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in seconds.items()) + f" ({source})"}
+
+    return cached_choice(machine_key("decode product", shapes, dtype, dot_flags_in_force() or "default dots"), probe)
 
 
 ATTENTION_KERNELS = ("blocked", "plain")  # blocked first: what attention_kernel auto means on a CPU unprobed
@@ -419,23 +437,21 @@ def choose_kernels(config) -> dict:
     CPU measured (Zen 4, Zen 5, an AMX Xeon), so `auto` means written on a CPU."""
     if config.attention_kernel != "auto":
         return {"why": "attention_kernel set in the config"}
-    # the dot library in force changes what the kernels cost, so a choice is kept per library
-    key = machine_key("attention kernel", config.n_ctx, config.n_head, config.head_dim, sorted(set(config.layer_kinds)),
-                      config.local_attention_radius, config.num_mem_kv, config.mlm_training, config.precision,
-                      dot_flags_in_force() or "default dots")
-    cached = read_cache().get(key)
-    if cached is not None:
-        return cached | {"why": cached["why"] + " (cached)"}
-    start = time.perf_counter()
-    seconds = time_attention_kernels(config)
-    if seconds is None:
+    if not attention_kernel_layers(config):
         return {"why": "no causal softmax attention layer takes the choice"}
-    choice = {"attention_kernel": min(seconds, key=seconds.get),
-              "why": f"attention_kernel {' vs '.join(f'{k} {s * 1e3:.1f} ms' for k, s in seconds.items())} (each softmax "
-                     f"layer's attention in {config.precision} at n_ctx {config.n_ctx}, {min(config.n_head, ATTENTION_PROBE_HEADS)} "
-                     f"heads, forward and backward; probed in {time.perf_counter() - start:.1f} s)"}
-    write_cache(key, choice)
-    return choice
+
+    def probe() -> dict:
+        seconds = time_attention_kernels(config)
+        return {"attention_kernel": min(seconds, key=seconds.get),
+                "why": f"attention_kernel {' vs '.join(f'{k} {s * 1e3:.1f} ms' for k, s in seconds.items())} (each "
+                       f"softmax layer's attention in {config.precision} at n_ctx {config.n_ctx}, "
+                       f"{min(config.n_head, ATTENTION_PROBE_HEADS)} heads, forward and backward)"}
+
+    # the dot library in force changes what the kernels cost, so a choice is kept per library
+    return cached_choice(machine_key("attention kernel", config.n_ctx, config.n_head, config.head_dim,
+                                     sorted(set(config.layer_kinds)), config.local_attention_radius, config.num_mem_kv,
+                                     config.mlm_training, config.precision, dot_flags_in_force() or "default dots"),
+                         probe)
 
 
 def dot_flags_in_force() -> str:

@@ -178,6 +178,22 @@ def test_the_decode_probe_times_both_orders_of_the_decoding_products_caches_and_
     assert machine.tune(config).decode_product == "auto"
 
 
+def test_the_decode_order_under_the_probed_dot_library_comes_from_the_dot_probes_own_timings(probe_cache, monkeypatch):
+    """The dot probe has already timed both orders under the library it chose: the order is
+    chosen from those figures, not timed a second time; under a library set by hand it is timed."""
+    monkeypatch.setenv("XLA_FLAGS", "")
+    config = tiny_config(predict_batch_size=4)
+    dots = machine.set_xla_dot_option(config, decoding=True)
+    choice = machine.choose_decode_product(config)
+    assert f"the dot probe's, under {dots['option']}" in choice["why"]
+    timed = dict(re.findall(r"(rows_first|weights_first) ([\d.]+) ms", choice["why"]))
+    for order, seconds in dots["by_order"][dots["option"]].items():
+        assert float(timed[order]) == pytest.approx(seconds * 1e3, abs=0.006)
+    other = next(name for name in machine.XLA_DOT_OPTIONS if name not in ("default", dots["option"]))
+    monkeypatch.setenv("XLA_FLAGS", machine.XLA_DOT_OPTIONS[other][1])
+    assert "timed under the dot library in force" in machine.choose_decode_product(config)["why"]
+
+
 @pytest.mark.parametrize("key, value", [("cpu_probe", "on"), ("decode_precision", "float16"), ("cpu_backward", "cpu"),
                                         ("decode_product", "columns_first")])
 def test_bad_probe_and_decode_keys_are_clear_errors(key, value):
