@@ -57,6 +57,19 @@ def test_the_float32_peak_estimate_follows_the_documented_formula():
     assert machine.float32_peak(dict(zen, family=26))[0] == pytest.approx(332.8e9)
 
 
+def test_a_matmul_measured_above_the_estimated_peak_raises_the_peak_to_it():
+    estimate, formula = machine.float32_peak({"cores": 2, "ghz": 2.596, "vendor": "AuthenticAMD", "family": 25,
+                                              "flags": dict.fromkeys(machine.FLAGS_OF_INTEREST, True)})
+    assert estimate == pytest.approx(166.1e9, rel=1e-3)
+    # below the estimate: kept as estimated
+    assert machine.peak_not_below_measured(estimate, formula, {"XLA": 150e9, "PyTorch": None}) == (estimate, formula)
+    # a boosting Zen 4 under KVM measured 211 GFLOP/s: the peak can be no lower, and the formula says why
+    peak, why = machine.peak_not_below_measured(estimate, formula, {"XLA": 211e9, "PyTorch": 183e9})
+    assert peak == 211e9 and "XLA's float32 matmul measured here, 211.0 GFLOP/s" in why and "166.1" in why
+    assert machine.peak_not_below_measured(None, "unknown clock", {"XLA": None, "PyTorch": 90e9})[0] == 90e9
+    assert machine.peak_not_below_measured(None, "unknown clock", {"XLA": None, "PyTorch": None}) == (None, "unknown clock")
+
+
 def test_the_kernel_probe_times_both_attention_kernels_caches_the_choice_and_logs_it(probe_cache, caplog, monkeypatch):
     config = tiny_config(n_layer=3, attention_types=[[["global", "local", "local"], 1]], local_attention_radius=8)
     with caplog.at_level(logging.INFO, logger="neomesh"):
