@@ -200,7 +200,7 @@ def cache_path() -> Path:
     return Path(root) / "cpu_probe.json"
 
 
-PROBE_VERSION = 3  # a probe that measures differently does not reuse what an older one chose
+PROBE_VERSION = 4  # a probe that measures differently does not reuse what an older one chose
 
 
 def machine_key(*parts) -> str:
@@ -247,17 +247,52 @@ def cached_choice(key: str, probe) -> dict:
     return choice
 
 
-def projection_shapes(config, decoding: bool) -> list[tuple[int, int, int]]:
-    """(rows, in, out) of the products the run spends its time in: a training step's MLP
-    projection and its two backward products at the config's tokens per step (capped so the probe
-    stays short), or decoding's matrix-vector products (one token of a batch through the MLP and
-    the vocabulary projection)."""
-    hidden = config.intermediate_size or 4 * config.n_embd
-    if decoding:
-        rows = max(1, config.predict_batch_size)
-        return [(rows, config.n_embd, hidden), (rows, hidden, config.n_embd), (rows, config.n_embd, config.n_vocab)]
-    rows = min(config.train_batch_size * config.n_ctx, 1024)
-    return [(rows, config.n_embd, hidden), (rows, hidden, config.n_embd), (config.n_embd, rows, hidden)]
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache sysfs reports for this core (the last level), else 32 MiB."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=32 * 2**20)
+
+
+def probe_products(config, decoding: bool) -> list[list[int]]:
+    """[rows, in, out, per step, copies] of the products the run spends its time in.
+
+    Training: the MLP projection and its two backward products at the config's tokens per step
+    (rows capped so the probe stays short), once each; they are bound by arithmetic, so one copy
+    of each weight is enough.
+
+    Decoding: one token of a batch through every block (attention's q, k, v and output
+    projections, the MLP's) and the vocabulary projection, each shape counted as often as a token
+    runs it. A token reads every weight once, far more bytes than any cache holds, so the probe
+    reads from memory too: each shape gets distinct weights, as many as a token has up to 1.5x
+    the last-level cache's bytes, and its time is scaled from those copies to the token's count.
+    One copy read again and again from the cache, or the vocabulary alone outweighing the
+    blocks, hid weights-first's gain at batch 1 on a Zen 4 (whole decodes 1.12x faster)."""
+    if not decoding:
+        rows = min(config.train_batch_size * config.n_ctx, 1024)
+        return [[rows, config.n_embd, config.mlp_width, 1, 1], [rows, config.mlp_width, config.n_embd, 1, 1],
+                [config.n_embd, rows, config.mlp_width, 1, 1]]
+    rows, embd, attended = max(1, config.predict_batch_size), config.n_embd, config.n_head * config.head_dim
+    per_block = collections.Counter({(rows, embd, attended): 3})
+    per_block[rows, attended, embd] += 1
+    per_block[rows, embd, config.mlp_width] += 2 if config.mlp_glu else 1
+    per_block[rows, config.mlp_width, embd] += 1
+    streamed = 3 * last_level_cache_bytes() // 2
+    itemsize = 2 if config.decode_precision == "bfloat16" else 4
+    per_token = [*((shape, count * config.n_layer) for shape, count in per_block.items()), ((rows, embd, config.n_vocab), 1)]
+    return [[*shape, count, min(count, max(1, -(-streamed // (shape[1] * shape[2] * itemsize))))] for shape, count in per_token]
+
+
+def described_products(products) -> str:
+    return ", ".join(f"({rows}, {inner}, {out})" + (f" x{count}" if count > 1 else "")
+                     for rows, inner, out, count, _ in products)
 
 
 def time_round_robin(passes: dict, rounds: int) -> dict:
@@ -278,60 +313,81 @@ def time_round_robin(passes: dict, rounds: int) -> dict:
 DECODE_ORDERS = ("rows_first", "weights_first")  # decode_product's values: models/kernels.py
 
 
-def product_operands(shapes, dtype: str, orders) -> dict:
-    """{order: [(x, w), ...]}: operands of `shapes`' products ((rows, in, out)) for each of
-    `orders` (DECODE_ORDERS), the weight as that order reads it: [in, out], or out-first."""
+def product_operands(products, dtype: str, orders) -> dict:
+    """{order: [(x, [w, ...]), ...]}: per product of `products` (probe_products) its rows and its
+    copies of the weight, for each of `orders` (DECODE_ORDERS) in the order it reads them: [in,
+    out], or out-first, each copy a buffer of its own."""
     import jax.numpy as jnp
 
-    operands = [(jnp.ones((rows, inner), dtype) / inner, jnp.ones((inner, out), dtype)) for rows, inner, out in shapes]
-    return {order: operands if order == "rows_first" else [(x, jnp.transpose(w)) for x, w in operands] for order in orders}
+    def weights(shape, copies):
+        return [jnp.ones(shape, dtype) for _ in range(copies)]
+
+    return {order: [(jnp.ones((rows, inner), dtype) / inner,
+                     weights((inner, out) if order == "rows_first" else (out, inner), copies))
+                    for rows, inner, out, _, copies in products] for order in orders}
 
 
-def product_passes(operands: dict, orders, compiler_options=None) -> dict:
-    """{order: one pass over its products}, each product as the model asks for it
-    (models/kernels.py: `product`, `weights_first`), compiled with `compiler_options`."""
+def product_passes(operands: dict, orders, options: dict) -> dict:
+    """{(option, order, index): one pass over the copies of product `index`} for each of
+    `options` ({name: compiler options, or None for the process's own}) under which the products
+    compile (an XLA build may lack a library): the product as the model asks for it
+    (models/kernels.py: `product`, `weights_first`). A pass is one compiled program over all the
+    copies, as a decoding step is: a call per copy cost about as much as a small product itself
+    and hid the orders' difference. The programs compile side by side."""
     import jax
 
     from models.kernels import product, weights_first
 
-    functions = {"rows_first": jax.jit(product), "weights_first": jax.jit(weights_first)}
-    passes = {}
+    functions = {"rows_first": product, "weights_first": weights_first}
+    lowered = {}
     for order in orders:
-        runs = [functions[order].lower(x, w).compile(compiler_options=compiler_options) for x, w in operands[order]]
-        passes[order] = lambda runs=runs, arguments=operands[order]: [run(x, w).block_until_ready()
-                                                                      for run, (x, w) in zip(runs, arguments)]
-    return passes
+        every_copy = jax.jit(lambda x, weights, multiply=functions[order]: [multiply(x, w) for w in weights])
+        lowered |= {(order, index): every_copy.lower(x, weights) for index, (x, weights) in enumerate(operands[order])}
+
+    def compiled(job):
+        name, key = job
+        try:
+            return lowered[key].compile(compiler_options=options[name])
+        except Exception:  # noqa: BLE001 - a library this XLA build lacks fails in its own way
+            return None
+
+    jobs = [(name, key) for name in options for key in lowered]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=cpu_info()["cores"] or 1) as pool:  # XLA compiles off the GIL
+        runs = dict(zip(jobs, pool.map(compiled, jobs)))
+    failed = {name for (name, _), run in runs.items() if run is None}
+    return {(name, *key): lambda run=run, key=key: jax.block_until_ready(run(*operands[key[0]][key[1]]))
+            for (name, key), run in runs.items() if name not in failed}
+
+
+def seconds_per_step(products, seconds: dict, orders) -> dict:
+    """{order: seconds of one step's products}: each product's timed pass over its copies, scaled
+    to the count a step runs (`seconds` keyed by (order, index), as product_passes)."""
+    return {order: sum(seconds[order, index] * count / copies for index, (_, _, _, count, copies) in enumerate(products))
+            for order in orders}
 
 
 _DOT_PROBE = """
 import json, sys
-shapes, options, orders, rounds, dtype, repository = (json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]),
-                                                      int(sys.argv[4]), sys.argv[5], sys.argv[6])
+products, options, orders, rounds, dtype, repository = (json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]),
+                                                        int(sys.argv[4]), sys.argv[5], sys.argv[6])
 sys.path.insert(0, repository)
-from machine import product_operands, product_passes, time_round_robin
-operands = product_operands(shapes, dtype, orders)
-passes = {}
-for name, compiler_options in options.items():
-    try:
-        passes |= {(name, order): run for order, run in product_passes(operands, orders, compiler_options).items()}
-    except Exception:  # an XLA build without that library
-        continue
-seconds = time_round_robin(passes, rounds)
-print(json.dumps({name: {order: seconds[name, order] for order in orders} if (name, orders[-1]) in seconds else None
-                  for name in options}))
+from machine import product_operands, product_passes, seconds_per_step, time_round_robin
+seconds = time_round_robin(product_passes(product_operands(products, dtype, orders), orders, options), rounds)
+print(json.dumps({name: seconds_per_step(products, {key[1:]: s for key, s in seconds.items() if key[0] == name}, orders)
+                  if (name, orders[0], 0) in seconds else None for name in options}))
 """
 PROBE_ROUNDS = 9
 
 
-def time_dot_options(shapes, dtype: str = "float32", orders=("rows_first",)) -> dict:
-    """{option: {order: seconds of one pass over `shapes`' products in `dtype`, multiplied in that
-    order (DECODE_ORDERS)}, or None where the option fails}: the median of PROBE_ROUNDS passes,
+def time_dot_options(products, dtype: str = "float32", orders=("rows_first",)) -> dict:
+    """{option: {order: seconds of one step's `products` (probe_products) in `dtype`, multiplied
+    in that order (DECODE_ORDERS)}, or None where the option fails}: from the median of PROBE_ROUNDS passes,
     every option and order taking turns, all measured in one fresh process: the options are given
     per compile there, so that this process's JAX has not started and still reads the chosen one
     from XLA_FLAGS."""
     options = {name: compiler_options for name, (compiler_options, _) in XLA_DOT_OPTIONS.items()}
     try:
-        done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(shapes), json.dumps(options), json.dumps(list(orders)),
+        done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(products), json.dumps(options), json.dumps(list(orders)),
                                str(PROBE_ROUNDS), dtype, str(Path(__file__).resolve().parent)],
                               env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=180)
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -345,12 +401,12 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
     libraries differ most in bfloat16: XLA's own kernels convert it to float32); for decoding each
     library is timed in both of decode_product's orders and judged by its faster one (which
     choose_decode_product then picks under it). Cached per machine and shape class."""
-    shapes = projection_shapes(config, decoding)
+    products = probe_products(config, decoding)
     dtype = config.decode_precision if decoding else config.precision
     orders = DECODE_ORDERS if decoding else DECODE_ORDERS[:1]
 
     def probe() -> dict:
-        measured = time_dot_options(shapes, dtype, orders)
+        measured = time_dot_options(products, dtype, orders)
         seconds = {name: None if by_order is None else min(by_order.values()) for name, by_order in measured.items()}
         working = {name: s for name, s in seconds.items() if s is not None}
         best = min(working, key=working.get) if working else "default"
@@ -361,43 +417,70 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
                           f"{name} " + " / ".join(f"{s * 1e3:.1f}" for s in by_order.values()) + " ms"
                           for name, by_order in measured.items())
         return {"option": best, "flags": XLA_DOT_OPTIONS[best][1], "seconds": seconds, "by_order": measured,
-                "why": f"{'decoding' if decoding else 'training'} products {shapes} in {dtype}"
+                "why": f"{'decoding' if decoding else 'training'} products [{described_products(products)}] in {dtype}"
                        + (f" ({' / '.join(orders)})" if decoding else "") + f": {rates}"}
 
-    return cached_choice(dot_option_key(shapes, dtype, decoding), probe)
+    return cached_choice(dot_option_key(products, dtype, decoding), probe)
 
 
-def dot_option_key(shapes, dtype: str, decoding: bool) -> str:
-    return machine_key("xla dots", "decode" if decoding else "train", shapes, dtype)
+def dot_option_key(products, dtype: str, decoding: bool) -> str:
+    return machine_key("xla dots", "decode" if decoding else "train", products, dtype)
 
 
 def choose_decode_product(config) -> dict:
     """{"decode_product": rows_first | weights_first, "why": ...}: the faster order of a decoding
-    step's products (models/kernels.py `weights_first`) on the config's decoding products at
-    predict_batch_size rows, in decode_precision, under the dot library in force; weights first
-    must win by 10%, as it keeps a second copy of the weights while sampling. Where the dot probe
-    (choose_xla_dot_option) chose the library in force, its timings of the two orders under it
-    are taken rather than measured again. Cached per machine, shapes, dtype and dot library."""
+    step's products (models/kernels.py `weights_first`) on one token's products at
+    predict_batch_size rows (probe_products), in decode_precision, under the dot library in force.
+    Weights first must win by 5%, the probe's spread between runs on a 2-core VM, and its copy of
+    the block weights (`weights_first_copy_bytes`) must take at most half the memory available
+    now. Where the dot probe (choose_xla_dot_option) chose the library in force, its timings of
+    the two orders under it are taken rather than measured again. The timings are cached per
+    machine, products, dtype and dot library; the memory is looked at on every run."""
     if config.decode_product != "auto":
         return {"why": "decode_product set in the config"}
-    shapes = projection_shapes(config, decoding=True)
+    products = probe_products(config, decoding=True)
     dtype = config.decode_precision
 
     def probe() -> dict:
-        dot_probe = read_cache().get(dot_option_key(shapes, dtype, decoding=True))
+        dot_probe = read_cache().get(dot_option_key(products, dtype, decoding=True))
         if dot_probe and dot_probe["flags"] == dot_flags_in_force() and "by_order" in dot_probe:
             # the library in force is the one the dot probe chose, and it timed both orders under it
             seconds, source = dot_probe["by_order"][dot_probe["option"]], f"the dot probe's, under {dot_probe['option']}"
         else:
-            seconds = time_round_robin(product_passes(product_operands(shapes, dtype, DECODE_ORDERS), DECODE_ORDERS),
-                                       PROBE_ROUNDS)
+            passes = product_passes(product_operands(products, dtype, DECODE_ORDERS), DECODE_ORDERS, {"in force": None})
+            timed = {key[1:]: s for key, s in time_round_robin(passes, PROBE_ROUNDS).items()}
+            seconds = seconds_per_step(products, timed, DECODE_ORDERS)
             source = "timed under the dot library in force"
-        chosen = "weights_first" if seconds["weights_first"] < 0.9 * seconds["rows_first"] else "rows_first"
+        chosen = "weights_first" if seconds["weights_first"] < 0.95 * seconds["rows_first"] else "rows_first"
         return {"decode_product": chosen,
-                "why": f"decoding products {shapes} in {dtype}: "
+                "why": f"decoding products [{described_products(products)}] in {dtype}: "
                        + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in seconds.items()) + f" ({source})"}
 
-    return cached_choice(machine_key("decode product", shapes, dtype, dot_flags_in_force() or "default dots"), probe)
+    choice = cached_choice(machine_key("decode product", products, dtype, dot_flags_in_force() or "default dots"), probe)
+    copy, available = weights_first_copy_bytes(products, dtype), available_memory_bytes()
+    if choice["decode_product"] == "weights_first" and available is not None and copy > available / 2:
+        choice = {"decode_product": "rows_first",
+                  "why": choice["why"] + f"; but weights first would copy {copy / 1e9:.2f} GB of weights with "
+                                         f"{available / 1e9:.2f} GB of memory available"}
+    return choice
+
+
+def weights_first_copy_bytes(products, dtype: str) -> int:
+    """Bytes of the out-first copy of the block weights that weights-first decoding keeps while
+    sampling: every product's but the vocabulary's (the last), whose table is stored out-first."""
+    itemsize = 2 if dtype == "bfloat16" else 4
+    return sum(count * inner * out * itemsize for _, inner, out, count, _ in products[:-1])
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what the kernel can give without swapping), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 ATTENTION_KERNELS = ("blocked", "plain")  # blocked first: what attention_kernel auto means on a CPU unprobed

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -144,13 +145,43 @@ def test_the_xla_dot_probe_times_the_products_in_the_dtype_the_run_computes_them
     assert all(seconds is None or seconds > 0 for seconds in bfloat16["seconds"].values())
     # and the probe runs the products as the model asks for them: in bfloat16, accumulating in float32,
     # decoding's in both of decode_product's orders (a library is judged by its faster one)
-    shapes = [[4, 32, 128]]
-    assert set(machine.time_dot_options(shapes, "bfloat16")["default"]) == {"rows_first"}
-    both = machine.time_dot_options(shapes, "bfloat16", machine.DECODE_ORDERS)["default"]
+    products = [[4, 32, 128, 3, 2]]  # rows, in, out, per step, copies
+    assert set(machine.time_dot_options(products, "bfloat16")["default"]) == {"rows_first"}
+    both = machine.time_dot_options(products, "bfloat16", machine.DECODE_ORDERS)["default"]
     assert set(both) == {"rows_first", "weights_first"} and all(s > 0 for s in both.values())
     assert "(rows_first / weights_first)" in bfloat16["why"]
     assert bfloat16["seconds"]["default"] == pytest.approx(min(float(ms) for ms in re.search(
         r"default ([\d.]+) / ([\d.]+) ms", bfloat16["why"]).groups()) / 1e3, abs=1e-4)
+
+
+def test_the_decoding_probe_runs_one_tokens_products_over_weights_that_do_not_fit_in_the_cache():
+    """A token reads every weight once: the probe counts each product as often as a token runs
+    it, and reads each shape from as many distinct weights as exceed the last-level cache by half
+    (at most the token's count), so neither the vocabulary alone nor a cached weight decides."""
+    try:  # util-linux's reading of one cache of each level agrees (glibc's getconf gives a whole socket's L3)
+        caches = subprocess.run(["lscpu", "-B", "-C=NAME,ONE-SIZE", "--noheadings"], capture_output=True, text=True).stdout
+    except OSError:
+        caches = ""
+    sizes = [int(size) for size in re.findall(r"^\S+\s+(\d+)$", caches, re.MULTILINE)]
+    if sizes:
+        assert machine.last_level_cache_bytes() == max(sizes)
+    streamed = 3 * machine.last_level_cache_bytes() // 2
+    config = tiny_config(n_layer=3, n_embd=512, n_head=8, mlp_glu=True, intermediate_size=1536, n_vocab=4096,
+                         predict_batch_size=2)
+    products = machine.probe_products(config, decoding=True)
+    counts = {(rows, inner, out): count for rows, inner, out, count, _ in products}
+    assert counts == {(2, 512, 512): 3 * 4, (2, 512, 1536): 3 * 2, (2, 1536, 512): 3, (2, 512, 4096): 1}
+    for _, inner, out, count, copies in products:
+        assert 1 <= copies <= count
+        assert copies == count or copies * inner * out * 4 >= streamed > (copies - 1) * inner * out * 4
+    bfloat16 = machine.probe_products(config.replace(decode_precision="bfloat16"), decoding=True)
+    assert all(b[4] >= f[4] for b, f in zip(bfloat16, products))  # half the bytes: as many copies or more
+    # a step's time: each product's pass over its copies scaled to its count
+    seconds = {("rows_first", 0): 0.2, ("rows_first", 1): 0.5}
+    assert machine.seconds_per_step([[1, 8, 8, 12, 4], [1, 8, 80, 1, 1]], seconds, ["rows_first"]) == \
+        {"rows_first": pytest.approx(0.2 * 12 / 4 + 0.5)}
+    # training's products are bound by arithmetic: one copy, once each
+    assert all(product[3:] == [1, 1] for product in machine.probe_products(config, decoding=False))
 
 
 def test_the_xla_dot_probe_sets_one_of_its_options_and_a_user_flag_wins(probe_cache, monkeypatch):
@@ -176,7 +207,8 @@ def test_the_decode_probe_times_both_orders_of_the_decoding_products_caches_and_
     assert f"decode_product {tuned.decode_product};" in line
     timed = dict(re.findall(r"(rows_first|weights_first) ([\d.]+) ms", line))
     assert set(timed) == {"rows_first", "weights_first"} and all(float(ms) > 0 for ms in timed.values())
-    assert "[(4, 32, 128), (4, 128, 32), (4, 32, 64)] in float32" in line  # the config's decoding products
+    # one token's products: q, k, v and out, the MLP's two, the vocabulary's
+    assert "[(4, 32, 32) x4, (4, 32, 128), (4, 128, 32), (4, 32, 64)] in float32" in line
     (key, entry), = json.loads(probe_cache.read_text()).items()
     # the planted opposite comes back from the cache; another batch or dtype is probed apart
     planted = {"rows_first": "weights_first", "weights_first": "rows_first"}[tuned.decode_product]
@@ -205,6 +237,30 @@ def test_the_decode_order_under_the_probed_dot_library_comes_from_the_dot_probes
     other = next(name for name in machine.XLA_DOT_OPTIONS if name not in ("default", dots["option"]))
     monkeypatch.setenv("XLA_FLAGS", machine.XLA_DOT_OPTIONS[other][1])
     assert "timed under the dot library in force" in machine.choose_decode_product(config)["why"]
+
+
+def test_weights_first_is_not_kept_where_its_copy_of_the_weights_would_not_fit_in_memory(probe_cache):
+    """Weights-first decoding keeps an out-first copy of the block weights while sampling: a
+    cached choice of it gives way to rows first when that copy would take over half the memory
+    available (here a model far larger than any machine's memory, its choice planted in the
+    cache so that nothing is timed)."""
+    config = tiny_config(n_layer=1000, n_embd=16384, n_head=128, predict_batch_size=8)
+    products = machine.probe_products(config, decoding=True)
+    copy = machine.weights_first_copy_bytes(products, "float32")
+    assert copy == 1000 * (4 * 16384 * 16384 + 2 * 16384 * 4 * 16384) * 4  # q, k, v, out and the MLP's two; not the vocabulary
+    assert machine.weights_first_copy_bytes(products, "bfloat16") == copy // 2
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines())
+    assert machine.available_memory_bytes() == int(meminfo["MemAvailable"].split()[0]) * 1024
+    key = machine.machine_key("decode product", products, "float32", machine.dot_flags_in_force() or "default dots")
+    probe_cache.write_text(json.dumps({key: {"decode_product": "weights_first", "why": "planted"}}))
+    choice = machine.choose_decode_product(config)
+    assert choice["decode_product"] == "rows_first"
+    assert "but weights first would copy" in choice["why"] and "GB of memory available" in choice["why"]
+    small = tiny_config(predict_batch_size=8)  # a copy that fits keeps the cached choice
+    small_products = machine.probe_products(small, decoding=True)
+    key = machine.machine_key("decode product", small_products, "float32", machine.dot_flags_in_force() or "default dots")
+    probe_cache.write_text(json.dumps({key: {"decode_product": "weights_first", "why": "planted"}}))
+    assert machine.choose_decode_product(small)["decode_product"] == "weights_first"
 
 
 @pytest.mark.parametrize("key, value", [("cpu_probe", "on"), ("decode_precision", "float16"), ("cpu_backward", "cpu"),
