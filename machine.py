@@ -261,6 +261,11 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
+def weight_bytes(dtype: str) -> int:
+    """Bytes per weight in the dtype a run computes in (precision, decode_precision)."""
+    return 2 if dtype == "bfloat16" else 4
+
+
 def probe_products(config, decoding: bool) -> list[list[int]]:
     """[rows, in, out, per step, copies] of the products the run spends its time in.
 
@@ -285,9 +290,9 @@ def probe_products(config, decoding: bool) -> list[list[int]]:
     per_block[rows, embd, config.mlp_width] += 2 if config.mlp_glu else 1
     per_block[rows, config.mlp_width, embd] += 1
     streamed = 3 * last_level_cache_bytes() // 2
-    itemsize = 2 if config.decode_precision == "bfloat16" else 4
     per_token = [*((shape, count * config.n_layer) for shape, count in per_block.items()), ((rows, embd, config.n_vocab), 1)]
-    return [[*shape, count, min(count, max(1, -(-streamed // (shape[1] * shape[2] * itemsize))))] for shape, count in per_token]
+    return [[*shape, count, min(count, max(1, -(-streamed // (shape[1] * shape[2] * weight_bytes(config.decode_precision)))))]
+            for shape, count in per_token]
 
 
 def described_products(products) -> str:
@@ -344,19 +349,23 @@ def product_passes(operands: dict, orders, options: dict) -> dict:
         every_copy = jax.jit(lambda x, weights, multiply=functions[order]: [multiply(x, w) for w in weights])
         lowered |= {(order, index): every_copy.lower(x, weights) for index, (x, weights) in enumerate(operands[order])}
 
-    def compiled(job):
-        name, key = job
+    def compiled(name, key):
         try:
             return lowered[key].compile(compiler_options=options[name])
         except Exception:  # noqa: BLE001 - a library this XLA build lacks fails in its own way
             return None
 
-    jobs = [(name, key) for name in options for key in lowered]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=cpu_info()["cores"] or 1) as pool:  # XLA compiles off the GIL
-        runs = dict(zip(jobs, pool.map(compiled, jobs)))
+    runs = side_by_side({(name, key): functools.partial(compiled, name, key) for name in options for key in lowered})
     failed = {name for (name, _), run in runs.items() if run is None}
     return {(name, *key): lambda run=run, key=key: jax.block_until_ready(run(*operands[key[0]][key[1]]))
             for (name, key), run in runs.items() if name not in failed}
+
+
+def side_by_side(work: dict) -> dict:
+    """{key: work[key]()}, one thread per core: how the probes compile their programs, which XLA
+    does off the GIL."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=cpu_info()["cores"] or 1) as pool:
+        return dict(zip(work, pool.map(lambda job: job(), work.values())))
 
 
 def seconds_per_step(products, seconds: dict, orders) -> dict:
@@ -443,7 +452,7 @@ def choose_decode_product(config) -> dict:
 
     def probe() -> dict:
         dot_probe = read_cache().get(dot_option_key(products, dtype, decoding=True))
-        if dot_probe and dot_probe["flags"] == dot_flags_in_force() and "by_order" in dot_probe:
+        if dot_probe and dot_probe["flags"] == dot_flags_in_force():
             # the library in force is the one the dot probe chose, and it timed both orders under it
             seconds, source = dot_probe["by_order"][dot_probe["option"]], f"the dot probe's, under {dot_probe['option']}"
         else:
@@ -468,8 +477,7 @@ def choose_decode_product(config) -> dict:
 def weights_first_copy_bytes(products, dtype: str) -> int:
     """Bytes of the out-first copy of the block weights that weights-first decoding keeps while
     sampling: every product's but the vocabulary's (the last), whose table is stored out-first."""
-    itemsize = 2 if dtype == "bfloat16" else 4
-    return sum(count * inner * out * itemsize for _, inner, out, count, _ in products[:-1])
+    return sum(count * inner * out * weight_bytes(dtype) for _, inner, out, count, _ in products[:-1])
 
 
 def available_memory_bytes() -> int | None:
@@ -520,8 +528,7 @@ def time_attention_kernels(config) -> dict | None:
         return jax.jit(lambda q, k, v, g: jax.vjp(attend, q, k, v)[1](g)).lower(q, k, v, cotangent)
 
     programs = {(kernel, kind): forward_and_backward(kernel, kind) for kernel in ATTENTION_KERNELS for kind in counts}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=cpu_info()["cores"] or 1) as pool:  # XLA compiles off the GIL
-        compiled = dict(zip(programs, pool.map(lambda lowered: lowered.compile(), programs.values())))
+    compiled = side_by_side({name: lowered.compile for name, lowered in programs.items()})
     seconds = time_round_robin({name: lambda run=run: jax.block_until_ready(run(q, k, v, cotangent))
                                 for name, run in compiled.items()}, ATTENTION_PROBE_ROUNDS)
     return {kernel: sum(count * seconds[kernel, kind] for kind, count in counts.items()) for kernel in ATTENTION_KERNELS}
