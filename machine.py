@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -200,7 +201,7 @@ def cache_path() -> Path:
     return Path(root) / "cpu_probe.json"
 
 
-PROBE_VERSION = 4  # a probe that measures differently does not reuse what an older one chose
+PROBE_VERSION = 5  # a probe that measures differently does not reuse what an older one chose
 
 
 def machine_key(*parts) -> str:
@@ -267,37 +268,41 @@ def weight_bytes(dtype: str) -> int:
 
 
 def probe_products(config, decoding: bool) -> list[list[int]]:
-    """[rows, in, out, per step, copies] of the products the run spends its time in.
+    """[rows, in, out, per step] of the products the run spends its time in.
 
     Training: the MLP projection and its two backward products at the config's tokens per step
-    (rows capped so the probe stays short), once each; they are bound by arithmetic, so one copy
-    of each weight is enough.
+    (rows capped so the probe stays short), once each; they are bound by arithmetic.
 
     Decoding: one token of a batch through every block (attention's q, k, v and output
     projections, the MLP's) and the vocabulary projection, each shape counted as often as a token
     runs it. A token reads every weight once, far more bytes than any cache holds, so the probe
-    reads from memory too: each shape gets distinct weights, as many as a token has up to 1.5x
-    the last-level cache's bytes, and its time is scaled from those copies to the token's count.
-    One copy read again and again from the cache, or the vocabulary alone outweighing the
-    blocks, hid weights-first's gain at batch 1 on a Zen 4 (whole decodes 1.12x faster)."""
+    reads its weights from memory too (`weight_copies`). The vocabulary alone outweighing the
+    blocks, or one weight read again and again from the cache, hid weights-first's gain at batch 1
+    on a Zen 4 (whole decodes 1.12x faster)."""
     if not decoding:
         rows = min(config.train_batch_size * config.n_ctx, 1024)
-        return [[rows, config.n_embd, config.mlp_width, 1, 1], [rows, config.mlp_width, config.n_embd, 1, 1],
-                [config.n_embd, rows, config.mlp_width, 1, 1]]
+        return [[rows, config.n_embd, config.mlp_width, 1], [rows, config.mlp_width, config.n_embd, 1],
+                [config.n_embd, rows, config.mlp_width, 1]]
     rows, embd, attended = max(1, config.predict_batch_size), config.n_embd, config.n_head * config.head_dim
     per_block = collections.Counter({(rows, embd, attended): 3})
     per_block[rows, attended, embd] += 1
     per_block[rows, embd, config.mlp_width] += 2 if config.mlp_glu else 1
     per_block[rows, config.mlp_width, embd] += 1
+    return [*([*shape, count * config.n_layer] for shape, count in per_block.items()), [rows, embd, config.n_vocab, 1]]
+
+
+def weight_copies(product, dtype: str) -> int:
+    """How many distinct weights of `product` ([rows, in, out, per step]) in `dtype` a probe pass
+    reads: as many as exceed the last-level cache by half, at most the step's count, so that each
+    is read from memory as in the run (where a step reads every weight once)."""
+    _, inner, out, count = product
     streamed = 3 * last_level_cache_bytes() // 2
-    per_token = [*((shape, count * config.n_layer) for shape, count in per_block.items()), ((rows, embd, config.n_vocab), 1)]
-    return [[*shape, count, min(count, max(1, -(-streamed // (shape[1] * shape[2] * weight_bytes(config.decode_precision)))))]
-            for shape, count in per_token]
+    return min(count, max(1, -(-streamed // (inner * out * weight_bytes(dtype)))))
 
 
 def described_products(products) -> str:
     return ", ".join(f"({rows}, {inner}, {out})" + (f" x{count}" if count > 1 else "")
-                     for rows, inner, out, count, _ in products)
+                     for rows, inner, out, count in products)
 
 
 def time_round_robin(passes: dict, rounds: int) -> dict:
@@ -318,18 +323,66 @@ def time_round_robin(passes: dict, rounds: int) -> dict:
 DECODE_ORDERS = ("rows_first", "weights_first")  # decode_product's values: models/kernels.py
 
 
-def product_operands(products, dtype: str, orders) -> dict:
+def product_operands(products, dtypes: dict, orders) -> dict:
     """{order: [(x, [w, ...]), ...]}: per product of `products` (probe_products) its rows and its
-    copies of the weight, for each of `orders` (DECODE_ORDERS) in the order it reads them: [in,
-    out], or out-first, each copy a buffer of its own."""
+    weight_copies, for each of `orders` (DECODE_ORDERS) in the order it reads them: [in, out], or
+    out-first, each copy a buffer of its own, in dtypes[order][index] (streamed_dtypes)."""
     import jax.numpy as jnp
 
-    def weights(shape, copies):
-        return [jnp.ones(shape, dtype) for _ in range(copies)]
+    def operands(product, dtype, order):
+        rows, inner, out, _ = product
+        shape = (inner, out) if order == "rows_first" else (out, inner)
+        return jnp.ones((rows, inner), dtype) / inner, [jnp.ones(shape, dtype) for _ in range(weight_copies(product, dtype))]
 
-    return {order: [(jnp.ones((rows, inner), dtype) / inner,
-                     weights((inner, out) if order == "rows_first" else (out, inner), copies))
-                    for rows, inner, out, _, copies in products] for order in orders}
+    return {order: [operands(product, dtypes[order][index], order) for index, product in enumerate(products)]
+            for order in orders}
+
+
+def streamed_dtypes(products, dtype: str, orders, options: dict, decoding: bool = True) -> dict:
+    """{option: {order: [dtype per product]}, or None where the option's compile fails}: the dtype
+    in which a decoding loop multiplies each product's weight of `dtype`, under each of `options`
+    ({name: compiler options, or None for this process's own}). XLA:CPU 0.10 runs a one-row
+    bfloat16 product only in float32, as do its own kernels at any rows: the loop converts the
+    weight once before it starts, carries the float32 copy and streams float32 at every step
+    (YNNPACK takes bfloat16 from two rows). The probe times what the loop runs: one-row bfloat16
+    products timed outside a loop took 180 ms a token at 125M on a Zen 4, against 22 in the loop,
+    and 15 s of probing. Read from the weights a compiled loop of the products carries;
+    training's products are not in a loop and keep `dtype`."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.kernels import product, weights_first
+
+    if not decoding or dtype == "float32":
+        return dict.fromkeys(options, {order: [dtype] * len(products) for order in orders})
+    shapes = {order: [(inner, out) if order == "rows_first" else (out, inner) for _, inner, out, _ in products]
+              for order in orders}
+
+    def lowered(order):
+        multiply = {"rows_first": product, "weights_first": weights_first}[order]
+
+        def loop(steps, rows, weights):
+            step = lambda _, rows: [x + jnp.mean(multiply(x, w), axis=1, keepdims=True).astype(x.dtype)  # noqa: E731
+                                    for x, w in zip(rows, weights)]
+            return jax.lax.fori_loop(0, steps, step, rows)
+
+        return jax.jit(loop).lower(jax.ShapeDtypeStruct((), jnp.int32),
+                                   [jax.ShapeDtypeStruct((rows, inner), dtype) for rows, inner, _, _ in products],
+                                   [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes[order]])
+
+    def carried(name, order, program):
+        try:
+            text = program.compile(compiler_options=options[name]).as_text()
+        except Exception:  # noqa: BLE001 - a library this XLA build lacks fails in its own way
+            return None
+        loops = re.findall(r"= \((.*?)\) while\(", text)
+        return ["float32" if any(f"f32[{a},{b}]" in carry for carry in loops) else dtype for a, b in shapes[order]]
+
+    programs = {order: lowered(order) for order in orders}
+    found = side_by_side({(name, order): functools.partial(carried, name, order, program)
+                          for name in options for order, program in programs.items()})
+    return {name: None if any(found[name, order] is None for order in orders) else
+            {order: found[name, order] for order in orders} for name in options}
 
 
 def product_passes(operands: dict, orders, options: dict) -> dict:
@@ -368,40 +421,74 @@ def side_by_side(work: dict) -> dict:
         return dict(zip(work, pool.map(lambda job: job(), work.values())))
 
 
-def seconds_per_step(products, seconds: dict, orders) -> dict:
-    """{order: seconds of one step's products}: each product's timed pass over its copies, scaled
-    to the count a step runs (`seconds` keyed by (order, index), as product_passes)."""
-    return {order: sum(seconds[order, index] * count / copies for index, (_, _, _, count, copies) in enumerate(products))
-            for order in orders}
+def seconds_per_step(products, operands: dict, seconds: dict, orders) -> dict:
+    """{order: seconds of one step's products}: each product's timed pass (`seconds` keyed by
+    (order, index), as product_passes) over its copies (`operands`), scaled to the count a step runs."""
+    return {order: sum(seconds[order, index] * count / len(operands[order][index][1])
+                       for index, (_, _, _, count) in enumerate(products)) for order in orders}
 
 
 _DOT_PROBE = """
 import json, sys
-products, options, orders, rounds, dtype, repository = (json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]),
-                                                        int(sys.argv[4]), sys.argv[5], sys.argv[6])
+products, options, orders, rounds, dtype, decoding, repository = (json.loads(sys.argv[1]), json.loads(sys.argv[2]),
+                                                                  json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
+                                                                  sys.argv[6] == "decoding", sys.argv[7])
 sys.path.insert(0, repository)
-from machine import product_operands, product_passes, seconds_per_step, time_round_robin
-seconds = time_round_robin(product_passes(product_operands(products, dtype, orders), orders, options), rounds)
-print(json.dumps({name: seconds_per_step(products, {key[1:]: s for key, s in seconds.items() if key[0] == name}, orders)
-                  if (name, orders[0], 0) in seconds else None for name in options}))
+from machine import time_options
+print(json.dumps(time_options(products, options, orders, rounds, dtype, decoding)))
 """
 PROBE_ROUNDS = 9
 
 
-def time_dot_options(products, dtype: str = "float32", orders=("rows_first",)) -> dict:
-    """{option: {order: seconds of one step's `products` (probe_products) in `dtype`, multiplied
-    in that order (DECODE_ORDERS)}, or None where the option fails}: from the median of PROBE_ROUNDS passes,
-    every option and order taking turns, all measured in one fresh process: the options are given
-    per compile there, so that this process's JAX has not started and still reads the chosen one
-    from XLA_FLAGS."""
+def time_options(products, options: dict, orders, rounds: int, dtype: str, decoding: bool) -> dict:
+    """{"seconds": {option: {order: seconds of one step's products} or None where it fails},
+    "streamed": {option: {order: [dtype per product]}}}: each of `options` (compiler options by
+    name) on the products in the dtypes it streams them in (streamed_dtypes), every option and
+    order taking turns (time_round_robin)."""
+    streamed = streamed_dtypes(products, dtype, orders, options, decoding)
+    alike = collections.defaultdict(dict)  # options that stream the same dtypes share their operands
+    for name, dtypes in streamed.items():
+        if dtypes is not None:
+            alike[json.dumps(dtypes, sort_keys=True)][name] = options[name]
+    operands = {key: product_operands(products, json.loads(key), orders) for key in alike}
+    passes = {}
+    for key, group in alike.items():
+        passes |= product_passes(operands[key], orders, group)
+    seconds = time_round_robin(passes, rounds)
+    return {"seconds": {name: seconds_per_step(products, operands[json.dumps(streamed[name], sort_keys=True)],
+                                               {key[1:]: s for key, s in seconds.items() if key[0] == name}, orders)
+                        if (name, orders[0], 0) in seconds else None for name in options},
+            "streamed": {name: dtypes for name, dtypes in streamed.items() if dtypes is not None}}
+
+
+def time_dot_options(products, dtype: str = "float32", orders=("rows_first",), decoding: bool = False) -> dict:
+    """time_options over XLA_DOT_OPTIONS, PROBE_ROUNDS rounds, in one fresh process: the options
+    are given per compile there, so that this process's JAX has not started and still reads the
+    chosen one from XLA_FLAGS. Every option None where the probe fails."""
     options = {name: compiler_options for name, (compiler_options, _) in XLA_DOT_OPTIONS.items()}
     try:
         done = subprocess.run([sys.executable, "-c", _DOT_PROBE, json.dumps(products), json.dumps(options), json.dumps(list(orders)),
-                               str(PROBE_ROUNDS), dtype, str(Path(__file__).resolve().parent)],
+                               str(PROBE_ROUNDS), dtype, "decoding" if decoding else "training",
+                               str(Path(__file__).resolve().parent)],
                               env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=180)
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, ValueError, IndexError):
-        return dict.fromkeys(XLA_DOT_OPTIONS)
+        return {"seconds": dict.fromkeys(XLA_DOT_OPTIONS), "streamed": {}}
+
+
+def streamed_note(streamed: dict, dtype: str) -> str:
+    """For a probe's log line: under which options (where it timed several) a decoding loop
+    multiplies which products in another dtype than `dtype` (streamed_dtypes' findings); else empty."""
+    options_by_finding = collections.defaultdict(list)
+    for name, by_order in streamed.items():
+        finding = ", ".join(f"{order} in {'/'.join(sorted(set(dtypes) - {dtype}))}"
+                            + ("" if dtype not in dtypes else f" ({sum(d != dtype for d in dtypes)} of {len(dtypes)} products)")
+                            for order, dtypes in by_order.items() if set(dtypes) - {dtype})
+        if finding:
+            options_by_finding[finding].append(name)
+    under = (lambda names: f" under {', '.join(names)}") if len(streamed) > 1 else (lambda names: "")
+    return "".join(f";{under(names)} the loop multiplies {finding}, its weights converted before it"
+                   for finding, names in options_by_finding.items())
 
 
 def choose_xla_dot_option(config, decoding: bool) -> dict:
@@ -415,7 +502,8 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
     orders = DECODE_ORDERS if decoding else DECODE_ORDERS[:1]
 
     def probe() -> dict:
-        measured = time_dot_options(products, dtype, orders)
+        timed = time_dot_options(products, dtype, orders, decoding)
+        measured = timed["seconds"]
         seconds = {name: None if by_order is None else min(by_order.values()) for name, by_order in measured.items()}
         working = {name: s for name, s in seconds.items() if s is not None}
         best = min(working, key=working.get) if working else "default"
@@ -427,7 +515,8 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
                           for name, by_order in measured.items())
         return {"option": best, "flags": XLA_DOT_OPTIONS[best][1], "seconds": seconds, "by_order": measured,
                 "why": f"{'decoding' if decoding else 'training'} products [{described_products(products)}] in {dtype}"
-                       + (f" ({' / '.join(orders)})" if decoding else "") + f": {rates}"}
+                       + (f" ({' / '.join(orders)})" if decoding else "") + f": {rates}"
+                       + streamed_note(timed["streamed"], dtype)}
 
     return cached_choice(dot_option_key(products, dtype, decoding), probe)
 
@@ -456,10 +545,9 @@ def choose_decode_product(config) -> dict:
             # the library in force is the one the dot probe chose, and it timed both orders under it
             seconds, source = dot_probe["by_order"][dot_probe["option"]], f"the dot probe's, under {dot_probe['option']}"
         else:
-            passes = product_passes(product_operands(products, dtype, DECODE_ORDERS), DECODE_ORDERS, {"in force": None})
-            timed = {key[1:]: s for key, s in time_round_robin(passes, PROBE_ROUNDS).items()}
-            seconds = seconds_per_step(products, timed, DECODE_ORDERS)
-            source = "timed under the dot library in force"
+            timed = time_options(products, {"in force": None}, DECODE_ORDERS, PROBE_ROUNDS, dtype, decoding=True)
+            seconds = timed["seconds"]["in force"]
+            source = "timed under the dot library in force" + streamed_note(timed["streamed"], dtype)
         chosen = "weights_first" if seconds["weights_first"] < 0.95 * seconds["rows_first"] else "rows_first"
         return {"decode_product": chosen,
                 "why": f"decoding products [{described_products(products)}] in {dtype}: "
@@ -477,7 +565,7 @@ def choose_decode_product(config) -> dict:
 def weights_first_copy_bytes(products, dtype: str) -> int:
     """Bytes of the out-first copy of the block weights that weights-first decoding keeps while
     sampling: every product's but the vocabulary's (the last), whose table is stored out-first."""
-    return sum(count * inner * out * weight_bytes(dtype) for _, inner, out, count, _ in products[:-1])
+    return sum(count * inner * out * weight_bytes(dtype) for _, inner, out, count in products[:-1])
 
 
 def available_memory_bytes() -> int | None:

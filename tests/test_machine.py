@@ -145,9 +145,11 @@ def test_the_xla_dot_probe_times_the_products_in_the_dtype_the_run_computes_them
     assert all(seconds is None or seconds > 0 for seconds in bfloat16["seconds"].values())
     # and the probe runs the products as the model asks for them: in bfloat16, accumulating in float32,
     # decoding's in both of decode_product's orders (a library is judged by its faster one)
-    products = [[4, 32, 128, 3, 2]]  # rows, in, out, per step, copies
-    assert set(machine.time_dot_options(products, "bfloat16")["default"]) == {"rows_first"}
-    both = machine.time_dot_options(products, "bfloat16", machine.DECODE_ORDERS)["default"]
+    products = [[4, 32, 128, 3]]  # rows, in, out, per step
+    training = machine.time_dot_options(products, "bfloat16")
+    assert set(training["seconds"]["default"]) == {"rows_first"}
+    assert training["streamed"]["default"] == {"rows_first": ["bfloat16"]}  # no loop: as asked
+    both = machine.time_dot_options(products, "bfloat16", machine.DECODE_ORDERS, decoding=True)["seconds"]["default"]
     assert set(both) == {"rows_first", "weights_first"} and all(s > 0 for s in both.values())
     assert "(rows_first / weights_first)" in bfloat16["why"]
     assert bfloat16["seconds"]["default"] == pytest.approx(min(float(ms) for ms in re.search(
@@ -169,19 +171,27 @@ def test_the_decoding_probe_runs_one_tokens_products_over_weights_that_do_not_fi
     config = tiny_config(n_layer=3, n_embd=512, n_head=8, mlp_glu=True, intermediate_size=1536, n_vocab=4096,
                          predict_batch_size=2)
     products = machine.probe_products(config, decoding=True)
-    counts = {(rows, inner, out): count for rows, inner, out, count, _ in products}
+    counts = {(rows, inner, out): count for rows, inner, out, count in products}
     assert counts == {(2, 512, 512): 3 * 4, (2, 512, 1536): 3 * 2, (2, 1536, 512): 3, (2, 512, 4096): 1}
-    for _, inner, out, count, copies in products:
+    for product in products:
+        _, inner, out, count = product
+        copies = machine.weight_copies(product, "float32")
         assert 1 <= copies <= count
         assert copies == count or copies * inner * out * 4 >= streamed > (copies - 1) * inner * out * 4
-    bfloat16 = machine.probe_products(config.replace(decode_precision="bfloat16"), decoding=True)
-    assert all(b[4] >= f[4] for b, f in zip(bfloat16, products))  # half the bytes: as many copies or more
+        assert machine.weight_copies(product, "bfloat16") >= copies  # half the bytes: as many copies or more
     # a step's time: each product's pass over its copies scaled to its count
-    seconds = {("rows_first", 0): 0.2, ("rows_first", 1): 0.5}
-    assert machine.seconds_per_step([[1, 8, 8, 12, 4], [1, 8, 80, 1, 1]], seconds, ["rows_first"]) == \
-        {"rows_first": pytest.approx(0.2 * 12 / 4 + 0.5)}
-    # training's products are bound by arithmetic: one copy, once each
-    assert all(product[3:] == [1, 1] for product in machine.probe_products(config, decoding=False))
+    step = [[1, 2048, 4096, 100], [1, 8, 80, 1]]  # a 32 MB weight a step reads 100 times, one read once
+    operands = machine.product_operands(step, {"weights_first": ["bfloat16", "float32"]}, ["weights_first"])
+    (x, weights), (_, vocabulary) = operands["weights_first"]
+    copies = machine.weight_copies(step[0], "bfloat16")
+    assert x.shape == (1, 2048) and x.dtype == jnp.bfloat16 and len(vocabulary) == 1 and vocabulary[0].dtype == jnp.float32
+    assert len(weights) == copies < 100 and weights[0].shape == (4096, 2048)  # out-first, distinct buffers
+    assert len({w.unsafe_buffer_pointer() for w in weights}) == copies
+    seconds = {("weights_first", 0): 0.2, ("weights_first", 1): 0.5}
+    assert machine.seconds_per_step(step, operands, seconds, ["weights_first"]) == \
+        {"weights_first": pytest.approx(0.2 * 100 / copies + 0.5)}
+    # training's products are bound by arithmetic: once each
+    assert all(product[3] == 1 for product in machine.probe_products(config, decoding=False))
 
 
 def test_the_xla_dot_probe_sets_one_of_its_options_and_a_user_flag_wins(probe_cache, monkeypatch):
@@ -311,6 +321,51 @@ def test_bfloat16_decoding_of_several_rows_streams_bfloat16_weights_at_every_ste
     carried = computations(hlo)[body].splitlines()[0]  # the body's parameter: what each step reads
     for weight in ("[64,256]", "[256,64]", "[64,64]", "[64,512]"):  # fc, proj, q/k/v/out (as XLA reshapes them), unembed
         assert f"bf16{weight}" in carried and f"f32{weight}" not in carried, weight
+
+
+def carried_dtypes(carried: str, leading: int, trailing: int) -> set[str]:
+    """The dtypes of the arrays in an HLO loop's parameter that hold a [leading, trailing] matrix,
+    however XLA splits its dimensions ([64, 4, 16] for a [64, 64] q projection)."""
+    found = set()
+    for short, dims in re.findall(r"\b(f32|bf16)\[([\d,]+)\]", carried):
+        sizes = [int(size) for size in dims.split(",")]
+        if any(np.prod(sizes[:k]) == leading and np.prod(sizes[k:]) == trailing for k in range(1, len(sizes))):
+            found.add({"f32": "float32", "bf16": "bfloat16"}[short])
+    return found
+
+
+@pytest.mark.parametrize("order", machine.DECODE_ORDERS)
+def test_the_decoding_probe_times_each_product_in_the_dtype_the_decoding_loop_streams_its_weight_in(order):
+    """bfloat16 weights are not always multiplied in bfloat16: XLA:CPU runs a one-row product only
+    in float32, converting the weight before the loop, which then reads float32 at every step. The
+    probe finds, per product, the dtype that sample.py's decode loop carries the weight in, and
+    times its products in that dtype (a one-row bfloat16 product timed as such ran 8x slower than
+    any step of the loop, and took 15 s to probe at 125M)."""
+    config = tiny_config(n_layer=2, n_embd=64, n_head=4, n_ctx=128, n_vocab=512, decode_precision="bfloat16",
+                         decode_product=order)
+    seen = set()
+    for batch in (1, 4):
+        shape = sample.DecodeShape(batch=batch, prompt_slots=16, cache_slots=48)
+        hlo = compiled_decode_hlo(config.replace(precision="bfloat16"), sample.sampling_layout(None, batch), shape)
+        body = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)[0]
+        carried = computations(hlo)[body].splitlines()[0]  # the body's parameter: what each step reads
+        products = machine.probe_products(config.replace(predict_batch_size=batch), decoding=True)
+        probed = machine.streamed_dtypes(products, "bfloat16", [order], {"in force": None})["in force"][order]
+        for (_, inner, out, _), dtype in zip(products, probed):
+            in_loop = carried_dtypes(carried, *((inner, out) if order == "rows_first" else (out, inner)))
+            if order == "weights_first" and out == config.n_vocab:
+                # the table is stored out-first and read in float32 for the token lookup as well
+                assert dtype in in_loop and in_loop <= {dtype, "float32"}, (batch, in_loop, dtype)
+            else:
+                assert in_loop == {dtype}, (batch, inner, out, in_loop, dtype)
+            seen.add(dtype)
+        # the probe runs its products in those dtypes
+        operands = machine.product_operands(products, {order: probed}, [order])[order]
+        assert [w[0].dtype for _, w in operands] == [jnp.dtype(dtype) for dtype in probed]
+    if order == "rows_first":
+        assert seen == {"float32", "bfloat16"}  # what XLA:CPU 0.10 does: one row in float32, four in bfloat16
+    float32 = machine.streamed_dtypes(products, "float32", [order], {"in force": None})
+    assert float32 == {"in force": {order: ["float32"] * len(products)}}
 
 
 def test_main_probes_single_host_training_and_sampling_of_models_large_enough_to_gain():
