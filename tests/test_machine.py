@@ -3,6 +3,7 @@ XLA:CPU's dot library and neomesh's CPU kernels per machine, cached; decode_prec
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -133,6 +134,36 @@ def test_forced_keys_and_cpu_probe_off_skip_the_probe(probe_cache):
     assert machine.tune(off, decoding=True).to_dict() == off.to_dict()
     assert machine.set_xla_dot_option(off, decoding=False) is None
     assert not probe_cache.exists()
+
+
+def test_the_probe_stops_timing_an_option_slower_than_the_fastest_in_every_round_of_a_majority():
+    """Passes add up, weighted, to the options being chosen between; one slower in every round
+    stops being timed once a majority of the rounds has run (5 of 9), and timing ends when one
+    option is left."""
+    import time
+
+    calls = collections.Counter()
+
+    def sleeping(name, seconds):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    # option a: two 8 ms passes; option b: one 2 ms pass that a step runs 20 times
+    passes = {("a", 1): sleeping("a1", 0.008), ("a", 2): sleeping("a2", 0.008), ("b", 1): sleeping("b1", 0.002)}
+    weights = {("a", 1): 1, ("a", 2): 1, ("b", 1): 20}
+    seconds = machine.time_round_robin(passes, 9, entry=lambda name: name[0], weight=weights.get)
+    assert calls == {"a1": 1 + 5, "a2": 1 + 5, "b1": 1 + 5}
+    assert seconds[("b", 1)] == pytest.approx(0.002, abs=0.004) and seconds[("a", 1)] == pytest.approx(0.008, abs=0.008)
+    # unweighted, b is the fastest; either way the medians are of the rounds each ran
+    calls.clear()
+    machine.time_round_robin(passes, 9, entry=lambda name: name[0])
+    assert calls["b1"] == calls["a1"] == 1 + 5
+    # without options to choose between (every pass its own), passes only part when clearly apart
+    calls.clear()
+    machine.time_round_robin({"slow": sleeping("slow", 0.03), "fast": sleeping("fast", 0.001)}, 9)
+    assert calls == {"slow": 1 + 5, "fast": 1 + 5}
 
 
 def test_the_xla_dot_probe_times_the_products_in_the_dtype_the_run_computes_them_in(probe_cache):
