@@ -305,17 +305,20 @@ def described_products(products) -> str:
                      for rows, inner, out, count in products)
 
 
-def time_round_robin(passes: dict, rounds: int, entry=lambda name: name, weight=lambda name: 1.0) -> dict:
+def time_round_robin(passes: dict, rounds: int, entry=lambda name: name, weight=lambda name: 1.0,
+                     budget: float | None = None) -> dict:
     """{name: median seconds of one call of passes[name]}, after one untimed call each, over up to
     `rounds` rounds in which every pass runs once in turn: a busy spell of a shared machine falls
-    on every option alike (best-of-3 per option swung 30% on a 2-core VM).
+    on every option alike (best-of-3 per option swung 30% on a 2-core VM). Where the first round
+    shows that they would take over `budget` seconds, fewer rounds, but at least 3: a 1.3B
+    model's training products took 1.9 s a round.
 
     The passes add up to the options being chosen between (`entry(name)`, each pass counted
     `weight(name)` times). Once a majority of the rounds has run, an option whose every round took
     longer than every round of the fastest stops running (its median could not come out ahead),
     and timing ends when one option is left: a clear choice takes fewer rounds, a close one all.
-    After three rounds instead of five, a spell that slowed one order's passes in a probe for a
-    while once dropped them (30.5 against 22.5 ms; 9 rounds gave 19-21 against 22-25)."""
+    After three rounds of nine instead of five, a spell that slowed one order's passes for a
+    while once dropped them (30.5 against 22.5 ms; nine rounds gave 19-21 against 22-25)."""
     for run in passes.values():
         run()
     seconds = {name: [] for name in passes}
@@ -323,19 +326,21 @@ def time_round_robin(passes: dict, rounds: int, entry=lambda name: name, weight=
     for name in passes:
         members[entry(name)].append(name)
     racing = set(members)
-    for done in range(1, rounds + 1):
+    done = 0
+    while done < rounds and len(racing) > 1 or done == 0:
         for name, run in passes.items():
             if entry(name) in racing:
                 start = time.perf_counter()
                 run()
                 seconds[name].append(time.perf_counter() - start)
+        done += 1
+        if done == 1 and budget is not None:
+            rounds = max(min(rounds, 3), min(rounds, int(budget / sum(taken[0] for taken in seconds.values()))))
         if done > rounds // 2 and len(racing) > 1:
             totals = {option: [sum(weight(name) * seconds[name][i] for name in members[option]) for i in range(done)]
                       for option in racing}
             fastest = min(totals, key=lambda option: statistics.median(totals[option]))
             racing = {option for option in racing if option == fastest or min(totals[option]) <= max(totals[fastest])}
-        if len(racing) == 1:
-            break
     return {name: statistics.median(taken) for name, taken in seconds.items()}
 
 
@@ -457,6 +462,7 @@ from machine import time_options
 print(json.dumps(time_options(products, options, orders, rounds, dtype, decoding)))
 """
 PROBE_ROUNDS = 9
+PROBE_SECONDS = 2.5  # of rounds, where the first shows that PROBE_ROUNDS would take longer
 
 
 def time_options(products, options: dict, orders, rounds: int, dtype: str, decoding: bool) -> dict:
@@ -475,7 +481,8 @@ def time_options(products, options: dict, orders, rounds: int, dtype: str, decod
         passes |= product_passes(operands[key], orders, group)
     operands_of = {name: operands[json.dumps(dtypes, sort_keys=True)] for name, dtypes in streamed.items() if dtypes is not None}
     seconds = time_round_robin(passes, rounds, entry=lambda key: key[:2],  # an option in one order
-                               weight=lambda key: products[key[2]][3] / len(operands_of[key[0]][key[1]][key[2]][1]))
+                               weight=lambda key: products[key[2]][3] / len(operands_of[key[0]][key[1]][key[2]][1]),
+                               budget=PROBE_SECONDS)
     return {"seconds": {name: seconds_per_step(products, operands[json.dumps(streamed[name], sort_keys=True)],
                                                {key[1:]: s for key, s in seconds.items() if key[0] == name}, orders)
                         if (name, orders[0], 0) in seconds else None for name in options},
