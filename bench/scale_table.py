@@ -18,7 +18,7 @@ XLA:CPU's temporaries; the collectives' bytes per step on one device; the accele
 GPT-Neo's 256-core slices) and a v2 core (8 GiB). The FSDP column is the accelerator estimate of
 the same devices with the weights and optimizer state also sharded over the batch axis
 (`fsdp_axes`, MaxText-style FSDP), compiled. The last line printed is one JSON object with every
-figure.
+figure, per config, and under "machine" the CPU that compiled them (machine.py).
 """
 
 from __future__ import annotations
@@ -147,6 +147,9 @@ def main() -> int:
                            fsdp_figure(name, report, args.set, args.timeout, args.whole))
         print(row(name, report, fsdp_text), flush=True)
         figures[name] = report | {"fsdp": fsdp}
+    import machine
+
+    figures["machine"] = machine.describe()  # compile times and XLA:CPU's temporaries depend on it
     print(json.dumps(figures, default=str))
     return 0
 
