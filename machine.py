@@ -237,14 +237,15 @@ def write_cache(key: str, choice: dict) -> None:
 
 def cached_choice(key: str, probe) -> dict:
     """The choice cached under `key` (its "why" marked cached), or else probe()'s, its "why" given
-    the probe's duration, cached for the next run."""
+    the probe's duration, cached for the next run unless the probe marks it "uncached"."""
     cached = read_cache().get(key)
     if cached is not None:
         return cached | {"why": cached["why"] + " (cached)"}
     start = time.perf_counter()
     choice = probe()
     choice["why"] += f" (probed in {time.perf_counter() - start:.1f} s)"
-    write_cache(key, choice)
+    if not choice.pop("uncached", False):
+        write_cache(key, choice)
     return choice
 
 
@@ -305,43 +306,44 @@ def described_products(products) -> str:
                      for rows, inner, out, count in products)
 
 
-def time_round_robin(passes: dict, rounds: int, entry=lambda name: name, weight=lambda name: 1.0,
+def time_round_robin(passes: dict, rounds: int, option_of=lambda name: name, count_of=lambda name: 1.0,
                      budget: float | None = None) -> dict:
     """{name: median seconds of one call of passes[name]}, after one untimed call each, over up to
     `rounds` rounds in which every pass runs once in turn: a busy spell of a shared machine falls
     on every option alike (best-of-3 per option swung 30% on a 2-core VM). Where the first round
-    shows that they would take over `budget` seconds, fewer rounds, but at least 3: a 1.3B
+    shows that they would take over `budget` seconds, as many as fit, but at least 3: a 1.3B
     model's training products took 1.9 s a round.
 
-    The passes add up to the options being chosen between (`entry(name)`, each pass counted
-    `weight(name)` times). Once a majority of the rounds has run, an option whose every round took
-    longer than every round of the fastest stops running (its median could not come out ahead),
-    and timing ends when one option is left: a clear choice takes fewer rounds, a close one all.
-    After three rounds of nine instead of five, a spell that slowed one order's passes for a
-    while once dropped them (30.5 against 22.5 ms; nine rounds gave 19-21 against 22-25)."""
+    The passes add up to the options being chosen between (`option_of(name)`, each pass counted
+    `count_of(name)` times). Once a majority of the rounds has run, an option whose every round
+    took longer than every round of the fastest stops running (its median could not come out
+    ahead), and timing ends when one option is left: a clear choice takes fewer rounds, a close
+    one all. After three rounds of nine instead of five, a spell that slowed one order's passes
+    for a while once dropped them (30.5 against 22.5 ms; nine rounds gave 19-21 against 22-25)."""
     for run in passes.values():
         run()
     seconds = {name: [] for name in passes}
     members = collections.defaultdict(list)
     for name in passes:
-        members[entry(name)].append(name)
+        members[option_of(name)].append(name)
     racing = set(members)
     done = 0
-    while done < rounds and len(racing) > 1 or done == 0:
+    while done < rounds and (len(racing) > 1 or len(members) == 1):
         for name, run in passes.items():
-            if entry(name) in racing:
+            if option_of(name) in racing:
                 start = time.perf_counter()
                 run()
                 seconds[name].append(time.perf_counter() - start)
         done += 1
-        if done == 1 and budget is not None:
-            rounds = max(min(rounds, 3), min(rounds, int(budget / sum(taken[0] for taken in seconds.values()))))
+        first_round = sum(taken[0] for taken in seconds.values())
+        if done == 1 and budget is not None and first_round > 0:
+            rounds = max(min(rounds, 3), min(rounds, int(budget / first_round)))
         if done > rounds // 2 and len(racing) > 1:
-            totals = {option: [sum(weight(name) * seconds[name][i] for name in members[option]) for i in range(done)]
+            totals = {option: [sum(count_of(name) * seconds[name][i] for name in members[option]) for i in range(done)]
                       for option in racing}
             fastest = min(totals, key=lambda option: statistics.median(totals[option]))
             racing = {option for option in racing if option == fastest or min(totals[option]) <= max(totals[fastest])}
-    return {name: statistics.median(taken) for name, taken in seconds.items()}
+    return {name: statistics.median(taken) for name, taken in seconds.items() if taken}
 
 
 DECODE_ORDERS = ("rows_first", "weights_first")  # decode_product's values: models/kernels.py
@@ -362,7 +364,7 @@ def product_operands(products, dtypes: dict, orders) -> dict:
             for order in orders}
 
 
-def streamed_dtypes(products, dtype: str, orders, options: dict, decoding: bool = True) -> dict:
+def streamed_dtypes(products, dtype: str, orders, options: dict, decoding: bool) -> dict:
     """{option: {order: [dtype per product]}, or None where the option's compile fails}: the dtype
     in which a decoding loop multiplies each product's weight of `dtype`, under each of `options`
     ({name: compiler options, or None for this process's own}). XLA:CPU 0.10 runs a one-row
@@ -379,7 +381,7 @@ def streamed_dtypes(products, dtype: str, orders, options: dict, decoding: bool 
     from models.kernels import product, weights_first
 
     if not decoding or dtype == "float32":
-        return dict.fromkeys(options, {order: [dtype] * len(products) for order in orders})
+        return {name: {order: [dtype] * len(products) for order in orders} for name in options}
     shapes = {order: [(inner, out) if order == "rows_first" else (out, inner) for _, inner, out, _ in products]
               for order in orders}
 
@@ -401,6 +403,10 @@ def streamed_dtypes(products, dtype: str, orders, options: dict, decoding: bool 
         except Exception:  # noqa: BLE001 - a library this XLA build lacks fails in its own way
             return None
         loops = re.findall(r"= \((.*?)\) while\(", text)
+        if not loops:
+            log.warning("cpu probe: no loop found in XLA's program of the decoding products under %s; timing them "
+                        "in %s as asked", name, dtype)
+        # as given: the transposed shape is another product's in a block (the MLP's two weights)
         return ["float32" if any(f"f32[{a},{b}]" in carry for carry in loops) else dtype for a, b in shapes[order]]
 
     programs = {order: lowered(order) for order in orders}
@@ -463,31 +469,33 @@ from machine import time_options
 print(json.dumps(time_options(products, options, orders, rounds, dtype, decoding)))
 """
 PROBE_ROUNDS = 9
-PROBE_SECONDS = 2.5  # of rounds, where the first shows that PROBE_ROUNDS would take longer
+PROBE_ROUNDS_SECONDS = 2.5  # the timed rounds' total where they are long (not the compiles')
 
 
 def time_options(products, options: dict, orders, rounds: int, dtype: str, decoding: bool) -> dict:
     """{"seconds": {option: {order: seconds of one step's products} or None where it fails},
-    "streamed": {option: {order: [dtype per product]}}}: each of `options` (compiler options by
-    name) on the products in the dtypes it streams them in (streamed_dtypes), every option and
-    order taking turns (time_round_robin)."""
-    streamed = streamed_dtypes(products, dtype, orders, options, decoding)
-    alike = collections.defaultdict(dict)  # options that stream the same dtypes share their operands
-    for name, dtypes in streamed.items():
-        if dtypes is not None:
-            alike[json.dumps(dtypes, sort_keys=True)][name] = options[name]
-    operands = {key: product_operands(products, json.loads(key), orders) for key in alike}
+    "streamed": {option: {order: [dtype per product]}} of the options timed}: each of `options`
+    (compiler options by name) on the products in the dtypes it streams them in
+    (streamed_dtypes), every option and order taking turns (time_round_robin)."""
+    streamed = {name: dtypes for name, dtypes in streamed_dtypes(products, dtype, orders, options, decoding).items()
+                if dtypes is not None}
+    group_of = {name: json.dumps(dtypes, sort_keys=True) for name, dtypes in streamed.items()}
+    # options that stream the same dtypes share their operands
+    operands = {group: product_operands(products, json.loads(group), orders) for group in set(group_of.values())}
     passes = {}
-    for key, group in alike.items():
-        passes |= product_passes(operands[key], orders, group)
-    operands_of = {name: operands[json.dumps(dtypes, sort_keys=True)] for name, dtypes in streamed.items() if dtypes is not None}
-    seconds = time_round_robin(passes, rounds, entry=lambda key: key[:2],  # an option in one order
-                               weight=lambda key: products[key[2]][3] / len(operands_of[key[0]][key[1]][key[2]][1]),
-                               budget=PROBE_SECONDS)
-    return {"seconds": {name: seconds_per_step(products, operands[json.dumps(streamed[name], sort_keys=True)],
+    for group in operands:
+        passes |= product_passes(operands[group], orders, {name: options[name] for name in group_of if group_of[name] == group})
+
+    def copies(name, order, index):
+        return len(operands[group_of[name]][order][index][1])
+
+    seconds = time_round_robin(passes, rounds, option_of=lambda key: key[:2],  # an option in one order
+                               count_of=lambda key: products[key[2]][3] / copies(*key), budget=PROBE_ROUNDS_SECONDS)
+    timed = {name for name, _, _ in seconds}
+    return {"seconds": {name: seconds_per_step(products, operands[group_of[name]],
                                                {key[1:]: s for key, s in seconds.items() if key[0] == name}, orders)
-                        if (name, orders[0], 0) in seconds else None for name in options},
-            "streamed": {name: dtypes for name, dtypes in streamed.items() if dtypes is not None}}
+                        if name in timed else None for name in options},
+            "streamed": {name: dtypes for name, dtypes in streamed.items() if name in timed}}
 
 
 def time_dot_options(products, dtype: str = "float32", orders=("rows_first",), decoding: bool = False) -> dict:
@@ -523,7 +531,8 @@ def streamed_note(streamed: dict, dtype: str) -> str:
 def choose_xla_dot_option(config, decoding: bool) -> dict:
     """{"option": name, "flags": XLA_FLAGS text, "seconds": {name: s}, "why": text}: the fastest
     of XLA_DOT_OPTIONS on the run's products, in the dtype the run computes them in (the dot
-    libraries differ most in bfloat16: XLA's own kernels convert it to float32); for decoding each
+    libraries differ most in bfloat16: XLA's own kernels convert it to float32), or when decoding
+    the dtype each library's decoding loop streams them in (streamed_dtypes); for decoding each
     library is timed in both of decode_product's orders and judged by its faster one (which
     choose_decode_product then picks under it). Cached per machine and shape class."""
     products = probe_products(config, decoding)
@@ -545,7 +554,9 @@ def choose_xla_dot_option(config, decoding: bool) -> dict:
         return {"option": best, "flags": XLA_DOT_OPTIONS[best][1], "seconds": seconds, "by_order": measured,
                 "why": f"{'decoding' if decoding else 'training'} products [{described_products(products)}] in {dtype}"
                        + (f" ({' / '.join(orders)})" if decoding else "") + f": {rates}"
-                       + streamed_note(timed["streamed"], dtype)}
+                       + streamed_note(timed["streamed"], dtype)
+                       + ("" if working else "; XLA's default kept, probed again next run"),
+                "uncached": not working}  # a probe that timed nothing (a timeout, a crash) is not a finding
 
     return cached_choice(dot_option_key(products, dtype, decoding), probe)
 
@@ -557,7 +568,8 @@ def dot_option_key(products, dtype: str, decoding: bool) -> str:
 def choose_decode_product(config) -> dict:
     """{"decode_product": rows_first | weights_first, "why": ...}: the faster order of a decoding
     step's products (models/kernels.py `weights_first`) on one token's products at
-    predict_batch_size rows (probe_products), in decode_precision, under the dot library in force.
+    predict_batch_size rows (probe_products), in decode_precision as the decoding loop streams it
+    (streamed_dtypes), under the dot library in force.
     Weights first must win by 5%, the probe's spread between runs on a 2-core VM, and its copy of
     the block weights (`weights_first_copy_bytes`) must take at most half the memory available
     now. Where the dot probe (choose_xla_dot_option) chose the library in force, its timings of
@@ -570,7 +582,7 @@ def choose_decode_product(config) -> dict:
 
     def probe() -> dict:
         dot_probe = read_cache().get(dot_option_key(products, dtype, decoding=True))
-        if dot_probe and dot_probe["flags"] == dot_flags_in_force():
+        if dot_probe and dot_probe["flags"] == dot_flags_in_force() and dot_probe["by_order"].get(dot_probe["option"]):
             # the library in force is the one the dot probe chose, and it timed both orders under it
             seconds, source = dot_probe["by_order"][dot_probe["option"]], f"the dot probe's, under {dot_probe['option']}"
         else:
@@ -648,7 +660,7 @@ def time_attention_kernels(config) -> dict | None:
     compiled = side_by_side({name: lowered.compile for name, lowered in programs.items()})
     seconds = time_round_robin({name: lambda run=run: jax.block_until_ready(run(q, k, v, cotangent))
                                 for name, run in compiled.items()}, ATTENTION_PROBE_ROUNDS,
-                               entry=lambda name: name[0], weight=lambda name: counts[name[1]])
+                               option_of=lambda name: name[0], count_of=lambda name: counts[name[1]])
     return {kernel: sum(count * seconds[kernel, kind] for kind, count in counts.items()) for kernel in ATTENTION_KERNELS}
 
 

@@ -147,6 +147,7 @@ def main() -> int:
                            fsdp_figure(name, report, args.set, args.timeout, args.whole))
         print(row(name, report, fsdp_text), flush=True)
         figures[name] = report | {"fsdp": fsdp}
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CPU that compiled them, also on a GPU host
     import machine
 
     figures["machine"] = machine.describe()  # compile times and XLA:CPU's temporaries depend on it

@@ -136,43 +136,49 @@ def test_forced_keys_and_cpu_probe_off_skip_the_probe(probe_cache):
     assert not probe_cache.exists()
 
 
-def test_the_probe_stops_timing_an_option_slower_than_the_fastest_in_every_round_of_a_majority():
-    """Passes add up, weighted, to the options being chosen between; one slower in every round
+def test_the_probe_stops_timing_an_option_slower_than_the_fastest_in_every_round_of_a_majority(monkeypatch):
+    """Passes add up, counted, to the options being chosen between; one slower in every round
     stops being timed once a majority of the rounds has run (5 of 9), and timing ends when one
-    option is left."""
-    import time
-
+    option is left. Where the first round shows the rounds would overrun the budget, as many as
+    fit run, at least 3. (Timed on a clock the passes move on, so that nothing here is noise.)"""
+    now = [0.0]
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: now[0])
     calls = collections.Counter()
 
-    def sleeping(name, seconds):
+    def taking(name, seconds):
         def run():
             calls[name] += 1
-            time.sleep(seconds)
+            now[0] += seconds
         return run
 
     # option a: two 8 ms passes; option b: one 2 ms pass that a step runs 20 times
-    passes = {("a", 1): sleeping("a1", 0.008), ("a", 2): sleeping("a2", 0.008), ("b", 1): sleeping("b1", 0.002)}
-    weights = {("a", 1): 1, ("a", 2): 1, ("b", 1): 20}
-    seconds = machine.time_round_robin(passes, 9, entry=lambda name: name[0], weight=weights.get)
+    passes = {("a", 1): taking("a1", 0.008), ("a", 2): taking("a2", 0.008), ("b", 1): taking("b1", 0.002)}
+    counts = {("a", 1): 1, ("a", 2): 1, ("b", 1): 20}
+    seconds = machine.time_round_robin(passes, 9, option_of=lambda name: name[0], count_of=counts.get)
     assert calls == {"a1": 1 + 5, "a2": 1 + 5, "b1": 1 + 5}
-    assert seconds[("b", 1)] == pytest.approx(0.002, abs=0.004) and seconds[("a", 1)] == pytest.approx(0.008, abs=0.008)
-    # unweighted, b is the fastest; either way the medians are of the rounds each ran
-    calls.clear()
-    machine.time_round_robin(passes, 9, entry=lambda name: name[0])
-    assert calls["b1"] == calls["a1"] == 1 + 5
-    # without options to choose between (every pass its own), passes only part when clearly apart
-    calls.clear()
-    machine.time_round_robin({"slow": sleeping("slow", 0.03), "fast": sleeping("fast", 0.001)}, 9)
-    assert calls == {"slow": 1 + 5, "fast": 1 + 5}
-    # rounds that would take over the budget: fewer, at least 3 (of which 2 are a majority)
-    calls.clear()
-    machine.time_round_robin({"a": sleeping("a", 0.05), "b": sleeping("b", 0.05)}, 9, budget=0.3)
-    assert calls["a"] == calls["b"] and calls["a"] in (1 + 2, 1 + 3)  # alike, they may part by chance after 2
+    assert seconds == {("a", 1): pytest.approx(0.008), ("a", 2): pytest.approx(0.008), ("b", 1): pytest.approx(0.002)}
+    calls.clear()  # uncounted, b is the fastest: a stops instead, after as many rounds
+    machine.time_round_robin(passes, 9, option_of=lambda name: name[0])
+    assert calls == {"a1": 1 + 5, "a2": 1 + 5, "b1": 1 + 5}
+    calls.clear()  # options that never part get every round
+    machine.time_round_robin({"x": taking("x", 0.01), "y": taking("y", 0.01)}, 9)
+    assert calls == {"x": 1 + 9, "y": 1 + 9}
+    calls.clear()  # so does a single option
+    machine.time_round_robin({"x": taking("x", 0.01)}, 9)
+    assert calls == {"x": 1 + 9}
+    calls.clear()  # 0.1 s rounds and a 0.55 s budget: 5 rounds
+    machine.time_round_robin({"x": taking("x", 0.05), "y": taking("y", 0.05)}, 9, budget=0.55)
+    assert calls == {"x": 1 + 5, "y": 1 + 5}
+    calls.clear()  # never fewer than 3
+    machine.time_round_robin({"x": taking("x", 0.05), "y": taking("y", 0.05)}, 9, budget=0.01)
+    assert calls == {"x": 1 + 3, "y": 1 + 3}
+    assert machine.time_round_robin({}, 9, budget=1.0) == {}
 
 
 def test_the_xla_dot_probe_times_the_products_in_the_dtype_the_run_computes_them_in(probe_cache):
     """bfloat16 products are where the dot libraries differ most (XLA's own kernels convert them to
-    float32 first), so a bfloat16 decode is probed on bfloat16 products and keeps its own choice."""
+    float32 first), so a bfloat16 decode is probed apart from a float32 one and keeps its own choice,
+    its products in the dtype its loop streams them in (streamed_dtypes)."""
     float32 = machine.choose_xla_dot_option(tiny_config(predict_batch_size=4), decoding=True)
     bfloat16 = machine.choose_xla_dot_option(tiny_config(predict_batch_size=4, decode_precision="bfloat16"), decoding=True)
     assert "in float32" in float32["why"] and "in bfloat16" in bfloat16["why"]
@@ -189,6 +195,27 @@ def test_the_xla_dot_probe_times_the_products_in_the_dtype_the_run_computes_them
     assert "(rows_first / weights_first)" in bfloat16["why"]
     assert bfloat16["seconds"]["default"] == pytest.approx(min(float(ms) for ms in re.search(
         r"default ([\d.]+) / ([\d.]+) ms", bfloat16["why"]).groups()) / 1e3, abs=1e-4)
+
+
+def test_a_dot_probe_that_timed_nothing_keeps_xlas_default_is_not_cached_and_the_decode_order_is_timed(probe_cache, monkeypatch):
+    """A probe subprocess that dies (here: XLA refuses an unknown flag) is no finding: the run keeps
+    XLA's default, the next run probes again, and the decode order is timed under the library in
+    force instead of read from the failed probe."""
+    config = tiny_config(predict_batch_size=2)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_no_such_flag_for_the_probe=1")
+    failed = machine.choose_xla_dot_option(config, decoding=True)
+    assert failed["option"] == "default" and "probed again next run" in failed["why"]
+    assert all(seconds is None for seconds in failed["seconds"].values())
+    assert not probe_cache.exists()
+    monkeypatch.setenv("XLA_FLAGS", "")
+    # were such a probe's entry in the cache (as older versions wrote it), the order is timed
+    products = machine.probe_products(config, decoding=True)
+    probe_cache.write_text(json.dumps({machine.dot_option_key(products, "float32", decoding=True): failed}))
+    choice = machine.choose_decode_product(config)
+    assert choice["decode_product"] in machine.DECODE_ORDERS and "timed under the dot library in force" in choice["why"]
+    probe_cache.unlink()
+    assert machine.choose_xla_dot_option(config, decoding=True)["seconds"]["default"] is not None
+    assert len(json.loads(probe_cache.read_text())) == 1
 
 
 def test_the_decoding_probe_runs_one_tokens_products_over_weights_that_do_not_fit_in_the_cache():
@@ -215,7 +242,7 @@ def test_the_decoding_probe_runs_one_tokens_products_over_weights_that_do_not_fi
         assert copies == count or copies * inner * out * 4 >= streamed > (copies - 1) * inner * out * 4
         assert machine.weight_copies(product, "bfloat16") >= copies  # half the bytes: as many copies or more
     # a step's time: each product's pass over its copies scaled to its count
-    step = [[1, 2048, 4096, 100], [1, 8, 80, 1]]  # a 32 MB weight a step reads 100 times, one read once
+    step = [[1, 2048, 4096, 100], [1, 8, 80, 1]]  # a 16 MB bfloat16 weight a step reads 100 times, one read once
     operands = machine.product_operands(step, {"weights_first": ["bfloat16", "float32"]}, ["weights_first"])
     (x, weights), (_, vocabulary) = operands["weights_first"]
     copies = machine.weight_copies(step[0], "bfloat16")
@@ -385,7 +412,7 @@ def test_the_decoding_probe_times_each_product_in_the_dtype_the_decoding_loop_st
         body = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)[0]
         carried = computations(hlo)[body].splitlines()[0]  # the body's parameter: what each step reads
         products = machine.probe_products(config.replace(predict_batch_size=batch), decoding=True)
-        probed = machine.streamed_dtypes(products, "bfloat16", [order], {"in force": None})["in force"][order]
+        probed = machine.streamed_dtypes(products, "bfloat16", [order], {"in force": None}, decoding=True)["in force"][order]
         for (_, inner, out, _), dtype in zip(products, probed):
             in_loop = carried_dtypes(carried, *((inner, out) if order == "rows_first" else (out, inner)))
             if order == "weights_first" and out == config.n_vocab:
@@ -399,8 +426,6 @@ def test_the_decoding_probe_times_each_product_in_the_dtype_the_decoding_loop_st
         assert [w[0].dtype for _, w in operands] == [jnp.dtype(dtype) for dtype in probed]
     if order == "rows_first":
         assert seen == {"float32", "bfloat16"}  # what XLA:CPU 0.10 does: one row in float32, four in bfloat16
-    float32 = machine.streamed_dtypes(products, "float32", [order], {"in force": None})
-    assert float32 == {"in force": {order: ["float32"] * len(products)}}
 
 
 def test_main_probes_single_host_training_and_sampling_of_models_large_enough_to_gain():
