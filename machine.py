@@ -335,8 +335,7 @@ def time_round_robin(passes: dict, rounds: int, option_of=lambda name: name, cou
                 run()
                 seconds[name].append(time.perf_counter() - start)
         done += 1
-        first_round = sum(taken[0] for taken in seconds.values())
-        if done == 1 and budget is not None and first_round > 0:
+        if done == 1 and budget is not None and (first_round := sum(taken[0] for taken in seconds.values())) > 0:
             rounds = max(min(rounds, 3), min(rounds, int(budget / first_round)))
         if done > rounds // 2 and len(racing) > 1:
             totals = {option: [sum(count_of(name) * seconds[name][i] for name in members[option]) for i in range(done)]
@@ -349,6 +348,18 @@ def time_round_robin(passes: dict, rounds: int, option_of=lambda name: name, cou
 DECODE_ORDERS = ("rows_first", "weights_first")  # decode_product's values: models/kernels.py
 
 
+def weight_shape(inner: int, out: int, order: str) -> tuple[int, int]:
+    """A weight as `order` (DECODE_ORDERS) reads it: [in, out], or out-first."""
+    return (inner, out) if order == "rows_first" else (out, inner)
+
+
+def multiply_in(order: str):
+    """The product as the model asks for it in `order` (models/kernels.py: `product`, `weights_first`)."""
+    from models.kernels import product, weights_first
+
+    return {"rows_first": product, "weights_first": weights_first}[order]
+
+
 def product_operands(products, dtypes: dict, orders) -> dict:
     """{order: [(x, [w, ...]), ...]}: per product of `products` (probe_products) its rows and its
     weight_copies, for each of `orders` (DECODE_ORDERS) in the order it reads them: [in, out], or
@@ -357,8 +368,8 @@ def product_operands(products, dtypes: dict, orders) -> dict:
 
     def operands(product, dtype, order):
         rows, inner, out, _ = product
-        shape = (inner, out) if order == "rows_first" else (out, inner)
-        return jnp.ones((rows, inner), dtype) / inner, [jnp.ones(shape, dtype) for _ in range(weight_copies(product, dtype))]
+        return jnp.ones((rows, inner), dtype) / inner, [jnp.ones(weight_shape(inner, out, order), dtype)
+                                                        for _ in range(weight_copies(product, dtype))]
 
     return {order: [operands(product, dtypes[order][index], order) for index, product in enumerate(products)]
             for order in orders}
@@ -378,15 +389,12 @@ def streamed_dtypes(products, dtype: str, orders, options: dict, decoding: bool)
     import jax
     import jax.numpy as jnp
 
-    from models.kernels import product, weights_first
-
     if not decoding or dtype == "float32":
         return {name: {order: [dtype] * len(products) for order in orders} for name in options}
-    shapes = {order: [(inner, out) if order == "rows_first" else (out, inner) for _, inner, out, _ in products]
-              for order in orders}
+    shapes = {order: [weight_shape(inner, out, order) for _, inner, out, _ in products] for order in orders}
 
     def lowered(order):
-        multiply = {"rows_first": product, "weights_first": weights_first}[order]
+        multiply = multiply_in(order)
 
         def loop(steps, rows, weights):
             step = lambda _, rows: [x + jnp.mean(multiply(x, w), axis=1, keepdims=True).astype(x.dtype)  # noqa: E731
@@ -420,17 +428,15 @@ def product_passes(operands: dict, orders, options: dict) -> dict:
     """{(option, order, index): one pass over the copies of product `index`} for each of
     `options` ({name: compiler options, or None for the process's own}) under which the products
     compile (an XLA build may lack a library): the product as the model asks for it
-    (models/kernels.py: `product`, `weights_first`). A pass is one compiled program over all the
-    copies, as a decoding step is: a call per copy cost about as much as a small product itself
-    and hid the orders' difference. The programs compile side by side."""
+    (multiply_in). A pass is one compiled program over all the copies, as a decoding step is: a
+    call per copy cost about as much as a small product itself and hid the orders' difference.
+    The programs compile side by side."""
     import jax
 
-    from models.kernels import product, weights_first
-
-    functions = {"rows_first": product, "weights_first": weights_first}
     lowered = {}
     for order in orders:
-        every_copy = jax.jit(lambda x, weights, multiply=functions[order]: [multiply(x, w) for w in weights])
+        multiply = multiply_in(order)
+        every_copy = jax.jit(lambda x, weights, multiply=multiply: [multiply(x, w) for w in weights])
         lowered |= {(order, index): every_copy.lower(x, weights) for index, (x, weights) in enumerate(operands[order])}
 
     def compiled(name, key):
@@ -452,11 +458,16 @@ def side_by_side(work: dict) -> dict:
         return dict(zip(work, pool.map(lambda job: job(), work.values())))
 
 
+def passes_per_step(products, operands: dict, order: str, index: int) -> float:
+    """How many of product `index`'s timed passes (over its copies in `operands`) a step's count makes."""
+    return products[index][3] / len(operands[order][index][1])
+
+
 def seconds_per_step(products, operands: dict, seconds: dict, orders) -> dict:
     """{order: seconds of one step's products}: each product's timed pass (`seconds` keyed by
     (order, index), as product_passes) over its copies (`operands`), scaled to the count a step runs."""
-    return {order: sum(seconds[order, index] * count / len(operands[order][index][1])
-                       for index, (_, _, _, count) in enumerate(products)) for order in orders}
+    return {order: sum(seconds[order, index] * passes_per_step(products, operands, order, index)
+                       for index in range(len(products))) for order in orders}
 
 
 _DOT_PROBE = """
@@ -486,11 +497,9 @@ def time_options(products, options: dict, orders, rounds: int, dtype: str, decod
     for group in operands:
         passes |= product_passes(operands[group], orders, {name: options[name] for name in group_of if group_of[name] == group})
 
-    def copies(name, order, index):
-        return len(operands[group_of[name]][order][index][1])
-
     seconds = time_round_robin(passes, rounds, option_of=lambda key: key[:2],  # an option in one order
-                               count_of=lambda key: products[key[2]][3] / copies(*key), budget=PROBE_ROUNDS_SECONDS)
+                               count_of=lambda key: passes_per_step(products, operands[group_of[key[0]]], *key[1:]),
+                               budget=PROBE_ROUNDS_SECONDS)
     timed = {name for name, _, _ in seconds}
     return {"seconds": {name: seconds_per_step(products, operands[group_of[name]],
                                                {key[1:]: s for key, s in seconds.items() if key[0] == name}, orders)
